@@ -1,0 +1,193 @@
+"""The broker (rendezvous server): a thin asyncio layer over rendezvous.py.
+
+On one TCP port it serves two protocols, told apart by who speaks first:
+
+* a client that sends nothing within ``SEED_GRACE_S`` gets the original example's
+  endpoint list (so the original client works unchanged) and the connection closes;
+* a client that sends a ``SSYN1 REGISTER`` line is paired by session name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .endpoint import Endpoint
+from .rendezvous import Reply, SeedList, SessionTable
+from .wire import (
+    LINE_MAX,
+    LineDecoder,
+    ProtocolError,
+    encode_message,
+    encode_seed_list,
+    looks_like_rendezvous,
+)
+
+SEED_GRACE_S = 0.3  # a rendezvous client speaks at once; an original client never does
+MAX_CONNECTIONS = 8192  # open client connections at most; more are closed at accept
+EXPIRE_EVERY_S = 5.0
+WRITE_DRAIN_TIMEOUT_S = 5.0
+
+Log = Callable[[str], None]
+
+
+def stderr_log(line: str) -> None:
+    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+    print(f"{stamp} {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Broker:
+    binds: list[Endpoint]
+    log: Log = stderr_log
+    seed_grace_s: float = SEED_GRACE_S
+    seeds: SeedList = field(default_factory=SeedList)
+    sessions: SessionTable = field(default_factory=SessionTable)
+    _writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
+    _next_conn: int = 0
+    _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+
+    async def start(self) -> None:
+        for ep in self.binds:
+            server = await asyncio.start_server(
+                self._handle, ep.ip, ep.port, reuse_address=True, backlog=512)
+            self._servers.append(server)
+            for sock in server.sockets:
+                self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
+
+    @property
+    def listening(self) -> list[Endpoint]:
+        return [Endpoint.from_sockaddr(s.getsockname()) for srv in self._servers
+                for s in srv.sockets]
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), EXPIRE_EVERY_S)
+            self._carry_out(self.sessions.expire(time.monotonic()))
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for writer in list(self._writers.values()):
+            writer.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+    def _carry_out(self, replies: list[Reply]) -> None:
+        # Written in one step without awaiting, so both peers of a pair are told at
+        # the same moment.
+        for reply in replies:
+            writer = self._writers.get(reply.conn)  # type: ignore[call-overload]
+            if writer is None:
+                continue
+            writer.write(reply.data)
+            if reply.close:
+                self._writers.pop(reply.conn, None)  # type: ignore[call-overload]
+                writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("socket")
+        if len(self._writers) >= MAX_CONNECTIONS or sock is None or sock.family != socket.AF_INET:
+            writer.close()  # the original protocol carries IPv4 only; others get nothing
+            return
+        public = Endpoint.from_sockaddr(peername)
+        conn = self._next_conn
+        self._next_conn += 1
+        self._writers[conn] = writer
+        try:
+            try:
+                first = await asyncio.wait_for(reader.read(LINE_MAX), self.seed_grace_s)
+            except TimeoutError:
+                first = b""
+            if not first:
+                entries = self.seeds.visit(public, time.monotonic())
+                writer.write(encode_seed_list(entries))
+                self.log(f"list {public}: {len(entries)} endpoint(s)")
+            elif looks_like_rendezvous(first):
+                await self._rendezvous(conn, public, reader, first)
+            else:
+                self.log(f"closed {public}: sent {len(first)} bytes that are neither protocol")
+        except (ConnectionError, OSError) as exc:
+            self.log(f"connection {public}: {exc.__class__.__name__}: {exc}")
+        except Exception as exc:  # keep serving everyone else whatever one client did
+            self.log(f"connection {public}: internal error {exc!r}")
+        finally:
+            self.sessions.disconnect(conn)
+            self._writers.pop(conn, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), WRITE_DRAIN_TIMEOUT_S)
+
+    async def _rendezvous(self, conn: int, public: Endpoint, reader: asyncio.StreamReader,
+                          first: bytes) -> None:
+        decoder = LineDecoder()
+        data = first
+        deadline = time.monotonic() + self.sessions.wait_max_s + EXPIRE_EVERY_S
+        while conn in self._writers:
+            try:
+                for msg in decoder.feed(data):
+                    if msg.verb != "REGISTER":
+                        raise ProtocolError(f"unexpected {msg.verb} from a client")
+                    session = msg.require("session")
+                    local = msg.endpoint("local") if msg.get("local") else None
+                    replies = self.sessions.register(conn, session, public, local,
+                                                     time.monotonic())
+                    self._log_replies(public, session, replies)
+                    self._carry_out(replies)
+            except ProtocolError as exc:
+                self.log(f"bad request from {public}: {exc}")
+                self._carry_out([Reply(conn, encode_message(
+                    "ERROR", code="bad-request", message=str(exc)), close=True)])
+                return
+            if conn not in self._writers:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                data = await asyncio.wait_for(reader.read(LINE_MAX), remaining)
+            except TimeoutError:
+                return
+            if not data:
+                self.log(f"{public} left before its peer came")
+                return
+
+    def _log_replies(self, public: Endpoint, session: str, replies: list[Reply]) -> None:
+        for reply in replies:
+            verb = reply.data.split(b" ", 2)[1].decode()
+            if verb == "PEER":
+                self.log(f"session {session}: paired, told {reply.data.decode().strip()}")
+            elif verb == "REGISTERED":
+                self.log(f"session {session}: {public} waits for its peer")
+            else:
+                self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
+
+
+def run_broker(binds: list[Endpoint], log: Log = stderr_log) -> int:
+    """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind."""
+
+    async def main() -> int:
+        broker = Broker(binds, log=log)
+        await broker.start()
+        stop = asyncio.Event()
+        got: list[int] = []
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
+        try:
+            await broker.serve_forever(stop)
+        finally:
+            await broker.close()
+        log("stopped")
+        return 130 if got and got[0] == signal.SIGINT else 0
+
+    return asyncio.run(main())

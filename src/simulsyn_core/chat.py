@@ -1,0 +1,184 @@
+"""The line chat over the punched connection, framed as the original (length byte + UTF-8).
+
+stdin lines go to the peer, the peer's messages go to stdout. At the end of stdin we
+stop sending (shutdown SHUT_WR) and keep printing until the peer closes, as netcat does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from .exitcodes import ExitStatus
+from .sockets import enable_keepalive
+from .wire import FrameDecoder, encode_chat
+
+HELLO = "simulsyn hello"
+HELLO_TIMEOUT_S = 10.0
+LINGER_S = 2.0  # after --no-chat's hello, wait this long for the peer's FIN
+SELECT_SLICE_S = 1.0
+PENDING_MAX = 65536  # a line longer than this is sent before its newline comes
+
+
+def _print_frame(payload: bytes, out: TextIO, event: Callable[[str], None]) -> None:
+    text = payload.decode("utf-8", errors="replace")
+    if "\ufffd" in text and b"\xef\xbf\xbd" not in payload:
+        event("peer sent a message that is not valid UTF-8; shown with replacement characters")
+    out.write(text + "\n")
+    out.flush()
+
+
+class _PeerLost(Exception):
+    pass
+
+
+def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
+         event: Callable[[str], None]) -> ExitStatus:
+    """Run the chat until both directions are finished (our stdin ended and the peer
+    closed its side). The kernel's keepalive bounds a dead peer."""
+    enable_keepalive(sock)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    decoder = FrameDecoder()
+    pending = b""
+    sent = received = 0
+    stdin_open = peer_open = True
+
+    def send_line(line: bytes) -> None:
+        nonlocal sent
+        try:
+            _send_all(sock, encode_chat(_text(line)))
+        except OSError as exc:
+            raise _PeerLost(str(exc)) from None
+        sent += 1
+
+    def end_of_input() -> None:
+        nonlocal stdin_open
+        stdin_open = False
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        event(f"end of input: sent {sent} message(s)"
+              + ("; waiting for the peer to finish" if peer_open else ""))
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ, "peer")
+        try:
+            try:
+                sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
+            except (ValueError, OSError):
+                # A regular file or /dev/null: epoll refuses it, so read it all now.
+                for line in _lines_of(_read_all(stdin_fd)):
+                    send_line(line)
+                end_of_input()
+            while stdin_open or peer_open:
+                for key, _ in sel.select(SELECT_SLICE_S):
+                    if key.data == "stdin":
+                        chunk = os.read(stdin_fd, 65536)
+                        if not chunk:
+                            if pending:
+                                send_line(pending)
+                            sel.unregister(stdin_fd)
+                            end_of_input()
+                            continue
+                        *lines, pending = (pending + chunk).split(b"\n")
+                        if len(pending) > PENDING_MAX:  # a huge line: send what we have
+                            lines.append(pending)
+                            pending = b""
+                        for line in lines:
+                            send_line(line)
+                        continue
+                    try:
+                        data = sock.recv(65536)
+                    except OSError as exc:
+                        raise _PeerLost(str(exc)) from None
+                    if data:
+                        for payload in decoder.feed(data):
+                            received += 1
+                            _print_frame(payload, out, event)
+                        continue
+                    if decoder.pending:
+                        event(f"peer closed inside a message ({decoder.pending} bytes dropped)")
+                    event(f"peer finished sending: received {received} message(s)")
+                    sel.unregister(sock)
+                    peer_open = False
+        except _PeerLost as exc:
+            event(f"connection to the peer lost: {exc}")
+            return ExitStatus.PEER_LOST
+    return ExitStatus.OK
+
+
+def _read_all(fd: int, limit: int = 16 << 20) -> bytes:
+    data = bytearray()
+    while len(data) < limit:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace").rstrip("\r")
+
+
+def _lines_of(data: bytes) -> list[bytes]:
+    """The lines of data; a trailing newline ends the last line."""
+    if not data:
+        return []
+    return data.removesuffix(b"\n").split(b"\n")
+
+
+def _send_all(sock: socket.socket, frame: bytes) -> None:
+    sock.setblocking(True)
+    try:
+        sock.sendall(frame)
+    finally:
+        sock.setblocking(False)
+
+
+def hello_exchange(sock: socket.socket, timeout_s: float,
+                   event: Callable[[str], None]) -> ExitStatus:
+    """--no-chat: send one framed hello, read the peer's, close cleanly."""
+    sock.setblocking(True)
+    sock.sendall(encode_chat(HELLO))
+    deadline = time.monotonic() + min(timeout_s, HELLO_TIMEOUT_S)
+    decoder = FrameDecoder()
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        got: bytes | None = None
+        while got is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                event("the peer sent no hello in time")
+                return ExitStatus.PEER_LOST
+            if not sel.select(remaining):
+                continue
+            try:
+                data = sock.recv(4096)
+            except OSError as exc:
+                event(f"connection to the peer lost: {exc}")
+                return ExitStatus.PEER_LOST
+            if not data:
+                event("the peer closed before its hello")
+                return ExitStatus.PEER_LOST
+            for payload in decoder.feed(data):
+                got = payload
+                break
+        event(f"peer said {got.decode('utf-8', errors='replace')!r}")
+        # Close after the peer's FIN when it comes, so neither side sees an RST.
+        sock.shutdown(socket.SHUT_WR)
+        linger_end = time.monotonic() + LINGER_S
+        while (remaining := linger_end - time.monotonic()) > 0:
+            if sel.select(remaining):
+                try:
+                    if not sock.recv(4096):
+                        break
+                except OSError:
+                    break
+    return ExitStatus.OK

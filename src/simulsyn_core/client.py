@@ -1,0 +1,158 @@
+"""Learning the peer's endpoint: from our broker (rendezvous) or an original list broker.
+
+Every socket here is bound to the one local port of the run, so the NAT mapping the
+broker observes is the one the punch will reuse.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .endpoint import Endpoint
+from .exitcodes import ExitStatus, ToolError
+from .sockets import bound_socket, connect_nonblocking, describe_errno, recv_until_eof
+from .wire import (
+    LineDecoder,
+    ProtocolError,
+    decode_seed_list,
+    encode_message,
+    looks_like_rendezvous,
+)
+
+BROKER_CONNECT_TIMEOUT_S = 5.0
+SEED_POLL_INTERVAL_S = 0.25  # how often --seed-broker asks the list broker again
+
+Event = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """What the broker told us."""
+
+    public: Endpoint | None  # our public endpoint as the broker saw it
+    peer: Endpoint
+    peer_local: Endpoint | None = None
+    role: str | None = None  # "first" (registered first) or "second"
+    known_at: float = 0.0  # time.monotonic() when the peer became known
+    known_wall: float = 0.0  # time.time() of the same moment
+
+
+def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socket.socket:
+    sock = bound_socket(local_port)
+    code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
+                                                 deadline - time.monotonic()))
+    if code:
+        sock.close()
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"broker {broker}: connect failed: {describe_errno(code)}")
+    return sock
+
+
+def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
+               event: Event) -> Rendezvous:
+    """Register under ``session`` and wait (until ``deadline``) for the broker's PEER."""
+    sock = _connect_broker(broker, local_port, deadline)
+    try:
+        local = Endpoint.from_sockaddr(sock.getsockname())
+        sock.setblocking(True)
+        sock.sendall(encode_message("REGISTER", session=session, local=local))
+        decoder = LineDecoder()
+        public: Endpoint | None = None
+        sock.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            first_chunk = True
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ToolError(ExitStatus.NO_PEER,
+                                    f"no peer joined session {session!r} in time")
+                if not sel.select(min(remaining, 1.0)):
+                    continue
+                try:
+                    chunk = sock.recv(4096)
+                except ConnectionError as exc:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {broker}: {exc}") from None
+                if not chunk:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {broker} closed the connection before pairing")
+                if first_chunk and not looks_like_rendezvous(chunk):
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {broker} answered with something else than the "
+                                    "rendezvous protocol (an original list broker? use "
+                                    "--seed-broker)")
+                first_chunk = False
+                try:
+                    for msg in decoder.feed(chunk):
+                        if msg.verb == "REGISTERED":
+                            public = msg.endpoint("public")
+                            event(f"registered in session {session!r}; the broker sees us "
+                                  f"as {public}; waiting for the peer")
+                        elif msg.verb == "PEER":
+                            now, wall = time.monotonic(), time.time()
+                            peer_local = msg.endpoint("peer_local") if msg.get(
+                                "peer_local") else None
+                            result = Rendezvous(msg.endpoint("public"), msg.endpoint("peer"),
+                                                peer_local, msg.get("role"), now, wall)
+                            _finish(sock, deadline)
+                            return result
+                        elif msg.verb == "ERROR":
+                            code = msg.get("code") or "error"
+                            text = (msg.get("message") or "").replace("_", " ")
+                            status = (ExitStatus.NO_PEER if code == "timeout"
+                                      else ExitStatus.BROKER_UNREACHABLE)
+                            raise ToolError(status, f"broker refused: {code}: {text}")
+                        else:
+                            raise ProtocolError(f"unexpected {msg.verb}")
+                except ProtocolError as exc:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {broker}: protocol error: {exc}") from None
+    finally:
+        sock.close()
+
+
+def _finish(sock: socket.socket, deadline: float) -> None:
+    """Let the broker close first, so TIME_WAIT stays on its side, not on our port."""
+    try:
+        recv_until_eof(sock, min(deadline, time.monotonic() + 1.0), limit=4096)
+    except (OSError, TimeoutError, ValueError):
+        pass
+
+
+def seed_rendezvous(broker: Endpoint, local_port: int, deadline: float,
+                    event: Event) -> Rendezvous:
+    """Poll an original list broker until another endpoint is listed; take the newest."""
+    polls = 0
+    while True:
+        polls += 1
+        sock = _connect_broker(broker, local_port, deadline)
+        try:
+            data = recv_until_eof(sock, min(deadline, time.monotonic() + 5.0), limit=1 + 255 * 6)
+            entries = decode_seed_list(data)
+        except TimeoutError:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"list broker {broker} did not answer in time") from None
+        except (ValueError, OSError) as exc:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"list broker {broker}: bad answer: {exc}") from None
+        finally:
+            sock.close()
+        if not entries:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"list broker {broker} answered an empty list (it should list us)")
+        own = entries[-1]
+        others = [ep for ep in entries[:-1] if ep != own]
+        if polls == 1:
+            event(f"list broker sees us as {own}; {len(others)} other endpoint(s) listed")
+        if others:
+            return Rendezvous(own, others[-1], None, None, time.monotonic(), time.time())
+        if time.monotonic() + SEED_POLL_INTERVAL_S >= deadline:
+            raise ToolError(ExitStatus.NO_PEER,
+                            f"no other endpoint appeared on list broker {broker} in time "
+                            f"({polls} polls)")
+        time.sleep(SEED_POLL_INTERVAL_S)

@@ -1,0 +1,144 @@
+"""The punch: connect() from the shared local port to the peer until the SYNs meet.
+
+``PunchSchedule`` decides, as pure code, what to do after each attempt; ``punch()`` is
+the only part that touches sockets. Later strategies (who sends first, a TTL-limited
+first SYN, synchronised starts) plug in as other schedules.
+
+Why plain connect() works (RFC 9293 section 3.5, simultaneous open): a socket in
+SYN-SENT that receives a SYN answers SYN+ACK and moves to SYN-RECEIVED. Through NATs
+that silently drop an unsolicited SYN, the first SYN opens our NAT's conntrack entry and
+dies at the peer's NAT; the peer's SYN then arrives as a reply and passes. The kernel
+retransmits our SYN by itself, so one attempt may wait; an RST or ICMP error aborts the
+attempt at once (tcp_v4_err), so we retry, paced.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .endpoint import Endpoint
+from .sockets import ERRNO_MEANING, bound_socket, connect_nonblocking, errno_name
+
+DEFAULT_RETRIES = 50  # as the original example
+RETRY_INTERVAL_S = 0.01  # pause after an attempt that was refused at once (RST/ICMP)
+ATTEMPT_TIMEOUT_S = 10.0  # one connect() waits this long while the kernel resends the SYN
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    started_s: float  # relative to the moment the peer was known
+    duration_s: float
+    outcome: str  # "connected" or an errno name ("ECONNREFUSED", "ETIMEDOUT", ...)
+
+    @property
+    def connected(self) -> bool:
+        return self.outcome == "connected"
+
+    def describe(self) -> str:
+        if self.connected:
+            return f"attempt {self.number}: connected after {self.duration_s * 1000:.1f} ms"
+        code = getattr(errno, self.outcome, None)
+        meaning = ERRNO_MEANING.get(code, "") if code is not None else ""
+        return (f"attempt {self.number}: {self.outcome} after {self.duration_s * 1000:.1f} ms"
+                + (f" ({meaning})" if meaning else ""))
+
+
+@dataclass(frozen=True)
+class Go:
+    timeout_s: float  # start an attempt that may wait this long
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+@dataclass
+class PunchSchedule:
+    """The original's strategy made bounded: up to ``retries`` connect() calls, paced."""
+
+    retries: int = DEFAULT_RETRIES
+    retry_interval_s: float = RETRY_INTERVAL_S
+    attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
+    attempts: list[Attempt] = field(default_factory=list)
+    pause_taken: bool = False  # the pause after the last attempt has been taken
+
+    def next(self, remaining_s: float) -> Go | Pause | GiveUp:
+        if self.attempts and self.attempts[-1].connected:
+            return GiveUp("already connected")
+        if len(self.attempts) >= self.retries:
+            return GiveUp(f"no connection after {len(self.attempts)} attempt(s)"
+                          + self._last_outcome())
+        if remaining_s <= 0:
+            return GiveUp(f"timed out after {len(self.attempts)} attempt(s)"
+                          + self._last_outcome())
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.outcome != "ETIMEDOUT" and not self.pause_taken:
+            return Pause(min(self.retry_interval_s, remaining_s))
+        return Go(min(self.attempt_timeout_s, remaining_s))
+
+    def record(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+        self.pause_taken = False
+
+    def paused(self) -> None:
+        self.pause_taken = True
+
+    def _last_outcome(self) -> str:
+        if not self.attempts:
+            return ""
+        return f"; last: {self.attempts[-1].outcome}"
+
+
+@dataclass
+class PunchResult:
+    sock: socket.socket | None
+    attempts: list[Attempt]
+    local: Endpoint | None
+    error: str | None
+    established_at: float | None = None  # time.monotonic()
+
+
+def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: float,
+          known_at: float, event: Callable[[str], None]) -> PunchResult:
+    """Run ``schedule`` against ``peer`` until connected, given up, or ``deadline``."""
+    local: Endpoint | None = None
+    while True:
+        step = schedule.next(deadline - time.monotonic())
+        if isinstance(step, GiveUp):
+            return PunchResult(None, schedule.attempts, local, step.reason)
+        if isinstance(step, Pause):
+            time.sleep(step.seconds)
+            schedule.paused()
+            continue
+        number = len(schedule.attempts) + 1
+        started = time.monotonic()
+        try:
+            sock = bound_socket(local_port)
+        except OSError as exc:
+            # The port can be taken by another program between attempts: report, go on.
+            outcome = errno_name(exc.errno or 0)
+            schedule.record(Attempt(number, started - known_at, 0.0, outcome))
+            event(f"attempt {number}: bind to port {local_port} failed: {exc.strerror}")
+            continue
+        code = connect_nonblocking(sock, peer, step.timeout_s)
+        ended = time.monotonic()
+        attempt = Attempt(number, started - known_at, ended - started,
+                          "connected" if code == 0 else errno_name(code))
+        schedule.record(attempt)
+        event(attempt.describe())
+        if code == 0:
+            sock.setblocking(True)
+            local = Endpoint.from_sockaddr(sock.getsockname())
+            return PunchResult(sock, schedule.attempts, local, None, ended)
+        sock.close()

@@ -1,0 +1,118 @@
+"""The broker's bookkeeping as pure code: the original's endpoint list and the session table.
+
+No sockets here: the asyncio layer (broker.py) feeds events in and carries out the
+returned actions, so every rule below is tested without a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .endpoint import Endpoint
+from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
+
+SEED_MAX_AGE_S = 60.0
+SESSION_WAIT_MAX_S = 300.0  # how long a lone client may wait for its peer at the broker
+MAX_WAITING_SESSIONS = 4096  # bound on memory a flood of registrations can take
+
+
+class SeedList:
+    """The original example's answer: the last few endpoints that asked, own entry last."""
+
+    def __init__(self, max_entries: int = SEED_MAX_ENTRIES, max_age_s: float = SEED_MAX_AGE_S):
+        self.max_entries = max_entries
+        self.max_age_s = max_age_s
+        self._entries: list[tuple[Endpoint, float]] = []
+
+    def visit(self, endpoint: Endpoint, now: float) -> list[Endpoint]:
+        self._entries = [
+            (ep, t) for ep, t in self._entries
+            if now - t <= self.max_age_s and ep != endpoint
+        ]
+        self._entries.append((endpoint, now))
+        del self._entries[: -self.max_entries]
+        return [ep for ep, _ in self._entries]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send ``data`` to connection ``conn``; close it afterwards if ``close``."""
+
+    conn: Hashable
+    data: bytes
+    close: bool
+
+
+@dataclass
+class _Waiting:
+    conn: Hashable
+    public: Endpoint
+    local: Endpoint | None
+    since: float
+
+
+class SessionTable:
+    """Pairs the two clients of a session; tells each its own and its peer's endpoints.
+
+    A session holds one waiting client. The second registration under the same name
+    pairs them: both get PEER in the same step, and the session is forgotten. A client
+    learns nothing about any other client.
+    """
+
+    def __init__(self, max_waiting: int = MAX_WAITING_SESSIONS,
+                 wait_max_s: float = SESSION_WAIT_MAX_S) -> None:
+        self.max_waiting = max_waiting
+        self.wait_max_s = wait_max_s
+        self._waiting: dict[str, _Waiting] = {}
+        self._session_of: dict[Hashable, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def register(self, conn: Hashable, session: str, public: Endpoint,
+                 local: Endpoint | None, now: float) -> list[Reply]:
+        if not SESSION_RE.fullmatch(session):
+            return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
+        if conn in self._session_of:
+            return [_error(conn, "bad-request", "already registered on this connection")]
+        other = self._waiting.get(session)
+        if other is not None and other.public == public:
+            # The same endpoint registering again (a client that restarted): replace it.
+            del self._waiting[session]
+            self._session_of.pop(other.conn, None)
+            replaced = _error(other.conn, "replaced", "a newer registration from this endpoint")
+            return [replaced, *self.register(conn, session, public, local, now)]
+        if other is None:
+            if len(self._waiting) >= self.max_waiting:
+                return [_error(conn, "busy", "too many waiting sessions; try later")]
+            self._waiting[session] = _Waiting(conn, public, local, now)
+            self._session_of[conn] = session
+            return [Reply(conn, encode_message("REGISTERED", session=session, public=public),
+                          close=False)]
+        del self._waiting[session]
+        self._session_of.pop(other.conn, None)
+        return [
+            Reply(other.conn, encode_message(
+                "PEER", session=session, public=other.public, peer=public,
+                peer_local=local, role="first"), close=True),
+            Reply(conn, encode_message(
+                "PEER", session=session, public=public, peer=other.public,
+                peer_local=other.local, role="second"), close=True),
+        ]
+
+    def disconnect(self, conn: Hashable) -> None:
+        session = self._session_of.pop(conn, None)
+        if session is not None and self._waiting.get(session, None) is not None:
+            if self._waiting[session].conn == conn:
+                del self._waiting[session]
+
+    def expire(self, now: float) -> list[Reply]:
+        stale = [w for w in self._waiting.values() if now - w.since > self.wait_max_s]
+        for w in stale:
+            self.disconnect(w.conn)
+        return [_error(w.conn, "timeout", "no peer joined the session in time") for w in stale]
+
+
+def _error(conn: Hashable, code: str, message: str) -> Reply:
+    return Reply(conn, encode_message("ERROR", code=code, message=message), close=True)

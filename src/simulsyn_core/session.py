@@ -1,0 +1,135 @@
+"""One run of the punch: learn the peer, punch, report, then chat (or exchange a hello)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from .chat import chat, hello_exchange
+from .client import Rendezvous, rendezvous, seed_rendezvous
+from .endpoint import Endpoint
+from .exitcodes import ExitStatus, ToolError
+from .punch import PunchSchedule, punch
+from .sockets import bound_socket
+
+
+@dataclass(frozen=True)
+class PunchConfig:
+    local_port: int = 0  # 0: allocate one, then reuse it for every socket
+    broker: Endpoint | None = None
+    session: str | None = None
+    seed_broker: Endpoint | None = None
+    peer: Endpoint | None = None
+    retries: int = 50
+    timeout_s: float = 30.0
+    retry_interval_s: float = 0.01
+    attempt_timeout_s: float = 10.0
+
+    @property
+    def mode(self) -> str:
+        if self.broker is not None:
+            return "broker"
+        if self.seed_broker is not None:
+            return "seed-broker"
+        return "direct"
+
+
+@dataclass
+class PunchReport:
+    """The --json object (documented in the README)."""
+
+    established: bool = False
+    mode: str = "broker"
+    session: str | None = None
+    local: str | None = None
+    public: str | None = None
+    peer: str | None = None
+    peer_local: str | None = None
+    role: str | None = None
+    attempts: int = 0
+    elapsed_s: float | None = None
+    error: str | None = None
+    exit_code: int = 0
+    peer_known_at: float | None = None  # Unix time the peer's endpoint became known
+    established_at: float | None = None  # Unix time the connection came up
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def allocate_port() -> int:
+    sock = bound_socket(0)
+    try:
+        return int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
+              on_report: Callable[[PunchReport], None], chat_mode: str = "chat",
+              stdin_fd: int = 0, out: TextIO = sys.stdout) -> ExitStatus:
+    """Carry out one punch. ``on_report`` is called once, when connected or given up."""
+    start = time.monotonic()
+    deadline = start + cfg.timeout_s
+    report = PunchReport(mode=cfg.mode, session=cfg.session)
+    try:
+        port = cfg.local_port or allocate_port()
+    except OSError as exc:
+        raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                        f"cannot bind local port {cfg.local_port}: {exc.strerror}") from None
+    event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
+    try:
+        rdv = _learn_peer(cfg, port, deadline, event)
+    except ToolError as exc:
+        report.error, report.exit_code = exc.message, int(exc.status)
+        on_report(report)
+        raise
+    report.public = str(rdv.public) if rdv.public else None
+    report.peer = str(rdv.peer)
+    report.peer_local = str(rdv.peer_local) if rdv.peer_local else None
+    report.role = rdv.role
+    report.peer_known_at = rdv.known_wall
+    event(f"peer {rdv.peer}" + (f" (its local endpoint {rdv.peer_local})" if rdv.peer_local
+                                else "") + (f"; we registered {rdv.role}" if rdv.role else ""))
+    schedule = PunchSchedule(cfg.retries, cfg.retry_interval_s, cfg.attempt_timeout_s)
+    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event)
+    report.attempts = len(result.attempts)
+    report.attempt_log = [
+        {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
+         "outcome": a.outcome} for a in result.attempts]
+    if result.sock is None:
+        report.error = f"punch to {rdv.peer} failed: {result.error}"
+        report.exit_code = int(ExitStatus.PUNCH_FAILED)
+        on_report(report)
+        raise ToolError(ExitStatus.PUNCH_FAILED, report.error)
+    assert result.established_at is not None
+    report.established = True
+    report.local = str(result.local)
+    report.elapsed_s = round(result.established_at - rdv.known_at, 6)
+    report.established_at = rdv.known_wall + (result.established_at - rdv.known_at)
+    remote = Endpoint.from_sockaddr(result.sock.getpeername())
+    event(f"connected: {result.local} <-> {remote} after {report.attempts} attempt(s), "
+          f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
+    on_report(report)
+    with result.sock as sock:
+        if chat_mode == "hello":
+            return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
+        return chat(sock, stdin_fd, out, event)
+
+
+def _learn_peer(cfg: PunchConfig, port: int, deadline: float,
+                event: Callable[[str], None]) -> Rendezvous:
+    if cfg.broker is not None:
+        assert cfg.session is not None
+        event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
+        return rendezvous(cfg.broker, cfg.session, port, deadline, event)
+    if cfg.seed_broker is not None:
+        event(f"polling list broker {cfg.seed_broker} for another endpoint")
+        return seed_rendezvous(cfg.seed_broker, port, deadline, event)
+    assert cfg.peer is not None
+    now = time.monotonic()
+    return Rendezvous(None, cfg.peer, None, None, now, time.time())

@@ -1,0 +1,90 @@
+"""Small socket helpers shared by the client, the punch and the chat."""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+
+from .endpoint import Endpoint
+
+# What each connect() outcome means on Linux (tcp_v4_err, icmp_err_convert).
+ERRNO_MEANING = {
+    errno.ECONNREFUSED: "an RST came back (or ICMP port-unreachable)",
+    errno.ETIMEDOUT: "nothing came back",
+    errno.EHOSTUNREACH: "an ICMP host-unreachable or admin-prohibited came back",
+    errno.ENETUNREACH: "an ICMP net-unreachable came back, or no route",
+    errno.EADDRINUSE: "the local port is taken for this destination",
+    errno.EADDRNOTAVAIL: "the 4-tuple is still in use (TIME_WAIT?)",
+    errno.ECONNRESET: "the connection was reset",
+}
+
+
+def errno_name(code: int) -> str:
+    return errno.errorcode.get(code, f"errno {code}")
+
+
+def describe_errno(code: int) -> str:
+    return f"{errno_name(code)} ({ERRNO_MEANING.get(code, os.strerror(code))})"
+
+
+def bound_socket(local_port: int, local_ip: str = "0.0.0.0") -> socket.socket:
+    """A TCP socket bound to local_ip:local_port with SO_REUSEADDR, as the technique needs.
+
+    SO_REUSEADDR lets every socket of the run share one local port (Linux allows it as
+    long as no socket on the port listens), so the NAT sees one internal endpoint.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((local_ip, local_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_nonblocking(sock: socket.socket, remote: Endpoint, timeout_s: float) -> int:
+    """connect() bounded by timeout_s without a busy loop. Returns 0 or an errno."""
+    sock.setblocking(False)
+    code = sock.connect_ex(remote.sockaddr)
+    if code == 0:
+        return 0
+    if code != errno.EINPROGRESS:
+        return code
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_WRITE)
+        if not sel.select(max(0.0, timeout_s)):
+            return errno.ETIMEDOUT
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def recv_until_eof(sock: socket.socket, deadline: float, limit: int = 65536) -> bytes:
+    """Read until the remote closes, at most ``limit`` bytes, until ``deadline``."""
+    data = bytearray()
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        while len(data) <= limit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out waiting for the broker's answer")
+            if not sel.select(remaining):
+                continue
+            chunk = sock.recv(4096)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    raise ValueError(f"answer longer than {limit} bytes")
+
+
+def enable_keepalive(sock: socket.socket, idle_s: int = 30, interval_s: int = 10,
+                     count: int = 3) -> None:
+    """Let the kernel bound the chat: a silent dead peer is noticed in ~idle+interval*count."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s),
+                       ("TCP_KEEPCNT", count)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)

@@ -1,0 +1,3 @@
+from synprobe.cli import run
+
+run()

@@ -1,0 +1,250 @@
+"""The synprobe command line. Keep this module light: `synprobe --help` and
+`synprobe punch` must start fast, so scapy (and anything heavy) is imported only inside
+the commands that craft or capture packets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import click
+
+from simulsyn_core import __version__
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
+
+DEFAULT_BROKER_PORT = 8086
+
+EPILOG = "Exit codes:\n" + EXIT_CODES_HELP
+
+
+def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
+    """HOST[:PORT] where HOST is an IPv4 address or a name that resolves to one."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, str(default_port)
+    try:
+        return Endpoint.parse(f"{host}:{port_text}")
+    except ValueError:
+        pass
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
+    return Endpoint.from_sockaddr(infos[0][4])
+
+
+class EndpointType(click.ParamType):
+    name = "IP:PORT"
+
+    def __init__(self, default_port: int | None = None, server: bool = False,
+                 allow_zero_port: bool = False) -> None:
+        self.default_port = default_port
+        self.server = server
+        self.allow_zero_port = allow_zero_port
+        if server:
+            self.name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        if self.server:
+            return parse_server(str(value), self.default_port or DEFAULT_BROKER_PORT)
+        try:
+            return Endpoint.parse(str(value), default_port=self.default_port,
+                                  allow_zero_port=self.allow_zero_port)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Reporter:
+    """Diagnostics on stderr, stamped relative to the start of the command."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.start = time.monotonic()
+
+    def step(self, message: str) -> None:
+        if self.verbose:
+            self.say(message)
+
+    def say(self, message: str) -> None:
+        print(f"synprobe: [{time.monotonic() - self.start:7.3f}s] {message}", file=sys.stderr,
+              flush=True)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="synprobe")
+@click.option("--traceback", is_flag=True, help="On an internal error, show the Python stack.")
+@click.pass_context
+def cli(ctx: click.Context, traceback: bool) -> None:
+    """TCP NAT traversal by simultaneous open, and a probe of what a NAT does to TCP.
+
+    \b
+    Typical use:
+      synprobe broker --bind 0.0.0.0:8086              # on a public host
+      synprobe punch --broker HOST:8086 --session S -v # on each of two peers
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["traceback"] = traceback
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--bind", "binds", multiple=True, type=EndpointType(DEFAULT_BROKER_PORT, allow_zero_port=True),
+              default=["0.0.0.0:8086"], show_default=True, metavar="HOST:PORT",
+              help="Address to listen on; repeat for several (a second address or port "
+                   "serves the probes of nat-check).")
+@click.option("-q", "--quiet", is_flag=True, help="Log nothing but errors.")
+def broker(binds: tuple[Endpoint, ...], quiet: bool) -> None:
+    """Run the rendezvous broker.
+
+    \b
+    A client that connects and sends nothing gets the original example's list answer
+    (1 byte N, then N x [4-byte IPv4, 2-byte port], its own entry last), so the
+    original client works unchanged. A client that sends `SSYN1 REGISTER session=NAME`
+    is paired with the other client of that session: both are told, at the same
+    moment, their own public endpoint and the peer's, and nothing else
+    (docs/protocol.md). Stops on SIGTERM (exit 0) or Ctrl-C (exit 130).
+    """
+    from simulsyn_core.broker import run_broker, stderr_log
+
+    def log(line: str) -> None:
+        if not quiet:
+            stderr_log(line)
+
+    try:
+        status = run_broker(list(binds), log=log)
+    except OSError as exc:
+        raise ToolError(ExitStatus.ADDRESS_IN_USE, f"cannot listen: {exc.strerror or exc}") from None
+    sys.exit(status)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--broker", "broker_ep", type=EndpointType(server=True), metavar="HOST:PORT",
+              help="A synprobe broker; needs --session.")
+@click.option("--session", metavar="NAME",
+              help="Session name shared with the peer (1-64 of A-Z a-z 0-9 . _ -).")
+@click.option("--seed-broker", "seed_ep", type=EndpointType(server=True), metavar="HOST:PORT",
+              help="A broker that speaks only the original list protocol: poll it until "
+                   "another endpoint is listed and take the newest.")
+@click.option("--peer", "peer_ep", type=EndpointType(), metavar="IP:PORT",
+              help="Connect straight to this public endpoint (no broker; needs --local-port).")
+@click.option("--local-port", type=click.IntRange(0, 65535), default=0,
+              help="Local port for every socket of the run [default: allocated once].")
+@click.option("--retries", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="connect() attempts at most.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86400), default=30.0,
+              show_default=True, help="Seconds for the whole run up to connected "
+                                      "(waiting for the peer included).")
+@click.option("--retry-interval", "retry_interval_s", type=click.FloatRange(0, 60), default=0.01,
+              show_default=True, help="Seconds to pause after an attempt refused at once "
+                                      "(RST or ICMP).")
+@click.option("--attempt-timeout", "attempt_timeout_s", type=click.FloatRange(0.05, 3600),
+              default=10.0, show_default=True,
+              help="Seconds one connect() may wait while the kernel resends the SYN.")
+@click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
+@click.option("--no-chat", is_flag=True,
+              help="Exit 0 once connected and both sides exchanged one framed hello.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout when connected or given up "
+                   "(chat lines follow it).")
+def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
+          peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
+          retry_interval_s: float, attempt_timeout_s: float, verbose: bool, no_chat: bool,
+          as_json: bool) -> None:
+    """Connect to a peer by TCP simultaneous open, then chat.
+
+    \b
+    Binds one local port (SO_REUSEADDR on every socket), learns its public endpoint
+    and the peer's from the broker, and calls connect() towards the peer until the two
+    SYNs meet. Then stdin lines go to the peer and the peer's lines come to stdout,
+    framed as the original example (1 length byte + UTF-8; longer lines split). At the
+    end of stdin it stops sending and prints until the peer closes.
+
+    \b
+    Needs no privileges. JSON keys: established, mode, session, local, public, peer,
+    peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
+    established_at, attempt_log.
+    """
+    from simulsyn_core.session import PunchConfig, PunchReport, run_punch
+
+    chosen = [name for name, v in (("--broker", broker_ep), ("--seed-broker", seed_ep),
+                                   ("--peer", peer_ep)) if v is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --broker, --seed-broker or --peer")
+    if broker_ep is not None and not session:
+        raise click.UsageError("--broker needs --session NAME")
+    if session is not None and broker_ep is None:
+        raise click.UsageError("--session goes with --broker")
+    if session is not None:
+        from simulsyn_core.wire import SESSION_RE
+
+        if not SESSION_RE.fullmatch(session):
+            raise click.BadParameter("1-64 of A-Z a-z 0-9 . _ -", param_hint="--session")
+    if peer_ep is not None and not local_port:
+        raise click.UsageError("--peer needs --local-port (the peer must know where to aim)")
+    reporter = Reporter(verbose)
+    cfg = PunchConfig(local_port=local_port, broker=broker_ep, session=session,
+                      seed_broker=seed_ep, peer=peer_ep, retries=retries, timeout_s=timeout_s,
+                      retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s)
+
+    def on_report(report: PunchReport) -> None:
+        if as_json:
+            click.echo(json.dumps(report.to_json()))
+            sys.stdout.flush()
+
+    status = run_punch(cfg, event=reporter.step, on_report=on_report,
+                       chat_mode="hello" if no_chat else "chat")
+    sys.exit(int(status))
+
+
+def _register_lab() -> None:
+    from synprobe.labcli import lab
+
+    cli.add_command(lab)
+
+
+_register_lab()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: the one place exceptions become exit codes."""
+    traceback = "--traceback" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="synprobe", standalone_mode=False)
+    except ToolError as exc:
+        click.echo(f"synprobe: {exc.message}", err=True)
+        return int(exc.status)
+    except click.exceptions.Abort:
+        click.echo("synprobe: interrupted", err=True)
+        return int(ExitStatus.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        return int(ExitStatus.USAGE) if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except KeyboardInterrupt:
+        click.echo("synprobe: interrupted", err=True)
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitStatus.OK)
+    except Exception as exc:  # a bug: one line unless asked for the stack
+        if traceback:
+            raise
+        click.echo(f"synprobe: internal error: {exc.__class__.__name__}: {exc} "
+                   "(run with --traceback and report it)", err=True)
+        return int(ExitStatus.ERROR)
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
