@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
@@ -23,6 +23,7 @@ from .rendezvous import Reply, SeedList, SessionTable
 from .wire import (
     LINE_MAX,
     LineDecoder,
+    Message,
     ProtocolError,
     encode_message,
     encode_seed_list,
@@ -35,6 +36,10 @@ EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
 
 Log = Callable[[str], None]
+# A service answers the verbs it registered for, on a rendezvous connection (nat-check's
+# probe side plugs in here). It gets the broker, the connection id, the client's
+# public endpoint and the message; it replies through ``broker.send(conn, data, close)``.
+Service = Callable[["Broker", int, Endpoint, Message], Awaitable[None]]
 
 
 def stderr_log(line: str) -> None:
@@ -51,7 +56,14 @@ class Broker:
     sessions: SessionTable = field(default_factory=SessionTable)
     _writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     _next_conn: int = 0
+    services: dict[str, Service] = field(default_factory=dict)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+
+    def send(self, conn: int, data: bytes, close: bool = False) -> None:
+        self._carry_out([Reply(conn, data, close)])
+
+    def is_open(self, conn: int) -> bool:
+        return conn in self._writers
 
     async def start(self) -> None:
         for ep in self.binds:
@@ -135,6 +147,10 @@ class Broker:
         while conn in self._writers:
             try:
                 for msg in decoder.feed(data):
+                    service = self.services.get(msg.verb)
+                    if service is not None:
+                        await service(self, conn, public, msg)
+                        continue
                     if msg.verb != "REGISTER":
                         raise ProtocolError(f"unexpected {msg.verb} from a client")
                     session = msg.require("session")

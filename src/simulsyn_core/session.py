@@ -71,8 +71,13 @@ def allocate_port() -> int:
 
 def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
               on_report: Callable[[PunchReport], None], chat_mode: str = "chat",
-              stdin_fd: int = 0, out: TextIO = sys.stdout) -> ExitStatus:
-    """Carry out one punch. ``on_report`` is called once, when connected or given up."""
+              stdin_fd: int = 0, out: TextIO = sys.stdout,
+              on_local_port: Callable[[int], None] | None = None) -> ExitStatus:
+    """Carry out one punch. ``on_report`` is called once, when connected or given up.
+
+    ``on_local_port`` is called with the local port before the first packet is sent
+    (synprobe starts its capture there).
+    """
     start = time.monotonic()
     deadline = start + cfg.timeout_s
     report = PunchReport(mode=cfg.mode, session=cfg.session)
@@ -82,6 +87,8 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
         raise ToolError(ExitStatus.ADDRESS_IN_USE,
                         f"cannot bind local port {cfg.local_port}: {exc.strerror}") from None
     event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
+    if on_local_port is not None:
+        on_local_port(port)
     try:
         rdv = _learn_peer(cfg, port, deadline, event)
     except ToolError as exc:

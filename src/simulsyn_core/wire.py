@@ -113,7 +113,7 @@ SESSION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEY_RE = re.compile(r"[a-z_]{1,32}")
 _VALUE_RE = re.compile(r"[!-~]{0,200}")  # printable ASCII without spaces
 
-VERBS = {"REGISTER", "REGISTERED", "PEER", "ERROR"}
+_VERB_RE = re.compile(r"[A-Z][A-Z_]{0,15}")  # REGISTER, REGISTERED, PEER, ERROR, and services'
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ class Message:
 
 
 def encode_message(verb: str, **fields: object) -> bytes:
-    if verb not in VERBS:
-        raise ValueError(f"unknown verb {verb!r}")
+    if not _VERB_RE.fullmatch(verb):
+        raise ValueError(f"bad verb {verb!r}")
     parts = [MAGIC, verb]
     for key, value in fields.items():
         if value is None:
@@ -166,8 +166,8 @@ def parse_line(line: bytes) -> Message:
     if len(words) < 2 or words[0] != MAGIC:
         raise ProtocolError(f"line does not start with {MAGIC!r}")
     verb = words[1]
-    if verb not in VERBS:
-        raise ProtocolError(f"unknown verb {verb!r}")
+    if not _VERB_RE.fullmatch(verb):
+        raise ProtocolError(f"bad verb {verb[:20]!r}")
     fields: dict[str, str] = {}
     for word in words[2:]:
         key, sep, value = word.partition("=")

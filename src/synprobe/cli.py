@@ -19,7 +19,7 @@ from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
 
 DEFAULT_BROKER_PORT = 8086
 
-EPILOG = "Exit codes:\n" + EXIT_CODES_HELP
+EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
 def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
@@ -79,7 +79,31 @@ class Reporter:
               flush=True)
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# Subcommands that live in their own modules, imported only when named (or for --help),
+# so that `synprobe punch` never pays for them. Each module must keep scapy out of its
+# top-level imports.
+LAZY_COMMANDS: dict[str, str] = {
+    "lab": "synprobe.labcli:lab",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module_name, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attr)
+        return command
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="synprobe")
 @click.option("--traceback", is_flag=True, help="On an internal error, show the Python stack.")
 @click.pass_context
@@ -202,15 +226,6 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     status = run_punch(cfg, event=reporter.step, on_report=on_report,
                        chat_mode="hello" if no_chat else "chat")
     sys.exit(int(status))
-
-
-def _register_lab() -> None:
-    from synprobe.labcli import lab
-
-    cli.add_command(lab)
-
-
-_register_lab()
 
 
 def main(argv: list[str] | None = None) -> int:

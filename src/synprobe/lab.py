@@ -202,8 +202,16 @@ def delete_namespaces(names: Sequence[str]) -> None:
 
 
 def sweep(lab_id: str | None = None, prefix: str = PREFIX) -> list[str]:
-    """Remove the namespaces of one lab (or of all labs): also after a crashed run."""
-    want = f"{prefix}-{lab_id}-" if lab_id else f"{prefix}-"
+    """Remove the namespaces of one lab (or of all labs): also after a crashed run.
+
+    A ``lab_id`` ending in "x" removes every lab whose id starts with it (a test run's).
+    """
+    if lab_id is None:
+        want = f"{prefix}-"
+    elif lab_id.endswith("x"):
+        want = f"{prefix}-{lab_id}"
+    else:
+        want = f"{prefix}-{lab_id}-"
     names = [n for n in lab_namespaces(prefix) if n.startswith(want)]
     delete_namespaces(names)
     return names

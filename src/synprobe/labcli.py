@@ -11,7 +11,7 @@ from simulsyn_core.exitcodes import EXIT_CODES_HELP
 
 from . import lab as labmod
 
-EPILOG = "Exit codes:\n" + EXIT_CODES_HELP
+EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 PROFILE_CHOICE = click.Choice(sorted(labmod.PROFILES))
 
 
