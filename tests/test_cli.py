@@ -1,0 +1,80 @@
+"""The command line: help, usage errors and exit codes, without the lab."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from simulsyn_core.exitcodes import ExitStatus
+from synprobe.cli import cli, main
+
+from .helpers import SYNPROBE
+
+
+def test_help_lists_every_command_and_exit_code() -> None:
+    out = CliRunner().invoke(cli, ["--help"]).output
+    for word in ("broker", "punch", "lab"):
+        assert word in out
+    for status in ExitStatus:
+        assert f"{int(status):>3}  {status.name.lower().replace('_', '-')}" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["punch"], "give exactly one of --broker, --seed-broker or --peer"),
+    (["punch", "--broker", "127.0.0.1:1"], "--broker needs --session NAME"),
+    (["punch", "--peer", "127.0.0.1:1"], "--peer needs --local-port"),
+    (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IPv4 address"),
+    (["punch", "--broker", "127.0.0.1:1", "--session", "a b"], "1-64 of A-Z"),
+    (["punch", "--broker", "127.0.0.1:1", "--session", "s", "--retries", "0"], "0"),
+    (["nosuch"], "No such command"),
+])
+def test_usage_errors_exit_2_with_a_message(args: list[str], message: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == ExitStatus.USAGE
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens on it once closed
+
+
+def test_unreachable_broker_is_exit_3_with_json() -> None:
+    port = _closed_port()
+    proc = subprocess.run([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}", "--session",
+                           "s", "--json", "--timeout", "5"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == ExitStatus.BROKER_UNREACHABLE
+    report = json.loads(proc.stdout)
+    assert report["established"] is False
+    assert "ECONNREFUSED" in report["error"]
+    assert proc.stderr.startswith("synprobe: broker 127.0.0.1:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_broker_that_cannot_bind_is_exit_8() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*SYNPROBE, "broker", "--bind", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == ExitStatus.ADDRESS_IN_USE
+    assert "cannot listen" in proc.stderr
+
+
+def test_punch_path_never_imports_scapy() -> None:
+    code = ("import sys; from synprobe.cli import main; "
+            "rc = [main(a) for a in (['--help'], ['punch', '--help'], ['broker', '--help'])]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'tabulate')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr

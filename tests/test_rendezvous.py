@@ -1,0 +1,84 @@
+"""The broker's bookkeeping, without a network."""
+
+from __future__ import annotations
+
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.rendezvous import SeedList, SessionTable
+from simulsyn_core.wire import parse_line
+
+A = Endpoint("198.51.100.2", 4000)
+B = Endpoint("203.0.113.2", 5000)
+C = Endpoint("192.0.2.77", 6000)
+
+
+def test_seed_list_own_entry_last_and_deduplicated() -> None:
+    seeds = SeedList()
+    assert seeds.visit(A, 0.0) == [A]
+    assert seeds.visit(B, 1.0) == [A, B]
+    assert seeds.visit(A, 2.0) == [B, A]  # older copy of A dropped, A last
+
+
+def test_seed_list_ages_out_and_caps_at_255() -> None:
+    seeds = SeedList()
+    seeds.visit(A, 0.0)
+    assert seeds.visit(B, 61.0) == [B]
+    for i in range(300):
+        seeds.visit(Endpoint("10.0.0.1", 1000 + i), 62.0)
+    entries = seeds.visit(C, 62.0)
+    assert len(entries) == 255 and entries[-1] == C
+
+
+def _msgs(replies: list) -> list:
+    return [(r.conn, parse_line(r.data.rstrip(b"\n")), r.close) for r in replies]
+
+
+def test_pairing_tells_both_at_once_and_nothing_else() -> None:
+    table = SessionTable()
+    ((conn, msg, close),) = _msgs(table.register("a", "s", A, Endpoint("10.1.0.2", 4000), 0.0))
+    assert (conn, msg.verb, close) == ("a", "REGISTERED", False)
+    assert msg.get("public") == str(A)
+    table.register("c", "other", C, None, 0.5)
+    out = _msgs(table.register("b", "s", B, None, 1.0))
+    assert [(c, m.verb, close) for c, m, close in out] == [("a", "PEER", True),
+                                                           ("b", "PEER", True)]
+    to_a, to_b = out[0][1], out[1][1]
+    assert (to_a.get("public"), to_a.get("peer"), to_a.get("role")) == (str(A), str(B), "first")
+    assert to_a.get("peer_local") is None
+    assert (to_b.get("public"), to_b.get("peer"), to_b.get("role")) == (str(B), str(A), "second")
+    assert to_b.get("peer_local") == "10.1.0.2:4000"
+    assert str(C) not in str(out)
+    assert len(table) == 1  # only "other" still waits
+
+
+def test_disconnect_forgets_the_waiting_client() -> None:
+    table = SessionTable()
+    table.register("a", "s", A, None, 0.0)
+    table.disconnect("a")
+    ((_, msg, _),) = _msgs(table.register("b", "s", B, None, 1.0))
+    assert msg.verb == "REGISTERED"
+
+
+def test_same_endpoint_registering_again_replaces_itself() -> None:
+    table = SessionTable()
+    table.register("a1", "s", A, None, 0.0)
+    out = _msgs(table.register("a2", "s", A, None, 1.0))
+    assert [(c, m.verb, m.get("code")) for c, m, _ in out] == [("a1", "ERROR", "replaced"),
+                                                                ("a2", "REGISTERED", None)]
+
+
+def test_bad_session_names_and_limits() -> None:
+    table = SessionTable(max_waiting=1)
+    ((_, msg, close),) = _msgs(table.register("x", "bad name!", A, None, 0.0))
+    assert (msg.verb, msg.get("code"), close) == ("ERROR", "bad-session", True)
+    table.register("a", "s1", A, None, 0.0)
+    ((_, msg, _),) = _msgs(table.register("b", "s2", B, None, 0.0))
+    assert msg.get("code") == "busy"
+
+
+def test_expire_times_out_lonely_clients() -> None:
+    table = SessionTable(wait_max_s=10)
+    table.register("a", "s", A, None, 0.0)
+    assert table.expire(5.0) == []
+    ((conn, msg, close),) = _msgs(table.expire(11.0))
+    assert (conn, msg.get("code"), close) == ("a", "timeout", True)
+    assert len(table) == 0
