@@ -1,0 +1,566 @@
+"""From captured TCP segments to connection attempts, both sides' states and a verdict.
+
+Pure code: ``find_attempts(contents)`` groups a capture's segments (and the ICMP errors
+that quote them) into attempts, one per 4-tuple and opening, and replays each through a
+small model of RFC 9293's opening states (section 3.10) to tell a three-way handshake
+from a simultaneous open, a dropped first SYN from a rejected one.
+
+Delivery is inferred, not seen: a SYN counts as delivered only if the other side later
+answers it (SYN+ACK or RST acknowledging it); other segments count as delivered unless
+their sender sends them again. A delivered segment is taken to arrive as early as its
+receiver's next segment allows: when that next segment could not have been sent after the
+arrival (a SYN where the model owes a RST, a SYN+ACK after ESTABLISHED), the two crossed
+in flight, as the original README draws a simultaneous open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segment
+
+SIDES = ("A", "B")
+CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (
+    "CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED")
+DUPLICATE_WINDOW_S = 0.1  # one packet seen at two capture points arrives within this
+KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete")
+
+ICMP_NAMES = {  # RFC 792 / RFC 1812 codes of "destination unreachable", short
+    (3, 0): "net-unr", (3, 1): "host-unr", (3, 2): "proto-unr", (3, 3): "port-unr",
+    (3, 4): "frag-needed", (3, 9): "net-prohib", (3, 10): "host-prohib",
+    (3, 13): "admin-prohib", (11, 0): "ttl-exceeded",
+}
+ICMP6_NAMES = {(1, 0): "no-route", (1, 1): "admin-prohib", (1, 3): "addr-unr",
+               (1, 4): "port-unr", (3, 0): "hop-limit"}
+
+
+def other(side: str) -> str:
+    return "B" if side == "A" else "A"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One captured packet of an attempt, oriented: ``sender`` is side A or B. An ICMP
+    error is drawn as coming from the side opposite the segment it quotes."""
+
+    frame: int
+    time: float
+    sender: str
+    flags: int = 0
+    seq: int = 0
+    ack: int = 0
+    payload: int = 0
+    ttl: int = 0
+    view: int = 0  # which 4-tuple (capture point) it was seen as
+    icmp: str = ""  # ICMP error name ("ICMP port-unr"); "" for a TCP segment
+    reporter: str = ""  # the ICMP error's source address
+    comment: str = ""
+
+    @property
+    def is_icmp(self) -> bool:
+        return bool(self.icmp)
+
+    @property
+    def plain_syn(self) -> bool:
+        return not self.icmp and self.flags & (SYN | ACK | RST) == SYN
+
+    @property
+    def syn_ack(self) -> bool:
+        return not self.icmp and self.flags & (SYN | ACK | RST) == SYN | ACK
+
+    @property
+    def rst(self) -> bool:
+        return not self.icmp and bool(self.flags & RST)
+
+    @property
+    def label(self) -> str:
+        if self.icmp:
+            return self.icmp
+        if self.flags & RST:
+            return "RST"
+        names = [n for bit, n in ((SYN, "SYN"), (FIN, "FIN"), (ACK, "ACK")) if self.flags & bit]
+        text = "+".join(names) or "(no flags)"
+        return f"{text} len={self.payload}" if self.payload else text
+
+
+@dataclass(frozen=True)
+class Arrow:
+    event: Event
+    delivered: bool
+    note: str = ""  # "dropped", "rejected", "retransmission", ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the ladder draws between two state lines."""
+
+    connects: tuple[str, ...]  # sides that called connect() just before these arrows
+    arrows: tuple[Arrow, ...]
+    states_before: tuple[str, str]  # after the connects
+    states_after: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One opening of one 4-tuple, as seen from the capture."""
+
+    endpoints: tuple[str, str]  # side A (sent the first SYN) and side B, "ip:port"
+    views: tuple[tuple[str, str], ...]  # every (A, B) the capture shows it as (NAT)
+    kind: str
+    established: bool
+    first_packet_time: float
+    vantage: str
+    vantage_point: str  # "host-a", "host-b", "path", "local", "several"
+    listener: str | None  # the side inferred to have been listening
+    steps: tuple[Step, ...]
+    tail: tuple[Event, ...]  # packets after both sides were ESTABLISHED
+    packets: int
+    anomalies: tuple[str, ...] = ()
+
+
+# --- grouping: flows, NAT views, attempts ---------------------------------------------------
+
+FlowKey = frozenset[str]
+
+
+def _union_views(segments: Sequence[Segment]) -> dict[FlowKey, tuple[int, dict[str, str]]]:
+    """Map each flow (unordered endpoint pair) to (connection id, endpoint -> canonical
+    endpoint), joining flows that show the same connection at different capture points:
+    a SYN with the same ISN from the same source port or to the same destination port."""
+    flows: list[FlowKey] = []
+    seen: set[FlowKey] = set()
+    by_isn: dict[int, list[tuple[FlowKey, str, str]]] = {}
+    for seg in segments:
+        key = frozenset((seg.src, seg.dst))
+        if key not in seen:
+            seen.add(key)
+            flows.append(key)
+        if seg.flags & SYN and not seg.flags & RST:
+            bucket = by_isn.setdefault(seg.seq, [])
+            if not any(k == key and s == seg.src for k, s, _ in bucket):
+                bucket.append((key, seg.src, seg.dst))
+    parent: dict[FlowKey, FlowKey] = {k: k for k in flows}
+    # link[(child)] = (parent flow, child endpoint -> parent endpoint)
+    mapping: dict[FlowKey, dict[str, str]] = {k: {e: e for e in k} for k in flows}
+
+    def find(key: FlowKey) -> FlowKey:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    def port(endpoint: str) -> str:
+        return endpoint.rsplit(":", 1)[1]
+
+    def to_root(key: FlowKey, endpoint: str) -> str:
+        while parent[key] != key:
+            endpoint = mapping[key][endpoint]
+            key = parent[key]
+        return endpoint
+
+    for bucket in by_isn.values():
+        first_key, first_src, first_dst = bucket[0]
+        for key, src, dst in bucket[1:]:
+            if key == first_key or (port(src) != port(first_src)
+                                    and port(dst) != port(first_dst)):
+                continue
+            root_a, root_b = find(first_key), find(key)
+            if root_a == root_b:
+                continue
+            # Re-root b's tree under a: map b's root endpoints through this SYN.
+            src_in_a, dst_in_a = to_root(first_key, first_src), to_root(first_key, first_dst)
+            src_in_b, dst_in_b = to_root(key, src), to_root(key, dst)
+            parent[root_b] = root_a
+            mapping[root_b] = {src_in_b: src_in_a, dst_in_b: dst_in_a}
+    roots: dict[FlowKey, int] = {}
+    result: dict[FlowKey, tuple[int, dict[str, str]]] = {}
+    for key in flows:
+        root = find(key)
+        conn = roots.setdefault(root, len(roots))
+        result[key] = (conn, {e: to_root(key, e) for e in key})
+    return result
+
+
+def icmp_label(err: IcmpError) -> str:
+    names = ICMP6_NAMES if err.v6 else ICMP_NAMES
+    return "ICMP " + names.get((err.icmp_type, err.code), f"{err.icmp_type}/{err.code}")
+
+
+# (time, frame, packet, canonical sender endpoint, canonical receiver endpoint, view)
+Item = tuple[float, int, Segment | IcmpError, str, str, int]
+
+
+@dataclass
+class _Conn:
+    views: list[tuple[str, str]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+
+def find_attempts(contents: CaptureContents) -> tuple[list[Attempt], int]:
+    """Every connection attempt in a capture, by first packet; and how many TCP segments
+    belonged to no attempt (connections opened before the capture started)."""
+    views = _union_views(contents.segments)
+    conns: dict[int, _Conn] = {}
+    for seg in contents.segments:
+        conn_id, to_canon = views[frozenset((seg.src, seg.dst))]
+        conn = conns.setdefault(conn_id, _Conn())
+        view = (seg.src, seg.dst)
+        if view not in conn.views and (seg.dst, seg.src) not in conn.views:
+            conn.views.append(view)
+        view_no = next(i for i, v in enumerate(conn.views) if set(v) == set(view))
+        conn.items.append((seg.time, seg.index, seg, to_canon[seg.src], to_canon[seg.dst],
+                           view_no))
+    for err in contents.icmp_errors:
+        key = frozenset((err.quoted_src, err.quoted_dst))
+        if key not in views:
+            continue
+        conn_id, to_canon = views[key]
+        conns[conn_id].items.append((err.time, err.index, err, to_canon[err.quoted_src],
+                                     to_canon[err.quoted_dst], -1))
+    attempts: list[Attempt] = []
+    orphans = 0
+    for conn in conns.values():
+        conn.items.sort(key=lambda item: (item[0], item[1]))
+        for chunk in _split_openings(conn.items):
+            attempt = _attempt(chunk)
+            if attempt is None:
+                orphans += sum(1 for item in chunk if isinstance(item[2], Segment))
+            else:
+                attempts.append(attempt)
+    attempts.sort(key=lambda a: a.first_packet_time)
+    return attempts, orphans
+
+
+
+
+def _split_openings(items: Sequence[Item]) -> list[list[Item]]:
+    """Cut one connection's packets into openings: a SYN whose ISN differs from the one its
+    side already used starts a new attempt (the punch retries on the same 4-tuple)."""
+    chunks: list[list[Item]] = [[]]
+    isn: dict[str, int] = {}
+    for item in items:
+        packet, sender = item[2], item[3]
+        if isinstance(packet, Segment) and packet.flags & SYN and not packet.flags & RST:
+            started = bool(isn)
+            if (sender in isn and isn[sender] != packet.seq) or (not started and chunks[-1]):
+                chunks.append([])
+                isn = {}
+            isn[sender] = packet.seq
+        chunks[-1].append(item)
+    return [c for c in chunks if c]
+
+
+def _private(endpoint: str) -> bool:
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_private and not addr.is_loopback and not _documentation(addr)
+
+
+def _documentation(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # Python counts the documentation ranges (RFC 5737) as private; on the lab's wire
+    # they play the public internet.
+    return any(addr in ipaddress.ip_network(n) for n in
+               ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+
+
+def _hops(ttl: int) -> int:
+    """Routers crossed since the sender, from the nearest usual initial TTL above."""
+    return next(initial for initial in (32, 64, 128, 255) if ttl <= initial) - ttl
+
+
+def _vantage(events: Sequence[Event], endpoints: tuple[str, str], views: int
+             ) -> tuple[str, str]:
+    if views > 1:
+        return ("several",
+                f"{views} capture points (one connection under {views} address pairs, "
+                "matched by ports and ISN); each packet drawn once, where first seen")
+    hops: dict[str, int] = {}
+    for side in SIDES:
+        own = [e for e in events if e.sender == side and not e.is_icmp]
+        opening = [e for e in own if e.flags & SYN] or own
+        if opening:
+            hops[side] = _hops(opening[0].ttl)
+    local = [s for s in SIDES if hops.get(s) == 0]
+    ep = dict(zip(SIDES, endpoints, strict=True))
+
+    def away(side: str) -> str:
+        return (f"{side}'s packets {hops[side]} hop(s) from {side}" if side in hops
+                else f"nothing from {side}")
+
+    if len(local) == 2:
+        return "local", "one host (both sides' packets unrouted, e.g. loopback)"
+    if len(local) == 1:
+        side = local[0]
+        where = (f"host {side} ({ep[side]}) or its LAN, inside its NAT" if _private(ep[side])
+                 else f"host {side} ({ep[side]}) or its LAN")
+        return f"host-{side.lower()}", f"{where}; {away(other(side))}"
+    return "path", (f"on the path between them (a NAT's public side or a router): "
+                    f"{away('A')}, {away('B')}")
+
+
+# --- the replay -----------------------------------------------------------------------------
+
+@dataclass
+class _Side:
+    state: str = CLOSED
+    owes: str | None = None  # the answer the last arrival calls for
+    listener: bool = False
+    established_once: bool = False
+
+
+def _receive(side: _Side, ev: Event) -> None:
+    """RFC 9293 section 3.10.7, reduced to what an opening shows."""
+    state = side.state
+    side.owes = None
+    if ev.is_icmp:
+        # Linux aborts a connect() on an ICMP error in SYN-SENT (tcp_v4_err).
+        if state == SYN_SENT:
+            side.state = CLOSED
+        return
+    if ev.rst:
+        if state in (SYN_SENT, ESTABLISHED):
+            side.state = CLOSED
+        elif state == SYN_RECEIVED:
+            side.state = LISTEN if side.listener else CLOSED
+        return
+    if ev.plain_syn:
+        if state == CLOSED:
+            side.owes = "RST"
+        elif state in (LISTEN, SYN_SENT):
+            side.state, side.owes = SYN_RECEIVED, "SYN+ACK"
+        return
+    if ev.syn_ack:
+        if state == SYN_SENT:
+            side.state, side.owes = ESTABLISHED, "ACK"
+        elif state == SYN_RECEIVED:
+            side.state = ESTABLISHED  # simultaneous open: both SYN+ACKs crossed
+        elif state in (CLOSED, LISTEN):
+            side.owes = "RST"
+        return
+    if ev.flags & ACK:
+        if state == SYN_RECEIVED:
+            side.state = ESTABLISHED
+        elif state in (CLOSED, LISTEN, SYN_SENT):
+            side.owes = "RST"
+
+
+def _can_send(side: _Side, ev: Event) -> bool:
+    if ev.is_icmp:
+        return True
+    if ev.rst:
+        return True  # an answer to anything, or an abort
+    if side.owes == "RST":
+        return False
+    if ev.plain_syn:
+        return side.state in (CLOSED, SYN_SENT) and side.owes is None
+    if ev.syn_ack:
+        return side.state == SYN_RECEIVED
+    return side.state == ESTABLISHED or side.owes == "ACK"
+
+
+def _send(side: _Side, ev: Event) -> bool:
+    """Apply sending ``ev``; True if it was a connect() (a SYN from CLOSED)."""
+    side.owes = None
+    if ev.is_icmp:
+        return False
+    if ev.plain_syn and side.state == CLOSED:
+        side.state = SYN_SENT
+        return True
+    if ev.rst and side.state in (SYN_SENT, SYN_RECEIVED, ESTABLISHED):
+        side.state = CLOSED
+    return False
+
+
+def _copy(side: _Side) -> _Side:
+    return _Side(side.state, side.owes, side.listener, side.established_once)
+
+
+def _delivery(events: Sequence[Event]) -> tuple[list[bool], list[str]]:
+    """Which packets reached the other side, and a note for those that did not."""
+    delivered = [True] * len(events)
+    notes = [""] * len(events)
+    for i, ev in enumerate(events):
+        if ev.is_icmp:
+            continue
+        later = events[i + 1:]
+        if ev.plain_syn:
+            answer = next((j for j, e in enumerate(later) if e.sender != ev.sender
+                           and not e.is_icmp and e.flags & ACK and e.ack == (ev.seq + 1) % 2**32
+                           and (e.syn_ack or e.rst)), None)
+            copy_before = answer is not None and any(
+                e.sender == ev.sender and e.plain_syn and e.seq == ev.seq
+                for e in later[:answer])
+            icmp = any(e.is_icmp and e.sender != ev.sender and e.seq == ev.seq
+                       and (answer is None or j < answer) for j, e in enumerate(later))
+            if answer is None or copy_before:
+                delivered[i] = False
+                notes[i] = "rejected" if icmp else ("dropped" if answer is None else "lost")
+        elif any(e.sender == ev.sender and not e.is_icmp and e.flags == ev.flags
+                 and e.seq == ev.seq and e.payload == ev.payload and (ev.flags & (SYN | FIN)
+                                                                      or ev.payload)
+                 for e in later):
+            delivered[i], notes[i] = False, "lost"
+    seen: set[tuple[str, int, int]] = set()
+    for i, ev in enumerate(events):
+        key = (ev.sender, ev.flags, ev.seq)
+        if not ev.is_icmp and ev.flags & (SYN | FIN) and key in seen:
+            notes[i] = ", ".join(n for n in ("retransmission", notes[i]) if n)
+        seen.add(key)
+    return delivered, notes
+
+
+def replay(events: Sequence[Event]) -> tuple[list[Step], list[Event], dict[str, _Side],
+                                             list[str], str | None]:
+    """Both sides' states through the opening: the steps to draw, the packets after both
+    sides were ESTABLISHED, the final sides, anomalies, and the inferred listener."""
+    delivered, notes = _delivery(events)
+    sides = {s: _Side() for s in SIDES}
+    listener = None
+    for s in SIDES:
+        own = [e for e in events if e.sender == s and not e.is_icmp]
+        if own and own[0].syn_ack:
+            sides[s].state, sides[s].listener, listener = LISTEN, True, s
+    anomalies: list[str] = []
+    steps: list[Step] = []
+    pending: dict[str, list[int]] = {s: [] for s in SIDES}  # in flight towards a side
+    group: list[int] = []
+    connects: list[str] = []
+    start: tuple[str, str] = (CLOSED, CLOSED)
+    tail: list[Event] = []
+
+    def states() -> tuple[str, str]:
+        return sides["A"].state, sides["B"].state
+
+    def next_send(side: str, after: int) -> Event | None:
+        return next((e for e in events[after + 1:] if e.sender == side and not e.is_icmp),
+                    None)
+
+    def flush(after: int) -> None:
+        for side in SIDES:
+            upcoming = next_send(side, after)
+            while pending[side]:
+                trial = _copy(sides[side])
+                _receive(trial, events[pending[side][0]])
+                if upcoming is not None and not _can_send(trial, upcoming):
+                    break
+                sides[side] = trial
+                sides[side].established_once |= trial.state == ESTABLISHED
+                pending[side].pop(0)
+
+    for i, ev in enumerate(events):
+        if all(s.established_once for s in sides.values()) and not group:
+            tail.append(ev)
+            continue
+        sender = sides[ev.sender]
+        if not _can_send(sender, ev):
+            anomalies.append(f"frame {ev.frame}: {ev.sender} sent {ev.label} in "
+                             f"{sender.state}")
+        if not group:
+            connects, start = [], states()
+        if _send(sender, ev):
+            connects.append(ev.sender)
+        group.append(i)
+        if delivered[i]:
+            pending[other(ev.sender)].append(i)
+        flush(i)
+        if not pending["A"] and not pending["B"]:
+            arrows = tuple(Arrow(events[j], delivered[j], notes[j]) for j in group)
+            steps.append(Step(tuple(connects), arrows, _after_connects(start, connects),
+                              states()))
+            group = []
+    if group:  # the capture ended with packets in flight
+        for side in SIDES:
+            for j in pending[side]:
+                _receive(sides[side], events[j])
+                sides[side].established_once |= sides[side].state == ESTABLISHED
+        steps.append(Step(tuple(connects), tuple(Arrow(events[j], delivered[j], notes[j])
+                                                  for j in group),
+                          _after_connects(start, connects), states()))
+    return steps, tail, sides, anomalies, listener
+
+
+def _after_connects(start: tuple[str, str], connects: list[str]) -> tuple[str, str]:
+    """The states at a step's start once its connect() calls are made."""
+    return (SYN_SENT if "A" in connects else start[0],
+            SYN_SENT if "B" in connects else start[1])
+
+
+def classify(steps: Sequence[Step], sides: dict[str, _Side], listener: str | None
+             ) -> tuple[str, bool]:
+    """(kind, established) of one replayed attempt (the issue's five kinds)."""
+    arrows = [a for step in steps for a in step.arrows]
+    established = all(s.established_once for s in sides.values())
+    syn_senders = {a.event.sender for a in arrows if a.event.plain_syn}
+    if established:
+        if len(syn_senders) == 2:
+            both_arrived = all(any(a.event.plain_syn and a.delivered and a.event.sender == s
+                                   for a in arrows) for s in SIDES)
+            return ("simultaneous-open" if both_arrived else "syn-dropped"), True
+        return "three-way", True
+    rejected = any(a.event.is_icmp for a in arrows) or any(
+        a.event.rst and any(b.event.plain_syn and b.delivered and b.event.sender != a.event.sender
+                            and (b.event.seq + 1) % 2**32 == a.event.ack for b in arrows)
+        for a in arrows)
+    return ("syn-rejected" if rejected else "incomplete"), False
+
+
+def _attempt(items: Sequence[Item]) -> Attempt | None:
+    first_syn = next((it for it in items if isinstance(it[2], Segment)
+                      and it[2].flags & (SYN | RST) == SYN), None)
+    if first_syn is None:
+        return None  # no opening in the capture: the connection predates it
+    seg = first_syn[2]
+    assert isinstance(seg, Segment)
+    # Side A sent the first plain SYN; for a lone SYN+ACK, A is the one it answers.
+    a_canon = first_syn[4] if seg.flags & ACK else first_syn[3]
+    events: list[Event] = []
+    last: dict[tuple[str, int, int, int, int], tuple[float, int]] = {}
+    used_views: set[int] = set()
+    view_ep: dict[int, dict[str, str]] = {}
+    for time, index, packet, canon, _canon_dst, view in items:
+        sender = "A" if canon == a_canon else "B"
+        if isinstance(packet, Segment):
+            key = (sender, packet.flags, packet.seq, packet.ack, packet.payload)
+            prev = last.get(key)
+            last[key] = (time, view)
+            if prev is not None and prev[1] != view and time - prev[0] <= DUPLICATE_WINDOW_S:
+                continue  # the same packet at a second capture point
+            used_views.add(view)
+            view_ep.setdefault(view, {})[sender] = packet.src
+            view_ep[view][other(sender)] = packet.dst
+            events.append(Event(index, time, sender, packet.flags, packet.seq, packet.ack,
+                                packet.payload, packet.ttl, view, comment=packet.comment))
+        else:
+            ikey = (other(sender), -1, packet.quoted_seq, packet.icmp_type, packet.code)
+            prev = last.get(ikey)
+            last[ikey] = (time, view)
+            if prev is not None and time - prev[0] <= DUPLICATE_WINDOW_S:
+                continue
+            events.append(Event(index, time, other(sender), seq=packet.quoted_seq,
+                                ttl=packet.ttl, icmp=icmp_label(packet),
+                                reporter=packet.reporter, comment=packet.comment))
+    ordered_views = sorted(used_views)
+    views = tuple((view_ep[v]["A"], view_ep[v]["B"]) for v in ordered_views)
+    steps, tail, sides, anomalies, listener = replay(events)
+    kind, established = classify(steps, sides, listener)
+    counts: dict[int, int] = {}
+    for ev in events:
+        if not ev.is_icmp:
+            counts[ev.view] = counts.get(ev.view, 0) + 1
+    main_view = max(ordered_views, key=lambda v: (counts.get(v, 0), -v))
+    endpoints = (view_ep[main_view]["A"], view_ep[main_view]["B"])
+    vantage_point, vantage = _vantage(events, endpoints, len(views))
+    return Attempt(endpoints, views, kind, established, events[0].time, vantage,
+                   vantage_point, listener, tuple(steps), tuple(tail), len(events),
+                   tuple(anomalies))
+
+
+def summarize(attempts: Iterable[Attempt]) -> dict[str, int]:
+    counts = dict.fromkeys(KINDS, 0)
+    for a in attempts:
+        counts[a.kind] += 1
+    return counts
