@@ -65,6 +65,12 @@ class Broker:
     def is_open(self, conn: int) -> bool:
         return conn in self._writers
 
+    def local_endpoint(self, conn: int) -> Endpoint | None:
+        """The broker address and port that connection ``conn`` reached."""
+        writer = self._writers.get(conn)
+        sockname = writer.get_extra_info("sockname") if writer is not None else None
+        return Endpoint.from_sockaddr(sockname) if sockname else None
+
     async def start(self) -> None:
         for ep in self.binds:
             server = await asyncio.start_server(
@@ -188,11 +194,12 @@ class Broker:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
 
 
-def run_broker(binds: list[Endpoint], log: Log = stderr_log) -> int:
+def run_broker(binds: list[Endpoint], log: Log = stderr_log,
+               services: dict[str, Service] | None = None) -> int:
     """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind."""
 
     async def main() -> int:
-        broker = Broker(binds, log=log)
+        broker = Broker(binds, log=log, services=dict(services or {}))
         await broker.start()
         stop = asyncio.Event()
         got: list[int] = []

@@ -84,6 +84,7 @@ class Reporter:
 # top-level imports.
 LAZY_COMMANDS: dict[str, str] = {
     "lab": "synprobe.labcli:lab",
+    "nat-check": "synprobe.natcheck.cli:nat_check",
 }
 
 
@@ -125,7 +126,12 @@ def cli(ctx: click.Context, traceback: bool) -> None:
               help="Address to listen on; repeat for several (a second address or port "
                    "serves the probes of nat-check).")
 @click.option("-q", "--quiet", is_flag=True, help="Log nothing but errors.")
-def broker(binds: tuple[Endpoint, ...], quiet: bool) -> None:
+@click.option("--probe/--no-probe", default=False, show_default=True,
+              help="Serve `synprobe nat-check` too: also listen on PORT+1 of each address "
+                   "and send raw probes from PORT+2 (README: safety of the probe server). "
+                   "Raw probes need CAP_NET_RAW and CAP_NET_ADMIN; without them only the "
+                   "mapping probe is served.")
+def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
     """Run the rendezvous broker.
 
     \b
@@ -142,6 +148,10 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool) -> None:
         if not quiet:
             stderr_log(line)
 
+    if probe:
+        from synprobe.natcheck.broker_side import run_probing_broker
+
+        sys.exit(run_probing_broker(list(binds), log))
     try:
         status = run_broker(list(binds), log=log)
     except OSError as exc:

@@ -1,0 +1,70 @@
+"""`synprobe broker --probe`: the rendezvous broker with nat-check's probe side plugged in.
+
+Imports nothing heavy: scapy loads only when a check sends its first raw probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from simulsyn_core.broker import Log, run_broker
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.exitcodes import ExitStatus, ToolError
+
+from . import protocol as P
+from .firewall import Firewall, FirewallError
+from .server import ProbeServer, probe_firewall, raw_probe_problem
+
+
+def probe_binds(binds: list[Endpoint]) -> list[Endpoint]:
+    """The binds plus PORT+1 on each address (the mapping probe's second server port)."""
+    out = list(binds)
+    for b in binds:
+        alt = Endpoint(b.ip, b.port + P.ALT_PORT_OFFSET)
+        if b.port and alt not in out:
+            out.append(alt)
+    return out
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _cleanup_guard() -> Iterator[None]:
+    """SIGTERM before the event loop runs unwinds through `finally`; during cleanup it is
+    ignored so that the firewall rules are always removed."""
+    old = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | None = None
+                       ) -> int:
+    """Without the privileges for raw probes, say which one line and serve the mapping
+    probe (and the rendezvous) anyway: clients are told why raw probes are off."""
+    firewall = firewall or Firewall()
+    problem = raw_probe_problem(firewall)
+    if problem:
+        log(f"broker: nat-check raw probes {problem}; serving the mapping probe only")
+    addrs = list(dict.fromkeys(b.ip for b in binds if b.ip != "0.0.0.0"))
+    server = ProbeServer(addrs, raw_reason=f"the broker {problem}" if problem else "", log=log)
+    ports = sorted({b.port for b in binds if b.port})
+    with _cleanup_guard():
+        try:
+            fw = (probe_firewall(firewall, ports, log) if not problem
+                  else contextlib.nullcontext())
+            with fw:
+                return run_broker(probe_binds(binds), log=log, services=server.services())
+        except FirewallError as exc:
+            raise ToolError(ExitStatus.ERROR, f"broker --probe: {exc}") from None
+        except OSError as exc:
+            raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                            f"cannot listen: {exc.strerror or exc}") from None
+        finally:
+            server.close()

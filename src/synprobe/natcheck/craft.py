@@ -1,0 +1,37 @@
+"""Crafting probe packets with scapy (imported here, on first use only)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+SYN_WINDOW = 64240
+SYN_MSS = 1460
+
+_lock = threading.Lock()
+_scapy: dict[str, Any] = {}
+
+
+def load_scapy() -> dict[str, Any]:
+    """Import the few scapy layers we need (about 0.7 s; callers may do it in a thread)."""
+    with _lock:
+        if not _scapy:
+            from scapy.layers.inet import IP, TCP
+
+            _scapy.update(IP=IP, TCP=TCP)
+    return _scapy
+
+
+def preload_in_background() -> threading.Thread:
+    thread = threading.Thread(target=load_scapy, name="scapy-import", daemon=True)
+    thread.start()
+    return thread
+
+
+def syn(src: str, dst: str, sport: int, dport: int, seq: int, ttl: int = 64) -> bytes:
+    """One TCP SYN as an IPv4 packet (header included), checksums filled in."""
+    s = load_scapy()
+    pkt = s["IP"](src=src, dst=dst, ttl=ttl, id=seq & 0xFFFF) / s["TCP"](
+        sport=sport, dport=dport, flags="S", seq=seq, window=SYN_WINDOW,
+        options=[("MSS", SYN_MSS)])
+    return bytes(pkt)

@@ -1,0 +1,45 @@
+"""hairpin (RFC 4787 REQ-9, RFC 5382 REQ-8): can the host reach its own public endpoint?
+
+The host sends a SYN from a fresh port to the public endpoint of a mapping it holds (a
+fresh local port connected to the broker); the NAT hairpins if that SYN comes back in to
+the mapped local port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simulsyn_core.endpoint import Endpoint
+
+from . import craft
+from .packets import Seen
+
+HAIRPIN_SEQ = 0x5359_4E30
+
+
+@dataclass(frozen=True)
+class HairpinProbe:
+    host_ip: str
+    local_port: int  # sends the SYN
+    target: Endpoint  # the public endpoint of a mapping
+    mapped_local_port: int  # the local port behind target
+
+
+def build(probe: HairpinProbe) -> bytes:
+    return craft.syn(probe.host_ip, probe.target.ip, probe.local_port, probe.target.port,
+                     HAIRPIN_SEQ)
+
+
+def classify(probe: HairpinProbe, seen: Sequence[Seen]) -> tuple[bool | None, str]:
+    sent = any(s.outgoing and s.is_syn and s.sport == probe.local_port
+               and s.seq == HAIRPIN_SEQ for s in seen)
+    if not sent:
+        return None, "the hairpin SYN did not show in the capture"
+    if any(not s.outgoing and s.is_syn and s.seq == HAIRPIN_SEQ
+           and s.dport == probe.mapped_local_port for s in seen):
+        return True, f"a SYN to {probe.target} came back in to the host"
+    rst = any(not s.outgoing and s.is_rst and s.src == probe.target.ip
+              and s.dport == probe.local_port for s in seen)
+    return False, (f"a SYN to {probe.target} " + ("was answered with RST by the NAT itself"
+                                                  if rst else "did not come back"))

@@ -1,0 +1,113 @@
+"""host_stack: what the host's own TCP does when its SYN meets an RST, an ICMP error or
+a TTL-exceeded: abort connect() at once, or keep retrying.
+
+Linux aborts a SYN-SENT socket on an RST (RFC 9293 section 3.10.7.3) and on any ICMP
+destination-unreachable or time-exceeded (tcp_v4_err); RFC 5461 advises treating ICMP
+as soft errors instead. A TTL-limited first SYN meets a time-exceeded, so this decides
+whether such a SYN may come from the same connect() as the real attempt.
+
+Three plain connect() calls, in parallel: to the broker's RST port, to its ICMP port,
+and to the RST port with TTL 1. The capture shows whether the answer came back; the
+socket shows whether connect() ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.sockets import connect_nonblocking, errno_name
+
+from .packets import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, Seen
+
+WAIT_S = 0.5  # connect() has this long to end after its answer; the kernel resends at 1 s
+KINDS = ("rst", "icmp", "ttl_exceeded")
+
+
+@dataclass(frozen=True)
+class StackTrial:
+    kind: str  # rst | icmp | ttl_exceeded
+    target: Endpoint
+    ttl: int | None
+
+
+@dataclass(frozen=True)
+class StackOutcome:
+    kind: str
+    local_port: int
+    outcome: str  # an errno name, or "pending" (connect() still waiting at WAIT_S)
+    elapsed_s: float
+
+
+def build(server_ip: str, rst_port: int, icmp_port: int) -> list[StackTrial]:
+    return [StackTrial("rst", Endpoint(server_ip, rst_port), None),
+            StackTrial("icmp", Endpoint(server_ip, icmp_port), None),
+            StackTrial("ttl_exceeded", Endpoint(server_ip, rst_port), 1)]
+
+
+def _one(trial: StackTrial, out: list[StackOutcome]) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if trial.ttl is not None:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, trial.ttl)
+        sock.bind(("0.0.0.0", 0))
+        port = sock.getsockname()[1]
+        start = time.monotonic()
+        code = connect_nonblocking(sock, trial.target, WAIT_S)
+        elapsed = time.monotonic() - start
+        name = "connected" if code == 0 else (
+            "pending" if code == errno.ETIMEDOUT and elapsed >= WAIT_S * 0.95
+            else errno_name(code))
+        out.append(StackOutcome(trial.kind, port, name, elapsed))
+    finally:
+        sock.close()
+
+
+def run(trials: Sequence[StackTrial]) -> list[StackOutcome]:
+    out: list[StackOutcome] = []
+    threads = [threading.Thread(target=_one, args=(t, out), daemon=True) for t in trials]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S + 2.0)
+    return list(out)
+
+
+def _answered(kind: str, o: StackOutcome, seen: Sequence[Seen]) -> bool:
+    for s in seen:
+        if s.outgoing:
+            continue
+        if kind == "rst" and s.is_rst and s.dport == o.local_port:
+            return True
+        if kind == "icmp" and s.proto == 1 and s.icmp_type == ICMP_DEST_UNREACH \
+                and s.inner_sport == o.local_port:
+            return True
+        if kind == "ttl_exceeded" and s.proto == 1 and s.icmp_type == ICMP_TIME_EXCEEDED \
+                and s.inner_sport == o.local_port:
+            return True
+    return False
+
+
+def classify(outcomes: Sequence[StackOutcome], seen: Sequence[Seen]
+             ) -> tuple[dict[str, str] | None, str]:
+    """{"rst": "aborts"|"retries", "icmp": ..., "ttl_exceeded": ...}; a kind whose answer
+    never came back is left out (the reason says so)."""
+    result: dict[str, str] = {}
+    notes = []
+    for o in sorted(outcomes, key=lambda o: KINDS.index(o.kind)):
+        if not _answered(o.kind, o, seen):
+            notes.append(f"{o.kind}: no answer came back ({o.outcome})")
+            continue
+        if o.outcome == "pending":
+            result[o.kind] = "retries"
+            notes.append(f"{o.kind}: connect() still waiting after {WAIT_S:g} s")
+        else:
+            result[o.kind] = "aborts"
+            notes.append(f"{o.kind}: connect() failed with {o.outcome} after "
+                         f"{o.elapsed_s * 1000:.0f} ms")
+    return (result or None), "; ".join(notes)

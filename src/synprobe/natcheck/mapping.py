@@ -1,0 +1,179 @@
+"""mapping, port_preservation, port_allocation (RFC 4787 section 4.1, RFC 5382 section
+4.1): plain TCP connections, no privileges.
+
+One local port connects to the server's first address and port (the control
+connection), to the same address on a second port, and to the second address; the
+broker answers each with the public endpoint it saw (OBSERVE). Two more fresh local
+ports, one after the other, show how the NAT picks ports for new mappings.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.sockets import bound_socket, connect_nonblocking, describe_errno
+from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
+
+from . import protocol as P
+
+EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
+OBSERVE_TIMEOUT_S = 3.0
+SEQUENTIAL_MAX_STEP = 16  # public ports this close, in order, count as sequential
+
+
+@dataclass(frozen=True)
+class Observation:
+    local: Endpoint  # the socket's own address and port
+    server: Endpoint  # where it connected
+    public: Endpoint  # what the broker saw
+
+
+@dataclass(frozen=True)
+class MappingPlan:
+    """Which (local port slot, server endpoint) pairs to observe, in order (pure)."""
+
+    same_port: tuple[tuple[int, Endpoint], ...]  # slot 0: the control connection's port
+    fresh: tuple[tuple[int, Endpoint], ...]  # slots 1.., each a new local port
+
+
+def build(info: P.ServerInfo, fresh_ports: int = 2) -> MappingPlan:
+    first = Endpoint(info.addrs[0], info.port)
+    same = [(0, Endpoint(info.addrs[0], info.alt_port))]
+    if len(info.addrs) > 1:
+        same.append((0, Endpoint(info.addrs[1], info.port)))
+    return MappingPlan(tuple(same), tuple((i + 1, first) for i in range(fresh_ports)))
+
+
+@dataclass(frozen=True)
+class MappingResult:
+    public: tuple[Endpoint, ...]
+    behind_nat: bool
+    mapping: str | None
+    port_preservation: bool
+    port_allocation: str | None
+    reasons: tuple[tuple[str, str], ...]
+
+
+def classify(control: Observation, same_port: Sequence[Observation],
+             fresh: Sequence[Observation], own_ips: Sequence[str]) -> MappingResult:
+    """Pure: from the control connection's observation, the same local port's other
+    observations (other port first, then other address) and the fresh ports' ones."""
+    reasons: list[tuple[str, str]] = []
+    everything = [control, *same_port, *fresh]
+    publics = tuple(dict.fromkeys(o.public for o in everything))
+    behind_nat = control.public.ip not in own_ips
+    other_port = [o for o in same_port if o.server.ip == control.server.ip]
+    other_addr = [o for o in same_port if o.server.ip != control.server.ip]
+    mapping: str | None
+    if not behind_nat:
+        mapping = "none"
+        reasons.append(("mapping", f"the server sees the host's own address {control.public.ip}"))
+    elif other_port and other_port[0].public != control.public:
+        mapping = APD
+        reasons.append(("mapping", f"another server port saw {other_port[0].public}, not "
+                                   f"{control.public}"))
+    elif not other_addr:
+        mapping = None
+        reasons.append(("mapping", "the server has one address: endpoint-independent or "
+                                   "address-dependent cannot be told apart"))
+    elif other_addr[0].public != control.public:
+        mapping = AD
+        reasons.append(("mapping", f"the server's other address saw {other_addr[0].public}, "
+                                   f"another port saw {control.public} as the first"))
+    else:
+        mapping = EI
+        reasons.append(("mapping", f"every server address and port saw {control.public}"))
+    preserving = [o.public.port == o.local.port for o in everything]
+    port_preservation = all(preserving)
+    allocation: str | None
+    samples = [control, *fresh]
+    if all(o.public.port == o.local.port for o in samples):
+        allocation = "preserving"
+        reasons.append(("port_allocation", f"{len(samples)} local ports kept their number"))
+    elif len(samples) < 3:
+        allocation = None
+        reasons.append(("port_allocation", "fewer than 3 local ports observed"))
+    else:
+        steps = [b.public.port - a.public.port for a, b in zip(samples, samples[1:], strict=False)]
+        if all(0 < s <= SEQUENTIAL_MAX_STEP for s in steps):
+            allocation = "sequential"
+        else:
+            allocation = "random"
+        reasons.append(("port_allocation", "public ports in order of use: "
+                        + ", ".join(str(o.public.port) for o in samples)))
+    return MappingResult(publics, behind_nat, mapping, port_preservation, allocation,
+                         tuple(reasons))
+
+
+# --- I/O ----------------------------------------------------------------------------------
+
+def read_message(sock: socket.socket, decoder: LineDecoder, verb: str,
+                 timeout_s: float = OBSERVE_TIMEOUT_S) -> dict[str, str]:
+    """Read until one message with ``verb`` arrives (bounded). ERROR -> ProtocolError."""
+    end = time.monotonic() + timeout_s
+    sock.setblocking(True)
+    while True:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no {verb} from the broker within {timeout_s:g} s")
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        if not data:
+            raise ConnectionError(f"the broker closed the connection before {verb}")
+        for msg in decoder.feed(data):
+            if msg.verb == verb:
+                return dict(msg.fields)
+            if msg.verb == "ERROR":
+                raise ProtocolError(f"the broker answered ERROR {msg.get('code')}: "
+                                    f"{(msg.get('message') or '').replace('_', ' ')}")
+
+
+def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOUT_S
+            ) -> socket.socket:
+    sock = bound_socket(local_port)
+    code = connect_nonblocking(sock, server, timeout_s)
+    if code:
+        sock.close()
+        raise ConnectionError(f"connect to {server}: {describe_errno(code)}")
+    return sock
+
+
+def observe(sock: socket.socket, server: Endpoint) -> Observation:
+    sock.sendall(encode_message(P.VERB_OBSERVE))
+    fields = read_message(sock, LineDecoder(), P.VERB_OBSERVED)
+    return Observation(Endpoint.from_sockaddr(sock.getsockname()), server,
+                       Endpoint.parse(fields["public"]))
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): one packet instead of a FIN exchange."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def run(plan: MappingPlan, control_local_port: int, sockets: list[socket.socket]
+        ) -> tuple[list[Observation], list[Observation]]:
+    """Make the plan's connections; every socket opened is appended to ``sockets`` (the
+    caller closes them, after the raw probes that use the fresh ports' mappings)."""
+    same: list[Observation] = []
+    for _slot, server in plan.same_port:
+        sock = connect(control_local_port, server)
+        sockets.append(sock)
+        same.append(observe(sock, server))
+    fresh: list[Observation] = []
+    for _slot, server in plan.fresh:
+        sock = connect(0, server)
+        sockets.append(sock)
+        fresh.append(observe(sock, server))
+    return same, fresh

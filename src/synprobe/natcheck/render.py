@@ -1,0 +1,62 @@
+"""The one place a nat-check report becomes text: the table (tabulate) and the JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .report import KEYS, NatCheckReport
+
+LABELS = {
+    "public": "public endpoint(s)",
+    "behind_nat": "behind a NAT",
+    "mapping": "mapping",
+    "port_preservation": "port preservation",
+    "port_allocation": "port allocation",
+    "filtering": "filtering",
+    "unsolicited_syn": "unsolicited SYN answered with",
+    "reply_syn": "reply SYN (simultaneous open)",
+    "syn_sent_lifetime_s": "SYN hole lifetime (s)",
+    "hairpin": "hairpin",
+    "hops": "hops to the NAT",
+    "host_stack": "host TCP on RST/ICMP/TTL",
+}
+REASON_WIDTH = 58
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
+def table(report: NatCheckReport) -> str:
+    from tabulate import tabulate
+
+    data = report.to_json()
+    rows = [(LABELS[k], _value(data[k]), data["reasons"].get(k, "")) for k in KEYS]
+    out = [tabulate(rows, headers=["", "value", "how it was measured"],
+                    maxcolwidths=[None, 28, REASON_WIDTH])]
+    rec = data["recommendation"]
+    rec_rows = [(name.replace("_", " "), _value(item["value"]), item["reason"])
+                for name, item in rec.items()]
+    out.append(tabulate(rec_rows, headers=["recommendation", "value", "why"],
+                        maxcolwidths=[None, 12, REASON_WIDTH + 16]))
+    pk = data["packets"]
+    figures = f"checked {data['server']} in {data['duration_s']:.2f} s"
+    if pk:
+        figures += (f"; packets: {pk['sent_by_client']} sent by this host, "
+                    f"{pk['sent_by_server_raw']} raw probes sent by the server")
+    out.append(figures)
+    out.append("verdict: " + data["verdict"])
+    return "\n\n".join(out)
+
+
+def as_json(report: NatCheckReport) -> str:
+    return json.dumps(report.to_json(), sort_keys=False)

@@ -1,0 +1,304 @@
+"""The broker's probe side of nat-check: a Service for the broker's verbs.
+
+Safety (README "Safety of the probe server"): a raw probe packet goes only to the
+public address of the control connection that asked for it, only while that connection
+is open (checked again before every packet), at most ``PROBE_BUDGET`` packets per check,
+one check per client address and ``MAX_CONCURRENT_CHECKS`` at once. The firewall rules
+that keep the broker's kernel quiet on the probe ports are installed by ``probe_firewall``
+(scoped to those ports, removed on every exit; a restart removes a killed run's).
+
+scapy is imported only when a check first sends a raw probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from simulsyn_core.broker import Broker, Log, Service
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.wire import Message, ProtocolError, encode_message
+
+from . import capture as cap
+from . import protocol as P
+from . import unsolicited
+from .filtering import FilteringProbe
+from .filtering import build as build_filtering
+from .firewall import Firewall, broker_rules, broker_tag
+from .packets import Seen
+
+
+@dataclass
+class Check:
+    conn: int
+    client_ip: str
+    local: Endpoint  # the broker address and port the client reached
+    other_ip: str | None
+    started: float
+    sent: int = 0
+    capture: cap.Capture | None = None
+    unsolicited: unsolicited.UnsolicitedProbe | None = None
+    last_send: float = 0.0
+    reply_seen: list[Endpoint] = field(default_factory=list)
+    timer_waits: list[float] = field(default_factory=list)
+    timer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    probed: bool = False
+
+
+@dataclass
+class ProbeServer:
+    """Serves OBSERVE always; raw probes when ``raw_reason`` is empty."""
+
+    addrs: list[str]  # the broker's own addresses, as listed to the client
+    raw_reason: str = ""  # why raw probes are off ("" = on)
+    log: Log = print
+    checks: dict[int, Check] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def services(self) -> dict[str, Service]:
+        return {P.VERB_OBSERVE: self.observe, P.VERB_HELLO: self.hello,
+                P.VERB_PROBE: self.probe, P.VERB_REFLECT: self.reflect,
+                P.VERB_TIMERS: self.timers, P.VERB_DONE: self.done}
+
+    # --- verbs -------------------------------------------------------------------------
+
+    async def observe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        broker.send(conn, encode_message(P.VERB_OBSERVED, public=public))
+
+    async def hello(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        local = broker.local_endpoint(conn)
+        if local is None:
+            return
+        self._expire(broker)
+        raw_reason = self.raw_reason
+        if not raw_reason and any(c.client_ip == public.ip for c in self.checks.values()):
+            raw_reason = "another check from this address is running"
+        if not raw_reason and len(self.checks) >= P.MAX_CONCURRENT_CHECKS:
+            raw_reason = f"{P.MAX_CONCURRENT_CHECKS} checks are running: try again later"
+        addrs = [local.ip] + [a for a in self.addrs if a != local.ip]
+        if not raw_reason:
+            self.checks[conn] = Check(conn, public.ip, local,
+                                      addrs[1] if len(addrs) > 1 else None, time.monotonic())
+            self._loop = asyncio.get_running_loop()
+            self._loop.create_task(self._watch(broker, conn))
+        broker.send(conn, encode_message(
+            P.VERB_INFO, public=public, addrs=",".join(addrs), port=local.port,
+            raw="yes" if not raw_reason else "no",
+            raw_reason=raw_reason.replace(" ", "_") or None, budget=P.PROBE_BUDGET))
+
+    async def probe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        check = self._check(conn, msg)
+        if check.probed:
+            raise ProtocolError("one NC_PROBE per check")
+        check.probed = True
+        unsol_port = _port(msg.require("unsolicited"))
+        filter_port = _port(msg.require("filter"))
+        probe_port = check.local.port + P.PROBE_PORT_OFFSET
+        await asyncio.to_thread(self._start_capture, check, probe_port)
+        check.unsolicited = unsolicited.UnsolicitedProbe(
+            check.local.ip, probe_port, check.client_ip, unsol_port, P.BROKER_SEQ)
+        packets = [unsolicited.build(check.unsolicited)]
+        packets += build_filtering(FilteringProbe(check.local.ip, check.other_ip, probe_port,
+                                                  check.client_ip, filter_port,
+                                                  P.BROKER_SEQ + 1))
+        self._send(broker, check, packets)
+        broker.send(conn, encode_message(P.VERB_ARMED, sent=len(packets)))
+
+    async def reflect(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        check = self._check(conn, msg)
+        ports = _ports(msg.get("ports"), P.MAX_REFLECT)
+        probe_port = check.local.port + P.PROBE_PORT_OFFSET
+        packets = [_syn(check.local.ip, check.client_ip, probe_port, p, P.BROKER_SEQ + 8 + i)
+                   for i, p in enumerate(ports)]
+        self._send(broker, check, packets)
+        broker.send(conn, encode_message(P.VERB_REFLECTED, sent=len(packets)))
+
+    async def timers(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        check = self._check(conn, msg)
+        if check.timer_waits:
+            raise ProtocolError("one NC_TIMERS per check")
+        try:
+            check.timer_waits = P.parse_waits(msg.require("waits"))
+        except ValueError as exc:
+            raise ProtocolError(f"waits=: {exc}") from None
+        if check.capture is None:
+            await asyncio.to_thread(self._start_capture, check,
+                                    check.local.port + P.PROBE_PORT_OFFSET)
+        broker.send(conn, encode_message(P.VERB_TIMERS_ARMED, holes=len(check.timer_waits)))
+
+    async def done(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
+        check = self._check(conn, msg)
+        wait = check.last_send + P.ANSWER_WINDOW_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(min(wait, P.ANSWER_WINDOW_S))
+        seen = check.capture.snapshot() if check.capture else []
+        answer = unsolicited.classify(check.unsolicited, seen) if check.unsolicited else None
+        broker.send(conn, encode_message(
+            P.VERB_RESULT, unsolicited=answer, sent=check.sent,
+            reply_seen=",".join(str(e) for e in check.reply_seen) or None))
+        self.log(f"nat-check {check.client_ip}: {check.sent} probe packet(s) sent, "
+                 f"unsolicited_syn={answer}")
+        if not check.timer_waits:
+            self._end(conn)
+
+    # --- the one place raw packets leave ------------------------------------------------
+
+    def _send(self, broker: Broker, check: Check, packets: list[bytes]) -> None:
+        for pkt in packets:
+            dst = ".".join(str(b) for b in pkt[16:20])
+            if dst != check.client_ip or not broker.is_open(check.conn):
+                raise ProtocolError("refused: probes go only to the address of a client "
+                                    "connected now")
+            if check.sent >= P.PROBE_BUDGET:
+                raise ProtocolError(f"refused: probe budget of {P.PROBE_BUDGET} packets spent")
+            cap.send_ipv4([pkt])
+            check.sent += 1
+            check.last_send = time.monotonic()
+
+    # --- capture and the SYNs that ask for an answer ------------------------------------
+
+    def _start_capture(self, check: Check, probe_port: int) -> None:
+        from . import craft
+
+        craft.load_scapy()
+        iface = cap.interface_of(cap.local_ip_towards(check.client_ip))
+        client_ip = check.client_ip
+        ours = {check.local.ip, *( [check.other_ip] if check.other_ip else [])}
+
+        def keep(s: Seen) -> bool:
+            if s.proto == 1:
+                return s.inner_dst == client_ip and s.inner_src in ours
+            return (s.src == client_ip and s.dport == probe_port) or (
+                s.dst == client_ip and s.sport == probe_port)
+
+        def on_packet(s: Seen) -> None:
+            if s.outgoing or not s.is_syn or s.src != client_ip or s.dport != probe_port:
+                return
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._client_syn, check, s)
+
+        check.capture = cap.Capture(iface, keep, on_packet).start()
+
+    def _client_syn(self, check: Check, s: Seen) -> None:
+        broker = self._broker
+        if broker is None or self.checks.get(check.conn) is not check:
+            return
+        source = Endpoint(s.src, s.sport)
+        try:
+            if s.seq == P.REPLY_SEQ and source not in check.reply_seen:
+                check.reply_seen.append(source)
+                self._send(broker, check, [_syn(check.local.ip, s.src, s.dport, s.sport,
+                                                P.BROKER_SEQ + 4)])
+            index = s.seq - P.TIMER_SEQ
+            if 0 <= index < len(check.timer_waits) and len(check.timer_tasks) < P.MAX_TIMERS:
+                check.timer_tasks.append(asyncio.get_running_loop().create_task(
+                    self._timer(broker, check, source, s.dport, index)))
+        except ProtocolError as exc:
+            self.log(f"nat-check {check.client_ip}: {exc}")
+
+    async def _timer(self, broker: Broker, check: Check, source: Endpoint, probe_port: int,
+                     index: int) -> None:
+        await asyncio.sleep(check.timer_waits[index])
+        try:
+            self._send(broker, check, [_syn(check.local.ip, source.ip, probe_port, source.port,
+                                            P.BROKER_SEQ + 16 + index)])
+        except ProtocolError as exc:
+            self.log(f"nat-check {check.client_ip}: {exc}")
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    _broker: Broker | None = None
+
+    async def _watch(self, broker: Broker, conn: int) -> None:
+        """End the check when its control connection closes or it runs too long."""
+        self._broker = broker
+        end = time.monotonic() + P.CHECK_MAX_S
+        while conn in self.checks and broker.is_open(conn) and time.monotonic() < end:
+            await asyncio.sleep(0.2)
+        self._end(conn)
+
+    def _expire(self, broker: Broker) -> None:
+        for conn in [c for c in self.checks if not broker.is_open(c)]:
+            self._end(conn)
+
+    def _end(self, conn: int) -> None:
+        check = self.checks.pop(conn, None)
+        if check is None:
+            return
+        for task in check.timer_tasks:
+            task.cancel()
+        if check.capture is not None:
+            check.capture.stop()
+
+    def close(self) -> None:
+        for conn in list(self.checks):
+            self._end(conn)
+
+    def _check(self, conn: int, msg: Message) -> Check:
+        check = self.checks.get(conn)
+        if check is None:
+            raise ProtocolError(f"refused: {msg.verb} needs a nat-check control connection "
+                                "(NC_HELLO with raw=yes) from the address to probe")
+        target = msg.get("target")
+        if target is not None and target != check.client_ip:
+            raise ProtocolError("refused: probes go only to the address of a client "
+                                "connected now")
+        return check
+
+
+def _syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
+    from . import craft
+
+    return craft.syn(src, dst, sport, dport, seq)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ProtocolError(f"bad port {text!r}")
+    return int(text)
+
+
+def _ports(text: str | None, limit: int) -> list[int]:
+    try:
+        return P.parse_ports(text, limit)
+    except ValueError as exc:
+        raise ProtocolError(f"ports=: {exc}") from None
+
+
+# --- setting the probe side up in the broker command --------------------------------------
+
+def raw_probe_problem(firewall: Firewall) -> str:
+    """Why this process cannot run raw probes ("" if it can)."""
+    missing = cap.missing_capabilities(cap.CAP_NET_RAW, cap.CAP_NET_ADMIN)
+    if missing:
+        return f"needs {' and '.join(missing)}"
+    if not firewall.available:
+        return f"needs {firewall.binary} (Debian: apt-get install iptables)"
+    return ""
+
+
+@contextlib.contextmanager
+def probe_firewall(firewall: Firewall, ports: list[int], log: Log) -> Iterator[None]:
+    """Install the probe ports' rules for the broker ports given; remove them on exit.
+
+    Rules a killed broker left on the same ports are removed first (same tag).
+    """
+    tags = []
+    try:
+        for port in ports:
+            tag = broker_tag(port)
+            stale = firewall.remove(tag)
+            if stale:
+                log(f"nat-check: removed {stale} firewall rule(s) a previous run left ({tag})")
+            tags.append(tag)
+            firewall.install(broker_rules(port + P.PROBE_PORT_OFFSET,
+                                          port + P.ICMP_PORT_OFFSET), tag)
+        yield
+    finally:
+        for tag in tags:
+            with contextlib.suppress(Exception):
+                firewall.remove(tag)

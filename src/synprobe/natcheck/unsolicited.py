@@ -1,0 +1,55 @@
+"""unsolicited_syn: what a NAT answers to a SYN for which it has no mapping.
+
+The broker sends one SYN from its probe port to a public port of the client's address
+that the client holds no mapping for, and watches for 0.35 s what comes back from that
+address: nothing, a TCP RST, or an ICMP error quoting the SYN (RFC 5382 REQ-4 asks a
+NAT not to answer at all for 6 s; a NAT that RSTs breaks simultaneous open).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import craft
+from .packets import ICMP_DEST_UNREACH, Seen
+
+ICMP_NAMES = {(ICMP_DEST_UNREACH, 3): "icmp-port-unreachable",
+              (ICMP_DEST_UNREACH, 13): "icmp-admin-prohibited"}
+
+
+@dataclass(frozen=True)
+class UnsolicitedProbe:
+    server_ip: str
+    server_port: int
+    client_ip: str
+    client_port: int  # a public port with no mapping
+    seq: int
+
+
+def build(probe: UnsolicitedProbe) -> bytes:
+    return craft.syn(probe.server_ip, probe.client_ip, probe.server_port, probe.client_port,
+                     probe.seq)
+
+
+def answers(probe: UnsolicitedProbe, seen: Seen) -> bool:
+    """Is ``seen`` an answer to the probe SYN (a RST back, or an ICMP error quoting it)?"""
+    if seen.outgoing:
+        return False
+    if seen.proto == 6:
+        return (seen.src == probe.client_ip and seen.sport == probe.client_port
+                and seen.dport == probe.server_port)
+    return (seen.is_icmp_error and seen.inner_dst == probe.client_ip
+            and seen.inner_dport == probe.client_port and seen.inner_sport == probe.server_port)
+
+
+def classify(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> str:
+    """"drop" | "rst" | "icmp-port-unreachable" | "icmp-admin-prohibited" |
+    "icmp-T-C" (another ICMP error, type T code C) | "syn-ack" (a host answered)."""
+    for s in seen:
+        if not answers(probe, s):
+            continue
+        if s.proto == 6:
+            return "rst" if s.is_rst else "syn-ack"
+        return ICMP_NAMES.get((s.icmp_type, s.icmp_code), f"icmp-{s.icmp_type}-{s.icmp_code}")
+    return "drop"
