@@ -84,6 +84,8 @@ class Reporter:
 # top-level imports.
 LAZY_COMMANDS: dict[str, str] = {
     "lab": "synprobe.labcli:lab",
+    "analyze": "synprobe.analyze:analyze",
+    "report": "synprobe.report:report",
     "nat-check": "synprobe.natcheck.cli:nat_check",
 }
 
