@@ -75,6 +75,24 @@ def _reject(how: str) -> str:
                  forward_extra=f"-A FORWARD -i wan -p tcp -j REJECT --reject-with {how}\n")
 
 
+def _dmz() -> str:
+    """A home router with a "DMZ host": every unsolicited inbound TCP goes to the host, and
+    the host reaches its own public address (hairpin NAT). @HOST@, @PUBLIC@ and @LAN@
+    are filled in per side when the lab is built."""
+    rules = _home(forward_extra="-A FORWARD -i wan -o lan -d @HOST@ -p tcp -j ACCEPT\n"
+                                "-A FORWARD -i lan -o lan -j ACCEPT\n", nat=False)
+    return rules + """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d @PUBLIC@ -p tcp -j DNAT --to-destination @HOST@
+-A POSTROUTING -o wan -j MASQUERADE
+-A POSTROUTING -o lan -s @LAN@ -d @HOST@ -j MASQUERADE
+COMMIT
+"""
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -120,6 +138,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             _home(), sysctls=(("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", "5"),)),
     Profile("firewall", "no NAT: a public address behind a stateful firewall that drops "
                         "unsolicited inbound", _home(nat=False), nat=False),
+    Profile("dmz", "home router with a DMZ host: every unsolicited inbound TCP is forwarded "
+                   "to the host (endpoint-independent filtering), hairpin NAT on", _dmz()),
 ]}
 
 
@@ -319,7 +339,10 @@ class Lab:
         if profile.nft:
             _run(["ip", "netns", "exec", self.ns(g), "nft", "-f", "-"], stdin=profile.nft)
         else:
-            _run(["ip", "netns", "exec", self.ns(g), "iptables-restore"], stdin=profile.iptables)
+            rules = (profile.iptables.replace("@HOST@", addr.host)
+                     .replace("@PUBLIC@", addr.public)
+                     .replace("@LAN@", f"{addr.host.rsplit('.', 1)[0]}.0/{addr.lan_prefix}"))
+            _run(["ip", "netns", "exec", self.ns(g), "iptables-restore"], stdin=rules)
 
     # --- running ----------------------------------------------------------------------
 
