@@ -1,0 +1,161 @@
+"""nat-check in the NAT lab: one test per profile asserting every key.
+
+Profiles run in pairs (host A behind one, host B behind the other, against one broker
+with --probe), both checks at once, each pair's lab taken down before the next.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from synprobe import lab as labmod
+from tests.conftest import require_lab
+
+EI, APD = "endpoint-independent", "address-and-port-dependent"
+ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
+SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+CHECK_TIMEOUT_S = 40.0
+
+# Extra nat-check options per profile (the lifetime is measured where it is short).
+EXTRA: dict[str, list[str]] = {
+    "home": ["--timers", "--max-wait", "2"],
+    "syn-sent-5s": ["--timers", "--max-wait", "8"],
+}
+PAIRS = [("home", "original"), ("home-nft", "reject-rst"),
+         ("reject-icmp-port", "reject-icmp-admin"), ("random", "syn-drop-all"),
+         ("syn-sent-5s", "firewall"), ("dmz", "home")]
+
+_HOME = dict(behind_nat=True, mapping=EI, port_preservation=True, port_allocation="preserving",
+             filtering=APD, unsolicited_syn="drop", reply_syn="pass",
+             syn_sent_lifetime_s=None, hairpin=False, hops=1, host_stack=ABORTS)
+EXPECTED: dict[str, dict[str, Any]] = {
+    "home": {**_HOME, "syn_sent_lifetime_s": 2.0},
+    "home-nft": _HOME,
+    "original": {**_HOME, "unsolicited_syn": "rst"},
+    "reject-rst": {**_HOME, "unsolicited_syn": "rst"},
+    "reject-icmp-port": {**_HOME, "unsolicited_syn": "icmp-port-unreachable"},
+    "reject-icmp-admin": {**_HOME, "unsolicited_syn": "icmp-admin-prohibited"},
+    "random": {**_HOME, "mapping": APD, "port_preservation": False,
+               "port_allocation": "random", "hops": None},
+    "syn-drop-all": {**_HOME, "reply_syn": "blocked", "hops": None},
+    "syn-sent-5s": {**_HOME, "syn_sent_lifetime_s": 4.0},
+    "firewall": {**_HOME, "behind_nat": False, "mapping": "none", "hairpin": True},
+    "dmz": {**_HOME, "filtering": EI, "unsolicited_syn": "pass", "hairpin": True,
+            "hops": None},
+}
+VERDICT = {"home": "Punch-friendly NAT", "home-nft": "Punch-friendly NAT",
+           "original": "Punchable NAT that rejects", "reject-rst": "Punchable NAT that rejects",
+           "reject-icmp-port": "Punchable NAT that rejects",
+           "reject-icmp-admin": "Punchable NAT that rejects", "random": "Hard NAT",
+           "syn-drop-all": "Blocking NAT", "syn-sent-5s": "Punch-friendly NAT",
+           "firewall": "No NAT", "dmz": "Open NAT"}
+# (order, ttl_limited_first_syn, ttl) of the recommendation
+ADVICE = {"original": ("first", True, 2), "reject-rst": ("first", True, 2),
+          "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2)}
+DEFAULT_ADVICE = ("either", False, None)
+
+
+def _check(lab: labmod.Lab, side: str, pcap: str | None) -> subprocess.Popen[bytes]:
+    profile = lab.profile_a if side == "a" else lab.profile_b
+    argv = [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json",
+            *EXTRA.get(profile, [])]
+    if pcap:
+        argv += ["--pcap", pcap]
+    return lab.popen("h" + side, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     stdin=subprocess.DEVNULL)
+
+
+def _tagged_rules(lab: labmod.Lab, node: str) -> list[str]:
+    out = lab.run(node, ["iptables", "-S"], check=True).stdout
+    return [line for line in out.splitlines() if "synprobe-natcheck" in line]
+
+
+@pytest.fixture(scope="module")
+def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], dict]]:
+    """natcheck(profile) -> {"json": ..., "rc": ..., "stderr": ..., "pcap": path,
+    "rules_left": [...]}; runs the profile's pair on first use."""
+    require_lab()
+    results: dict[str, dict[str, Any]] = {}
+    tmp = tmp_path_factory.mktemp("natcheck")
+
+    def get(profile: str) -> dict[str, Any]:
+        if profile in results:
+            return results[profile]
+        pair = next(p for p in PAIRS if profile in p)
+        lab = labmod.Lab(*pair, lab_id=f"nc{next(_ids)}x")
+        try:
+            lab.up()
+            labmod.start_broker(lab, extra=["--probe", "-q"])
+            procs = {side: _check(lab, side, str(tmp / f"{pair[i]}-{side}.pcap"))
+                     for i, side in enumerate("ab")}
+            for i, side in enumerate("ab"):
+                try:
+                    out, err = procs[side].communicate(timeout=CHECK_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    procs[side].kill()
+                    out, err = procs[side].communicate(timeout=5)
+                results.setdefault(pair[i], {
+                    "json": json.loads(out) if out.strip() else None,
+                    "rc": procs[side].returncode, "stderr": err.decode(errors="replace"),
+                    "pcap": str(tmp / f"{pair[i]}-{side}.pcap"), "side": side,
+                    "rules_left": _tagged_rules(lab, "h" + side)})
+        finally:
+            lab.down()
+        return results[profile]
+
+    yield get
+
+
+_ids = iter(range(1000))
+
+
+@pytest.mark.parametrize("profile", sorted(EXPECTED))
+def test_natcheck_profile_reports_every_key(natcheck: Callable[[str], dict],
+                                            profile: str) -> None:
+    run = natcheck(profile)
+    assert run["rc"] == 0, run["stderr"]
+    report = run["json"]
+    assert report is not None, run["stderr"]
+    expected = EXPECTED[profile]
+    got = {key: report[key] for key in expected}
+    assert got == expected, report["reasons"]
+    public_ip = labmod.side_addresses(run["side"], labmod.PROFILES[profile]).public
+    assert report["public"] and all(p.startswith(public_ip + ":") for p in report["public"])
+    for key, value in expected.items():
+        if value is None:
+            assert report["reasons"].get(key), f"{key} is null without a reason"
+    rec = report["recommendation"]
+    order, ttl_needed, ttl = ADVICE.get(profile, DEFAULT_ADVICE)
+    assert (rec["order"]["value"], rec["ttl_limited_first_syn"]["value"],
+            rec["ttl"]["value"]) == (order, ttl_needed, ttl)
+    assert all(item["reason"] for item in rec.values())
+    assert report["verdict"].startswith(VERDICT[profile])
+    assert run["rules_left"] == [], "nat-check left firewall rules on the host"
+    if expected["syn_sent_lifetime_s"] is None:
+        assert report["packets"]["sent_by_client"] <= 40
+        assert report["duration_s"] < 2.0
+
+
+def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict]) -> None:
+    tshark = shutil.which("tshark")
+    assert tshark, "tshark is missing: apt-get install tshark"
+    run = natcheck("original")
+    fields = subprocess.run(
+        [tshark, "-r", run["pcap"], "-T", "fields", "-e", "ip.src", "-e", "ip.dst",
+         "-e", "ip.ttl", "-e", "tcp.flags.syn", "-e", "tcp.flags.ack", "-e", "icmp.type"],
+        capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+    rows = [line.split("\t") for line in fields]
+    host = labmod.side_addresses(run["side"], labmod.PROFILES["original"]).host
+    # our TTL-limited SYNs (hops), the time-exceeded they drew, the broker's reply SYN
+    assert any(r[0] == host and r[2] == "1" and r[3] == "1" for r in rows)
+    assert any(r[5] == "11" for r in rows)
+    assert any(r[0] == labmod.BROKER_IPS[0] and r[3] == "1" and r[4] == "0" for r in rows)
+    packets = run["json"]["packets"]  # the pcap also holds the closing RSTs after the report
+    assert len(rows) >= packets["sent_by_client"] + packets["received_by_client"]
+
