@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,4 +142,8 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             sock.setblocking(True)
             local = Endpoint.from_sockaddr(sock.getsockname())
             return PunchResult(sock, schedule.attempts, local, None, ended)
+        # Abort, don't close: if the kernel got as far as SYN-RECEIVED (a peer SYN came
+        # in before the error), the peer must see an RST, not a clean FIN it would take
+        # for a finished chat. A socket still in SYN-SENT sends nothing either way.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()

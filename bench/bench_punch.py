@@ -1,0 +1,160 @@
+"""Benchmark: time to connect and CPU while waiting, ours against the original's strategy.
+
+Runs in the NAT lab (needs root). For each profile pair, N punches with `synprobe punch`
+through `synprobe broker`, and N with the original example's strategy (a list broker;
+each client polls the list until it shows a peer, then calls connect() with retries),
+both in the same run on the same machine.
+
+* connect time: from the first moment one peer knew the other's endpoint to both
+  connected (wall-clock stamps the two processes print; same machine, same clock).
+* CPU while waiting: one peer alone, registered, waiting for a peer that does not come;
+  user+system CPU time over a window, as a share of one core.
+
+    sudo python bench/bench_punch.py [--runs 15] [--pairs home:home,home:firewall]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from synprobe import lab as labmod  # noqa: E402
+
+ORIGINAL = [sys.executable, str(ROOT / "tests" / "original_example.py")]
+BROKER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+ORIGINAL_POLL_S = 1.0  # the original's first client asks the list again (a person re-clicking)
+
+
+def _json_first_line(out: bytes) -> dict:
+    return json.loads(out.decode().splitlines()[0])
+
+
+def ours_once(lab: labmod.Lab, session: str) -> float | None:
+    run_a, run_b = labmod.punch_pair(lab, session, args=["--no-chat"], timeout_s=10,
+                                     stagger_s=0.2)
+    ra, rb = run_a.report, run_b.report
+    if not (ra and rb and ra["established"] and rb["established"]):
+        return None
+    known = min(float(ra["peer_known_at"]), float(rb["peer_known_at"]))
+    return max(float(ra["established_at"]), float(rb["established_at"])) - known
+
+
+def original_once(lab: labmod.Lab) -> float | None:
+    procs = []
+    for node in ("ha", "hb"):
+        procs.append(lab.popen(node, [*ORIGINAL, "client", "--master", BROKER,
+                                      "--poll", str(ORIGINAL_POLL_S), "--timeout", "15"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        time.sleep(0.2)
+    reports = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=30)
+        reports.append(_json_first_line(out))
+    if not all(r.get("established") for r in reports):
+        return None
+    known = min(r["peer_known_at"] for r in reports)
+    return max(r["established_at"] for r in reports) - known
+
+
+def cpu_share(pid: int, window_s: float) -> float:
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    start_t, start = time.monotonic(), ticks()
+    time.sleep(window_s)
+    used = (ticks() - start) / os.sysconf("SC_CLK_TCK")
+    return used / (time.monotonic() - start_t)
+
+
+def waiting_cpu(lab: labmod.Lab, argv: list[str], window_s: float) -> float:
+    proc = lab.popen("ha", argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # past start-up and registration
+        return cpu_share(proc.pid, window_s)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def fmt_ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:8.1f} ms" if values else "     n/a"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--pairs", default="home:home,home:firewall,home-nft:syn-sent-5s")
+    ap.add_argument("--cpu-window", type=float, default=4.0)
+    args = ap.parse_args()
+    labmod.require_root()
+    print(f"runs per strategy and pair: {args.runs}; original strategy polls every "
+          f"{ORIGINAL_POLL_S:.1f} s; medians\n")
+    print(f"{'pair':<26} {'synprobe punch':>14} {'original':>12} {'ratio':>8}  failures")
+    worst_ratio = None
+    all_ours: list[float] = []
+    for pair in args.pairs.split(","):
+        a, b = pair.split(":")
+        ours: list[float] = []
+        orig: list[float] = []
+        fails = [0, 0]
+        with labmod.Lab(a, b, lab_id=f"bench{os.getpid() % 10000}") as lab:
+            labmod.start_broker(lab)
+            for i in range(args.runs):
+                v = ours_once(lab, f"bench{i}")
+                ours.append(v) if v is not None else fails.__setitem__(0, fails[0] + 1)
+            broker = lab.popen("br", [*ORIGINAL, "broker", "--bind",
+                                      f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], labmod.BROKER_PORT + 1, 5)
+            global BROKER
+            saved, BROKER = BROKER, f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"
+            try:
+                for _ in range(args.runs):
+                    v = original_once(lab)
+                    orig.append(v) if v is not None else fails.__setitem__(1, fails[1] + 1)
+            finally:
+                BROKER = saved
+                broker.terminate()
+        ratio = (statistics.median(orig) / statistics.median(ours)) if ours and orig else None
+        if ratio is not None:
+            worst_ratio = ratio if worst_ratio is None else min(worst_ratio, ratio)
+        all_ours += ours
+        print(f"{a + ' x ' + b:<26} {fmt_ms(ours):>14} {fmt_ms(orig):>12} "
+              f"{(f'{ratio:7.0f}x' if ratio else 'n/a'):>8}  ours {fails[0]}, original {fails[1]}")
+    if all_ours:
+        print(f"\nsynprobe punch, all pairs: median {statistics.median(all_ours) * 1000:.1f} ms, "
+              f"max {max(all_ours) * 1000:.1f} ms (target: within 20 ms)")
+    if worst_ratio:
+        print(f"smallest speed-up over the original's strategy: {worst_ratio:.0f}x (target: 10x)")
+
+    with labmod.Lab("home", "home", lab_id=f"benchcpu{os.getpid() % 10000}") as lab:
+        labmod.start_broker(lab)
+        lab.popen("br", [*ORIGINAL, "broker", "--bind",
+                         f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], labmod.BROKER_PORT + 1, 5)
+        ours_cpu = waiting_cpu(lab, [*labmod.SYNPROBE, "punch", "--broker", BROKER,
+                                     "--session", "lonely", "--timeout", "60"], args.cpu_window)
+        orig_cpu = waiting_cpu(lab, [*ORIGINAL, "client", "--master",
+                                     f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}",
+                                     "--poll", str(ORIGINAL_POLL_S), "--timeout", "60"],
+                               args.cpu_window)
+    print(f"\nCPU of a peer waiting for its peer ({args.cpu_window:.0f} s window): "
+          f"synprobe punch {ours_cpu * 100:.2f}% of a core, original strategy "
+          f"{orig_cpu * 100:.2f}% (target: under 2%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

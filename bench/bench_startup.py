@@ -1,0 +1,52 @@
+"""Benchmark: how fast `synprobe --help` and `synprobe punch --help` start.
+
+Compares, in the same run, against the bare interpreter and against importing scapy
+(what the punch path must never pay). Medians of N runs; target: under 150 ms.
+
+    python bench/bench_startup.py [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+
+def median_ms(argv: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                       timeout=60)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args()
+    script = shutil.which("synprobe")
+    launcher = [script] if script else [sys.executable, "-m", "synprobe"]
+    rows = [
+        ("python -c pass (floor)", [sys.executable, "-c", "pass"]),
+        ("synprobe --help", [*launcher, "--help"]),
+        ("synprobe punch --help", [*launcher, "punch", "--help"]),
+        ("python -c 'import scapy.all' (what we avoid)",
+         [sys.executable, "-c", "import scapy.all"]),
+    ]
+    floor = None
+    print(f"median of {args.runs} runs ({' '.join(launcher)})")
+    for name, argv in rows:
+        ms = median_ms(argv, args.runs)
+        floor = floor or ms
+        print(f"  {name:<46} {ms:7.1f} ms   ({ms / floor:4.1f}x the bare interpreter)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
