@@ -163,7 +163,7 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
             public=Endpoint.parse(fields["public"]),
             addrs=tuple(a for a in fields.get("addrs", "").split(",") if a) or (server.ip,),
             port=int(fields.get("port", server.port)), raw=fields.get("raw") == "yes",
-            raw_reason=fields.get("raw_reason", "").replace("_", " "),
+            raw_reason=fields.get("raw_reason", "").replace("+", " "),
             budget=int(fields.get("budget", "0")))
     except (OSError, TimeoutError, ProtocolError, ValueError, KeyError) as exc:
         sock.close()

@@ -87,7 +87,7 @@ class ProbeServer:
         broker.send(conn, encode_message(
             P.VERB_INFO, public=public, addrs=",".join(addrs), port=local.port,
             raw="yes" if not raw_reason else "no",
-            raw_reason=raw_reason.replace(" ", "_") or None, budget=P.PROBE_BUDGET))
+            raw_reason=raw_reason.replace(" ", "+") or None, budget=P.PROBE_BUDGET))
 
     async def probe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)

@@ -1,0 +1,194 @@
+"""Safety of nat-check: firewall rules never outlive a run, probes go only to connected
+clients, and missing privileges are told in one line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.wire import ProtocolError
+from synprobe import lab as labmod
+from synprobe.natcheck import protocol as P
+from synprobe.natcheck.server import Check, ProbeServer
+
+SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+WAIT_S = 10.0
+
+
+def tagged(lab: labmod.Lab, node: str) -> list[str]:
+    out = lab.run(node, ["iptables", "-S"], check=True).stdout
+    return [line for line in out.splitlines() if "synprobe-natcheck" in line]
+
+
+def start_broker(lab: labmod.Lab) -> subprocess.Popen[bytes]:
+    return labmod.start_broker(lab, extra=["--probe"], stderr=subprocess.PIPE)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=WAIT_S)
+        pytest.fail(f"broker ignored signal {sig}")
+    return proc.returncode, (err or b"").decode(errors="replace")
+
+
+def test_broker_rules_go_on_sigterm_sigint_and_after_sigkill_restart(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "home")
+    proc = start_broker(lab)
+    assert len(tagged(lab, "br")) == 2  # the probe port's DROP, the ICMP port's REJECT
+    rc, _ = stop(proc, signal.SIGTERM)
+    assert rc == 0 and tagged(lab, "br") == []
+
+    proc = start_broker(lab)
+    rc, _ = stop(proc, signal.SIGINT)
+    assert rc == 130 and tagged(lab, "br") == []
+
+    proc = start_broker(lab)
+    stop(proc, signal.SIGKILL)
+    left = tagged(lab, "br")
+    assert len(left) == 2, "a SIGKILLed broker cannot clean up: its rules stay until restart"
+    proc = start_broker(lab)
+    assert tagged(lab, "br") == left  # the restart removed the old ones and added its own
+    rc, err = stop(proc, signal.SIGTERM)
+    assert "removed 2 firewall rule(s) a previous run left" in err
+    assert rc == 0 and tagged(lab, "br") == []
+
+
+_ASK = """
+import socket, sys
+def ask(lines):
+    s = socket.create_connection(("{ip}", {port}), timeout=5)
+    for line in lines:
+        s.sendall(line.encode() + b"\\n")
+    data = b""
+    while b"ERROR" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return data.decode().strip().replace("\\n", " | ")
+print(ask(["SSYN1 NC_PROBE unsolicited=40000 filter=40001"]))
+print(ask(["SSYN1 NC_HELLO", "SSYN1 NC_PROBE unsolicited=40000 filter=40001 target={other}"]))
+print(ask(["SSYN1 NC_REFLECT ports=40000"]))
+"""
+
+
+def test_probe_for_an_address_not_connected_is_refused(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "firewall")
+    start_broker(lab)
+    other = lab.side("b").public
+    capture = lab.popen("hb", ["tcpdump", "-n", "-i", "eth0", "-c", "1", "-w", "/dev/null",
+                               "tcp[tcpflags] & tcp-syn != 0"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    script = _ASK.format(ip=labmod.BROKER_IPS[0], port=labmod.BROKER_PORT, other=other)
+    out = lab.run("ha", ["python3", "-c", script], check=True).stdout
+    answers = out.strip().splitlines()
+    assert len(answers) == 3
+    assert all("ERROR" in a and "refused" in a for a in answers), out
+    assert "NC_INFO" in answers[1]  # the hello was served; the foreign target was not
+    time.sleep(0.5)
+    capture.terminate()
+    _, err = capture.communicate(timeout=WAIT_S)
+    assert b"0 packets captured" in err, "the broker sent a SYN to a host that never asked"
+
+
+class _FakeBroker:
+    def __init__(self, open_conns: set[int]) -> None:
+        self.open_conns = open_conns
+
+    def is_open(self, conn: int) -> bool:
+        return conn in self.open_conns
+
+
+def _syn_to(dst: str) -> bytes:
+    header = bytearray(20)
+    header[0] = 0x45
+    header[16:20] = bytes(int(x) for x in dst.split("."))
+    return bytes(header)
+
+
+def test_send_guard_refuses_other_addresses_closed_connections_and_spent_budget() -> None:
+    server = ProbeServer(["192.0.2.10"])
+    check = Check(1, "198.51.100.2", Endpoint("192.0.2.10", 8086), None, time.monotonic())
+    with pytest.raises(ProtocolError, match="refused"):
+        server._send(_FakeBroker({1}), check, [_syn_to("203.0.113.2")])  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="refused"):
+        server._send(_FakeBroker(set()), check, [_syn_to("198.51.100.2")])  # type: ignore[arg-type]
+    check.sent = P.PROBE_BUDGET
+    with pytest.raises(ProtocolError, match="budget"):
+        server._send(_FakeBroker({1}), check, [_syn_to("198.51.100.2")])  # type: ignore[arg-type]
+
+
+def test_client_rules_go_on_sigterm_and_a_killed_runs_rules_are_swept(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "home")
+    start_broker(lab)
+    argv = [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json", "--timers",
+            "--max-wait", "20"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = lab.popen("ha", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        end = time.monotonic() + WAIT_S
+        while not tagged(lab, "ha") and time.monotonic() < end:
+            time.sleep(0.1)
+        assert tagged(lab, "ha"), "nat-check --timers never installed its rules"
+        proc.send_signal(sig)
+        proc.communicate(timeout=WAIT_S)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130
+            assert tagged(lab, "ha") == []
+        else:
+            assert tagged(lab, "ha"), "SIGKILL leaves the rules for the next run to sweep"
+    run = lab.run("ha", [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json"],
+                  timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert tagged(lab, "ha") == []
+
+
+def test_without_privileges_mapping_runs_and_one_line_names_the_capability(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "home")
+    start_broker(lab)
+    drop = ["setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
+    run = lab.run("ha", [*drop, *labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json"],
+                  timeout=30)
+    assert run.returncode == 6, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CAP_NET_RAW" in lines[0] and "CAP_NET_ADMIN" in lines[0]
+    report = json.loads(run.stdout)
+    assert report["mapping"] == "endpoint-independent" and report["port_preservation"] is True
+    assert report["filtering"] is None and "CAP_NET_RAW" in report["reasons"]["filtering"]
+
+
+def test_broker_without_privileges_serves_mapping_and_says_why(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "home")
+    drop = ["setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
+    binds = [a for ip in labmod.BROKER_IPS for a in ("--bind", f"{ip}:{labmod.BROKER_PORT}")]
+    proc = lab.popen("br", [*drop, *labmod.SYNPROBE, "broker", *binds, "--probe"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], labmod.BROKER_PORT, WAIT_S)
+    assert tagged(lab, "br") == []
+    run = lab.run("ha", [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json"],
+                  timeout=30)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["mapping"] == "endpoint-independent"
+    assert report["reply_syn"] is None
+    assert "the broker needs CAP_NET_RAW" in report["reasons"]["reply_syn"]
+    rc, err = stop(proc, signal.SIGTERM)
+    assert rc == 0
+    assert [line for line in err.splitlines() if "CAP_NET_RAW" in line] == [
+        line for line in err.splitlines() if "raw probes" in line]
