@@ -117,6 +117,8 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
         findings = base
         path: tuple[str | None, ...] = ()
         broker_sent = 0
+        probes: dict[str, object] = {"host": host_ip, "server_port": info.port,
+                                     "filter_local_port": fresh[0].local.port}
         if not raw_ok:
             reasons += [(k, f"not measured: {problem}") for k in raw_keys]
         elif not info.raw:
@@ -124,7 +126,7 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
         else:
             findings, path, broker_sent, more = _raw_phase(
                 cfg, state, firewall, control, info, host_ip, m, fresh[0], base, event,
-                progress)
+                progress, probes)
             reasons += more
         if not cfg.timers:
             reasons.append(("syn_sent_lifetime_s", "not measured: needs --timers"))
@@ -137,7 +139,7 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
         return NatCheckReport(
             server=str(cfg.server), findings=findings, recommendation=recommend(findings),
             verdict=verdict(findings), duration_s=time.monotonic() - start,
-            packets=packets if state.capture else {}, path=path, pcap=cfg.pcap,
+            packets=packets if state.capture else {}, path=path, pcap=cfg.pcap, probes=probes,
             exit_code=int(status), error=problem or None)
     finally:
         _cleanup(state, firewall, cfg.pcap)
@@ -181,7 +183,7 @@ def _request(control: socket.socket, verb: str, answer: str, **fields: object) -
 def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: socket.socket,
                info: P.ServerInfo, host_ip: str, m: mapping.MappingResult,
                filter_obs: mapping.Observation, base: Findings, event: Event,
-               progress: Callable[[float, float], None] | None
+               progress: Callable[[float, float], None] | None, probes: dict[str, object]
                ) -> tuple[Findings, tuple[str | None, ...], int, list[tuple[str, str]]]:
     assert state.capture is not None
     capture = state.capture
@@ -191,6 +193,9 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
     waits = timers.waits_for(cfg.max_wait_s) if cfg.timers else []
     unsol_port, reply_port, hairpin_port, *rest = _reserve(state, 3 + hops.MAX_TTL + len(waits))
     hop_ports, timer_ports = tuple(rest[:hops.MAX_TTL]), tuple(rest[hops.MAX_TTL:])
+    probes.update(unsolicited_port=unsol_port, reply_port=reply_port,
+                  hairpin_port=hairpin_port, hop_ports=list(hop_ports),
+                  timer_ports=list(timer_ports), timer_waits=waits)
     firewall.sweep_stale_clients()
     state.rules_tag = client_tag(os.getpid())
     firewall.install(client_rules([filter_obs.local.port, unsol_port, reply_port, hairpin_port,

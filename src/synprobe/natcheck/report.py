@@ -63,6 +63,7 @@ class NatCheckReport:
     packets: dict[str, int] = field(default_factory=dict)
     path: tuple[str | None, ...] = ()
     pcap: str | None = None
+    probes: dict[str, Any] = field(default_factory=dict)  # ports each probe used
     exit_code: int = 0
     error: str | None = None
 
@@ -79,6 +80,7 @@ class NatCheckReport:
         out["packets"] = dict(self.packets)
         out["duration_s"] = round(self.duration_s, 3)
         out["pcap"] = self.pcap
+        out["probes"] = dict(self.probes)
         out["exit_code"] = self.exit_code
         out["error"] = self.error
         return out
