@@ -31,10 +31,11 @@ def event_line(side: str, text: str) -> str:
 
 def arrow_text(label: str, rightwards: bool, note: str = "") -> str:
     """``--------SYN------->`` or, for a packet that never arrived, ``----SYN-> (dropped)``."""
-    if note:
-        short = f"----{label}-> ({note})" if rightwards else f"({note}) <-{label}----"
-        if len(short) <= ARROW:
-            return short.ljust(ARROW) if rightwards else short.rjust(ARROW)
+    dashes = min(4, ARROW - len(label) - len(note) - 5)
+    if note and dashes >= 1:
+        short = (f"{'-' * dashes}{label}-> ({note})" if rightwards
+                 else f"({note}) <-{label}{'-' * dashes}")
+        return short.ljust(ARROW) if rightwards else short.rjust(ARROW)
     fill = max(2, ARROW - 1 - len(label))
     if rightwards:
         return "-" * ((fill + 1) // 2) + label + "-" * (fill // 2) + ">"

@@ -272,12 +272,15 @@ def _hops(ttl: int) -> int:
     return next(initial for initial in (32, 64, 128, 255) if ttl <= initial) - ttl
 
 
-def _vantage(events: Sequence[Event], endpoints: tuple[str, str], views: int
-             ) -> tuple[str, str]:
-    if views > 1:
+def _vantage(events: Sequence[Event], endpoints: tuple[str, str],
+             views: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    if len(views) > 1:
+        names = [f"{side} as {' and '.join(dict.fromkeys(v[n] for v in views))}"
+                 for n, side in enumerate(SIDES)]
         return ("several",
-                f"{views} capture points (one connection under {views} address pairs, "
-                "matched by ports and ISN); each packet drawn once, where first seen")
+                f"{len(views)} capture points, e.g. both sides of a NAT (one connection under "
+                f"{len(views)} address pairs, matched by ports and ISN: {'; '.join(names)}); "
+                "each packet drawn once, where first seen")
     hops: dict[str, int] = {}
     for side in SIDES:
         own = [e for e in events if e.sender == side and not e.is_icmp]
@@ -519,7 +522,7 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
     a_canon = first_syn[4] if seg.flags & ACK else first_syn[3]
     events: list[Event] = []
     last: dict[tuple[str, int, int, int, int], tuple[float, int]] = {}
-    used_views: set[int] = set()
+    used_views: set[int] = set()  # every 4-tuple the attempt was seen under
     view_ep: dict[int, dict[str, str]] = {}
     for time, index, packet, canon, _canon_dst, view in items:
         sender = "A" if canon == a_canon else "B"
@@ -527,11 +530,11 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
             key = (sender, packet.flags, packet.seq, packet.ack, packet.payload)
             prev = last.get(key)
             last[key] = (time, view)
-            if prev is not None and prev[1] != view and time - prev[0] <= DUPLICATE_WINDOW_S:
-                continue  # the same packet at a second capture point
             used_views.add(view)
             view_ep.setdefault(view, {})[sender] = packet.src
             view_ep[view][other(sender)] = packet.dst
+            if prev is not None and prev[1] != view and time - prev[0] <= DUPLICATE_WINDOW_S:
+                continue  # the same packet at a second capture point
             events.append(Event(index, time, sender, packet.flags, packet.seq, packet.ack,
                                 packet.payload, packet.ttl, view, comment=packet.comment))
         else:
@@ -553,7 +556,7 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
             counts[ev.view] = counts.get(ev.view, 0) + 1
     main_view = max(ordered_views, key=lambda v: (counts.get(v, 0), -v))
     endpoints = (view_ep[main_view]["A"], view_ep[main_view]["B"])
-    vantage_point, vantage = _vantage(events, endpoints, len(views))
+    vantage_point, vantage = _vantage(events, endpoints, views)
     return Attempt(endpoints, views, kind, established, events[0].time, vantage,
                    vantage_point, listener, tuple(steps), tuple(tail), len(events),
                    tuple(anomalies))
