@@ -7,6 +7,7 @@ with --probe), both checks at once, each pair's lab taken down before the next.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -20,6 +21,20 @@ from tests.conftest import require_lab
 EI, APD = "endpoint-independent", "address-and-port-dependent"
 ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """nat-check saves its last result for `synprobe report`: into a temporary directory."""
+    old = os.environ.get("SYNPROBE_STATE_DIR")
+    os.environ["SYNPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SYNPROBE_STATE_DIR", None)
+        else:
+            os.environ["SYNPROBE_STATE_DIR"] = old
 CHECK_TIMEOUT_S = 40.0
 
 # Extra nat-check options per profile (the lifetime is measured where it is short).
@@ -156,6 +171,12 @@ def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict]) -> Non
     assert any(r[0] == host and r[2] == "1" and r[3] == "1" for r in rows)
     assert any(r[5] == "11" for r in rows)
     assert any(r[0] == labmod.BROKER_IPS[0] and r[3] == "1" and r[4] == "0" for r in rows)
+    from synprobe import state
+
+    last = state.load_last_natcheck()  # kept for `synprobe report`
+    assert last is not None and "nat-check" in last["command"]
+    assert last["result"]["verdict"]
+    assert any(p.path == run["pcap"] for p in state.recorded_pcaps())
     packets = run["json"]["packets"]  # the pcap also holds the closing RSTs after the report
     assert len(rows) >= packets["sent_by_client"] + packets["received_by_client"]
 
