@@ -1,0 +1,119 @@
+"""nat-check without the lab: the command line, the broker's verbs on loopback, the
+firewall bookkeeping with a fake iptables, and that scapy stays out of the fast paths."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from simulsyn_core.broker import Broker
+from simulsyn_core.endpoint import Endpoint
+from synprobe.cli import cli
+from synprobe.natcheck import firewall as fw
+from synprobe.natcheck.server import ProbeServer
+
+
+def test_help_lists_every_key_and_exit_code() -> None:
+    result = CliRunner().invoke(cli, ["nat-check", "--help"])
+    assert result.exit_code == 0
+    for word in ("--server", "--timers", "--max-wait", "--pcap", "--json", "unsolicited_syn",
+                 "syn_sent_lifetime_s", "host_stack", "no-privilege", "broker-unreachable"):
+        assert word in result.output
+
+
+def test_server_is_required_and_there_is_no_default() -> None:
+    from synprobe.cli import main
+
+    assert main(["nat-check"]) == 2
+
+
+def test_unreachable_broker_exits_3() -> None:
+    from synprobe.cli import main
+
+    # a loopback port nothing listens on: connect() is refused at once
+    assert main(["nat-check", "--server", "127.0.0.1:9", "--json"]) == 3
+
+
+def test_broker_side_and_nat_check_help_do_not_import_scapy() -> None:
+    code = ("import sys, synprobe.natcheck.broker_side, synprobe.natcheck.cli, "
+            "synprobe.natcheck.client; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scapy'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_broker_verbs_on_loopback() -> None:
+    async def scenario() -> list[str]:
+        server = ProbeServer(["127.0.0.1"], raw_reason="raw probes off for this test",
+                             log=lambda _line: None)
+        broker = Broker([Endpoint("127.0.0.1", 0)], log=lambda _line: None,
+                        services=server.services())
+        await broker.start()
+        port = broker.listening[0].port
+        answers = []
+        try:
+            for lines in (["SSYN1 OBSERVE"], ["SSYN1 NC_HELLO"],
+                          ["SSYN1 NC_PROBE unsolicited=40000 filter=40001"]):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for line in lines:
+                    writer.write(line.encode() + b"\n")
+                await writer.drain()
+                answers.append((await asyncio.wait_for(reader.readline(), 5)).decode())
+                writer.close()
+        finally:
+            await broker.close()
+        return answers
+
+    observed, info, refused = asyncio.run(scenario())
+    assert observed.startswith("SSYN1 OBSERVED public=127.0.0.1:")
+    assert "raw=no" in info and "raw_reason=raw+probes+off+for+this+test" in info
+    assert "addrs=127.0.0.1" in info
+    assert refused.startswith("SSYN1 ERROR") and "refused" in refused
+
+
+class FakeIptables:
+    def __init__(self) -> None:
+        self.rules: list[str] = []
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        args = argv[3:]  # after "iptables -w 2"
+        if args == ["-S"]:
+            return subprocess.CompletedProcess(argv, 0, "-P INPUT ACCEPT\n" + "".join(
+                line + "\n" for line in self.rules), "")
+        if args[0] == "-I":
+            chain, words = args[1], args[3:]
+            self.rules.insert(0, " ".join(["-A", chain, *[
+                f'"{w}"' if w.startswith(fw.TAG_PREFIX) else w for w in words]]))
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        if args[0] == "-D":
+            line = " ".join(["-A", *[f'"{w}"' if w.startswith(fw.TAG_PREFIX) else w
+                                    for w in args[1:]]])
+            if line in self.rules:
+                self.rules.remove(line)
+                return subprocess.CompletedProcess(argv, 0, "", "")
+            return subprocess.CompletedProcess(argv, 1, "", "no such rule")
+        raise AssertionError(argv)
+
+
+def test_firewall_installs_tagged_rules_and_removes_exactly_its_own() -> None:
+    fake = FakeIptables()
+    firewall = fw.Firewall(run=fake)
+    firewall.install(fw.broker_rules(8088, 8089), fw.broker_tag(8086))
+    firewall.install(fw.client_rules([5000, 5001]), fw.client_tag(999999999))
+    assert len(fake.rules) == 4
+    assert all(fw.TAG_PREFIX in r for r in fake.rules)
+    assert firewall.remove(fw.broker_tag(808)) == 0  # a prefix of another tag is not it
+    assert firewall.remove(fw.broker_tag(8086)) == 2
+    assert firewall.sweep_stale_clients() == 2  # pid 999999999 is not running
+    assert fake.rules == []
+
+
+def test_tagged_lines_reads_iptables_s() -> None:
+    listing = ('-P INPUT ACCEPT\n-A INPUT -p tcp -m tcp --dport 8088 -m comment --comment '
+               '"synprobe-natcheck:broker:8086" -j DROP\n-A INPUT -p tcp -j ACCEPT\n')
+    lines = fw.tagged_lines(listing, fw.TAG_PREFIX)
+    assert len(lines) == 1 and fw.comment_of(lines[0]) == "synprobe-natcheck:broker:8086"
