@@ -268,7 +268,7 @@ def _findings(**kw: Any) -> Findings:
 def test_recommendation_and_verdicts() -> None:
     rec = recommend(_findings(unsolicited_syn="rst"))
     assert (rec.order.value, rec.ttl_limited_first_syn.value, rec.ttl.value) == ("first", True, 2)
-    assert rec.retries.value == 50 and "aborts connect()" in rec.retries.reason
+    assert rec.retries.value == 50 and "connect() aborts" in rec.retries.reason
     rec = recommend(_findings(syn_sent_lifetime_s=4.0))
     assert rec.timeout_s.value == 4.0 and rec.order.value == "either"
     assert verdict(_findings()).startswith("Punch-friendly NAT")

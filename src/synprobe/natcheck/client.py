@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,8 +203,6 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
                                    *hop_ports, *timer_ports]), state.rules_tag)
     craft.load_scapy()  # waits for the import the background thread started
     stack_trials = host_stack.build(server_ip, info.rst_port, info.icmp_port)
-    import threading
-
     stack_out: list[host_stack.StackOutcome] = []
     stack_thread = threading.Thread(
         target=lambda: stack_out.extend(host_stack.run(stack_trials)), daemon=True)
@@ -253,8 +252,12 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
                                            "unsolicited SYNs here (DMZ or port forward)"))
     else:
         unsolicited_syn = result.get("unsolicited")
-        reasons.append(("unsolicited_syn", f"the server saw {unsolicited_syn} in answer to a "
-                        f"SYN to {info.public.ip}:{unsol_port}"))
+        target = f"the server's SYN to {info.public.ip}:{unsol_port} (no mapping)"
+        reasons.append(("unsolicited_syn", {
+            None: "the server did not say", "drop": f"no answer came back to {target}",
+            "rst": f"a TCP RST came back to {target}",
+            "syn-ack": f"a SYN+ACK came back to {target}: a host answered it"}.get(
+                unsolicited_syn, f"an ICMP error ({unsolicited_syn}) came back to {target}")))
     filt, why = filtering.classify(seen, filter_obs.local.port, server_ip, other_ip,
                                    info.probe_port)
     reasons.append(("filtering", why))

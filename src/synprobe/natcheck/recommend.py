@@ -32,8 +32,9 @@ def recommend(f: Findings) -> Recommendation:
         retries = Advice(1, "reply SYNs are blocked: retrying cannot help")
         interval = Advice(None, "no retries")
     elif rejects and aborts:
-        retries = Advice(50, f"the NAT answers an early SYN with {f.unsolicited_syn}, which "
-                             "aborts connect() at once: keep trying until the peer's hole opens")
+        retries = Advice(50, f"this NAT answers an early SYN with {f.unsolicited_syn} and this "
+                             "host's connect() aborts on RST/ICMP: attempts can end at once, "
+                             "keep trying until both holes are open")
         interval = Advice(0.2, "attempts end at once; pace them so 50 cover 10 s")
     elif rejects:
         retries = Advice(10, f"the NAT answers an early SYN with {f.unsolicited_syn}")
@@ -51,8 +52,9 @@ def recommend(f: Findings) -> Recommendation:
         order = Advice("either", "this NAT drops unsolicited SYNs silently: the order does "
                                  "not matter")
     if rejects and f.hops is not None:
-        ttl_needed = Advice(True, "open our hole with a SYN that dies before the peer's NAT, "
-                                  "so that the peer's NAT cannot reject it")
+        ttl_needed = Advice(True, "open our hole first with a SYN that dies before the peer's "
+                                  "NAT: then the peer's SYN always finds it open, whatever the "
+                                  "peer's NAT does with early SYNs")
         ttl = Advice(f.hops + 1, f"{f.hops} router(s) up to and including our NAT, plus one")
         if f.host_stack and f.host_stack.get("ttl_exceeded") == "aborts":
             ttl = Advice(f.hops + 1, f"{f.hops} router(s) up to and including our NAT, plus "
