@@ -225,10 +225,6 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
         timer_probe = timers.TimersProbe(host_ip, server_ip, info.probe_port, timer_ports,
                                          tuple(waits))
         cap.send_ipv4(timers.build(timer_probe))
-    result = _request(control, P.VERB_DONE, P.VERB_RESULT)
-    time.sleep(SETTLE_S)
-    stack_thread.join(host_stack.WAIT_S + 2.5)
-    broker_sent = int(result.get("sent", "0"))
     lifetime: float | None = None
     if waits:
         end = time.monotonic() + max(waits) + TIMERS_MARGIN_S
@@ -243,6 +239,10 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
             progress(end - begin, end - begin)
         lifetime, why = timers.classify(timer_probe, capture.snapshot())
         reasons.append(("syn_sent_lifetime_s", why))
+    result = _request(control, P.VERB_DONE, P.VERB_RESULT)
+    time.sleep(SETTLE_S)
+    stack_thread.join(host_stack.WAIT_S + 2.5)
+    broker_sent = int(result.get("sent", "0"))
     seen = capture.snapshot()
     # unsolicited_syn: the broker saw the NAT's answer; our capture shows a SYN that passed.
     if any(s.is_syn and not s.outgoing and s.dport == unsol_port and s.src == server_ip

@@ -28,8 +28,14 @@ def recommend(f: Findings) -> Recommendation:
         timeout = Advice(DEFAULT_TIMEOUT_S, "both peers start within this; holes live longer"
                          if f.syn_sent_lifetime_s is not None else
                          "hole lifetime not measured (--timers): the punch default")
+    hard = bool(f.behind_nat) and f.mapping not in (None, EI, "none") \
+        and not f.port_preservation
     if blocked:
         retries = Advice(1, "reply SYNs are blocked: retrying cannot help")
+        interval = Advice(None, "no retries")
+    elif hard:
+        retries = Advice(1, "the public port changes with each destination: retrying the same "
+                            "endpoint cannot help without port prediction or a relay")
         interval = Advice(None, "no retries")
     elif rejects and aborts:
         retries = Advice(50, f"this NAT answers an early SYN with {f.unsolicited_syn} and this "
