@@ -153,8 +153,10 @@ def test_natcheck_profile_reports_every_key(natcheck: Callable[[str], dict],
     assert report["verdict"].startswith(VERDICT[profile])
     assert run["rules_left"] == [], "nat-check left firewall rules on the host"
     if expected["syn_sent_lifetime_s"] is None:
+        # The < 2 s figure is bench/bench_natcheck.py's (a warm broker, one check at a
+        # time); here two checks share the CPU with the broker's first scapy import.
         assert report["packets"]["sent_by_client"] <= 40
-        assert report["duration_s"] < 2.0
+        assert report["duration_s"] < 5.0
 
 
 def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict]) -> None:

@@ -80,6 +80,9 @@ class ProbeServer:
             raw_reason = f"{P.MAX_CONCURRENT_CHECKS} checks are running: try again later"
         addrs = [local.ip] + [a for a in self.addrs if a != local.ip]
         if not raw_reason:
+            from . import craft
+
+            craft.preload_in_background()  # scapy, while the client runs its mapping probes
             self.checks[conn] = Check(conn, public.ip, local,
                                       addrs[1] if len(addrs) > 1 else None, time.monotonic())
             self._loop = asyncio.get_running_loop()
