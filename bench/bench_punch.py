@@ -48,10 +48,28 @@ def ours_once(lab: labmod.Lab, session: str) -> float | None:
     return max(float(ra["established_at"]), float(rb["established_at"])) - known
 
 
-def original_once(lab: labmod.Lab) -> float | None:
+def original_broker(lab: labmod.Lab, port: int) -> subprocess.Popen[bytes]:
+    proc = lab.popen("br", [*ORIGINAL, "broker", "--bind", f"{labmod.BROKER_IPS[0]}:{port}"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], port, 5)
+    return proc
+
+
+def original_once(lab: labmod.Lab, port: int) -> float | None:
+    # A fresh list broker per run: the original lists every endpoint of the last 60 s,
+    # so a second run on the same broker would aim at the first run's peers.
+    broker = original_broker(lab, port)
+    try:
+        return _original_pair(lab, f"{labmod.BROKER_IPS[0]}:{port}")
+    finally:
+        broker.terminate()
+        broker.wait(5)
+
+
+def _original_pair(lab: labmod.Lab, master: str) -> float | None:
     procs = []
     for node in ("ha", "hb"):
-        procs.append(lab.popen(node, [*ORIGINAL, "client", "--master", BROKER,
+        procs.append(lab.popen(node, [*ORIGINAL, "client", "--master", master,
                                       "--poll", str(ORIGINAL_POLL_S), "--timeout", "15"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
         time.sleep(0.2)
@@ -112,20 +130,16 @@ def main() -> int:
             labmod.start_broker(lab)
             for i in range(args.runs):
                 v = ours_once(lab, f"bench{i}")
-                ours.append(v) if v is not None else fails.__setitem__(0, fails[0] + 1)
-            broker = lab.popen("br", [*ORIGINAL, "broker", "--bind",
-                                      f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], labmod.BROKER_PORT + 1, 5)
-            global BROKER
-            saved, BROKER = BROKER, f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"
-            try:
-                for _ in range(args.runs):
-                    v = original_once(lab)
-                    orig.append(v) if v is not None else fails.__setitem__(1, fails[1] + 1)
-            finally:
-                BROKER = saved
-                broker.terminate()
+                if v is None:
+                    fails[0] += 1
+                else:
+                    ours.append(v)
+            for i in range(args.runs):
+                v = original_once(lab, labmod.BROKER_PORT + 1 + i)
+                if v is None:
+                    fails[1] += 1
+                else:
+                    orig.append(v)
         ratio = (statistics.median(orig) / statistics.median(ours)) if ours and orig else None
         if ratio is not None:
             worst_ratio = ratio if worst_ratio is None else min(worst_ratio, ratio)
@@ -140,10 +154,7 @@ def main() -> int:
 
     with labmod.Lab("home", "home", lab_id=f"benchcpu{os.getpid() % 10000}") as lab:
         labmod.start_broker(lab)
-        lab.popen("br", [*ORIGINAL, "broker", "--bind",
-                         f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT + 1}"],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], labmod.BROKER_PORT + 1, 5)
+        original_broker(lab, labmod.BROKER_PORT + 1)
         ours_cpu = waiting_cpu(lab, [*labmod.SYNPROBE, "punch", "--broker", BROKER,
                                      "--session", "lonely", "--timeout", "60"], args.cpu_window)
         orig_cpu = waiting_cpu(lab, [*ORIGINAL, "client", "--master",

@@ -90,7 +90,29 @@ LAZY_COMMANDS: dict[str, str] = {
 }
 
 
+# One-line help of the lazy commands, so that `synprobe --help` imports none of them.
+LAZY_HELP: dict[str, str] = {
+    "lab": "The NAT lab: two hosts behind real Linux NATs in network namespaces.",
+    "analyze": "Explain TCP openings in pcap/pcapng files, with ladder diagrams.",
+    "report": "Bundle a bug report: last nat-check, recorded pcaps, versions.",
+    "nat-check": "Measure what a NAT does to TCP and recommend how to punch it.",
+}
+
+
 class LazyGroup(click.Group):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name in LAZY_HELP:
+                rows.append((name, LAZY_HELP[name]))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
