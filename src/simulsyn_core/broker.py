@@ -203,9 +203,14 @@ def run_broker(binds: list[Endpoint], log: Log = stderr_log,
         await broker.start()
         stop = asyncio.Event()
         got: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            got.append(signum)
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             await broker.serve_forever(stop)
         finally:

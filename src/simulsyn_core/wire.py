@@ -55,7 +55,8 @@ def decode_seed_list(data: bytes) -> list[Endpoint]:
     if need is None:
         raise ProtocolError("list answer is empty")
     if len(data) != need:
-        raise ProtocolError(f"list answer of {len(data)} bytes, expected {need} for {data[0]} entries")
+        raise ProtocolError(
+            f"list answer of {len(data)} bytes, expected {need} for {data[0]} entries")
     entries = []
     for i in range(data[0]):
         raw_ip, port = SEED_ENTRY.unpack_from(data, 1 + i * SEED_ENTRY.size)

@@ -36,7 +36,8 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint
         infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
     except (ValueError, OSError):
         raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
-    return Endpoint.from_sockaddr(infos[0][4])
+    ip, resolved_port = infos[0][4][:2]
+    return Endpoint(str(ip), int(resolved_port))
 
 
 class EndpointType(click.ParamType):
@@ -145,7 +146,8 @@ def cli(ctx: click.Context, traceback: bool) -> None:
 
 
 @cli.command(epilog=EPILOG)
-@click.option("--bind", "binds", multiple=True, type=EndpointType(DEFAULT_BROKER_PORT, allow_zero_port=True),
+@click.option("--bind", "binds", multiple=True,
+              type=EndpointType(DEFAULT_BROKER_PORT, allow_zero_port=True),
               default=["0.0.0.0:8086"], show_default=True, metavar="HOST:PORT",
               help="Address to listen on; repeat for several (a second address or port "
                    "serves the probes of nat-check).")
@@ -179,7 +181,8 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
     try:
         status = run_broker(list(binds), log=log)
     except OSError as exc:
-        raise ToolError(ExitStatus.ADDRESS_IN_USE, f"cannot listen: {exc.strerror or exc}") from None
+        raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                        f"cannot listen: {exc.strerror or exc}") from None
     sys.exit(status)
 
 

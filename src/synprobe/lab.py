@@ -66,7 +66,8 @@ def _home(input_extra: str = "", forward_extra: str = "", masq_extra: str = "",
           nat: bool = True, syn_first: str = "") -> str:
     rules = _HOME_FILTER.format(input_extra=input_extra, forward_extra=forward_extra)
     if syn_first:
-        rules = rules.replace("-A FORWARD -o wan -j ACCEPT", syn_first + "-A FORWARD -o wan -j ACCEPT")
+        outbound = "-A FORWARD -o wan -j ACCEPT"
+        rules = rules.replace(outbound, syn_first + outbound)
     return rules + (_NAT.format(masq_extra=masq_extra) if nat else "")
 
 
@@ -286,8 +287,8 @@ class Lab:
         _run(["ip", "netns", "exec", self.ns(node), "sysctl", "-qw", f"{key}={value}"])
 
     def _link(self, node1: str, if1: str, node2: str, if2: str) -> None:
-        _run(["ip", "link", "add", "name", if1, "netns", self.ns(node1), "type", "veth", "peer", "name",
-              if2, "netns", self.ns(node2)])
+        _run(["ip", "link", "add", "name", if1, "netns", self.ns(node1), "type", "veth",
+              "peer", "name", if2, "netns", self.ns(node2)])
         self._ip(node1, "link", "set", "dev", if1, "up")
         self._ip(node2, "link", "set", "dev", if2, "up")
 
@@ -485,6 +486,6 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                        err.decode(errors="replace"))
 
     with ThreadPoolExecutor(2) as pool:
-        for side, run in zip(order, pool.map(finish, order)):
+        for side, run in zip(order, pool.map(finish, order), strict=True):
             results[side] = run
     return results["a"], results["b"]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set everything up and run every test: lint, types, unit tests, and the NAT lab tests
+# (as root they are required; as an ordinary user they are skipped). Extra arguments go
+# to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff"; ruff check src tests bench
+echo "== mypy"; mypy
+echo "== pytest"
+# The lab tests mostly wait on the network; four workers keep the matrix short on 2 cores.
+exec python -m pytest -n 4 -q "$@"
