@@ -4,6 +4,7 @@ firewall bookkeeping with a fake iptables, and that scapy stays out of the fast 
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 import sys
 
@@ -76,27 +77,31 @@ def test_broker_verbs_on_loopback() -> None:
 
 
 class FakeIptables:
-    def __init__(self) -> None:
-        self.rules: list[str] = []
+    """`iptables -S` and `iptables-restore --noflush` over a list of rules."""
 
-    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        args = argv[3:]  # after "iptables -w 2"
-        if args == ["-S"]:
-            return subprocess.CompletedProcess(argv, 0, "-P INPUT ACCEPT\n" + "".join(
-                line + "\n" for line in self.rules), "")
-        if args[0] == "-I":
-            chain, words = args[1], args[3:]
-            self.rules.insert(0, " ".join(["-A", chain, *[
-                f'"{w}"' if w.startswith(fw.TAG_PREFIX) else w for w in words]]))
-            return subprocess.CompletedProcess(argv, 0, "", "")
-        if args[0] == "-D":
-            line = " ".join(["-A", *[f'"{w}"' if w.startswith(fw.TAG_PREFIX) else w
-                                    for w in args[1:]]])
-            if line in self.rules:
-                self.rules.remove(line)
-                return subprocess.CompletedProcess(argv, 0, "", "")
-            return subprocess.CompletedProcess(argv, 1, "", "no such rule")
-        raise AssertionError(argv)
+    def __init__(self) -> None:
+        self.rules: list[list[str]] = []  # each: chain, then match and target words
+        self.calls = 0
+
+    def listing(self) -> str:
+        return "-P INPUT ACCEPT\n" + "".join(
+            " ".join(["-A", *(f'"{w}"' if w.startswith(fw.TAG_PREFIX) else w for w in r)])
+            + "\n" for r in self.rules)
+
+    def __call__(self, argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        self.calls += 1
+        if argv[1:] == ["-w", "2", "-S"]:
+            return subprocess.CompletedProcess(argv, 0, self.listing(), "")
+        assert argv[0].endswith("-restore") and "--noflush" in argv and stdin is not None
+        lines = stdin.splitlines()
+        assert lines[0] == "*filter" and lines[-1] == "COMMIT"
+        for line in lines[1:-1]:
+            words = shlex.split(line)
+            if words[0] == "-I":
+                self.rules.insert(0, [words[1], *words[3:]])
+            elif words[0] == "-D":
+                self.rules.remove(words[1:])
+        return subprocess.CompletedProcess(argv, 0, "", "")
 
 
 def test_firewall_installs_tagged_rules_and_removes_exactly_its_own() -> None:
@@ -104,8 +109,8 @@ def test_firewall_installs_tagged_rules_and_removes_exactly_its_own() -> None:
     firewall = fw.Firewall(run=fake)
     firewall.install(fw.broker_rules(8088, 8089), fw.broker_tag(8086))
     firewall.install(fw.client_rules([5000, 5001]), fw.client_tag(999999999))
-    assert len(fake.rules) == 4
-    assert all(fw.TAG_PREFIX in r for r in fake.rules)
+    assert len(fake.rules) == 4 and fake.calls == 2  # one iptables-restore per install
+    assert all(any(w.startswith(fw.TAG_PREFIX) for w in r) for r in fake.rules)
     assert firewall.remove(fw.broker_tag(808)) == 0  # a prefix of another tag is not it
     assert firewall.remove(fw.broker_tag(8086)) == 2
     assert firewall.sweep_stale_clients() == 2  # pid 999999999 is not running

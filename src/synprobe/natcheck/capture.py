@@ -73,6 +73,20 @@ def interfaces_with_ip(ips: set[str]) -> list[str]:
     return sorted(set(out))
 
 
+TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt, microseconds (linux/tcp.h)
+
+
+def tcp_rtt_s(sock: socket.socket) -> float:
+    """The kernel's smoothed RTT of a connected TCP socket (0.0 if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0.0
+    if len(info) < TCP_INFO_RTT_OFFSET + 4:
+        return 0.0
+    return int(struct.unpack_from("I", info, TCP_INFO_RTT_OFFSET)[0]) / 1e6
+
+
 def send_ipv4(packets: list[bytes]) -> int:
     """Send whole IPv4 packets (header included) through a raw socket. CAP_NET_RAW."""
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:

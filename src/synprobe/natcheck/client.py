@@ -201,14 +201,19 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
     state.rules_tag = client_tag(os.getpid())
     firewall.install(client_rules([filter_obs.local.port, unsol_port, reply_port, hairpin_port,
                                    *hop_ports, *timer_ports]), state.rules_tag)
-    craft.load_scapy()  # waits for the import the background thread started
     stack_trials = host_stack.build(server_ip, info.rst_port, info.icmp_port)
     stack_out: list[host_stack.StackOutcome] = []
     stack_thread = threading.Thread(
         target=lambda: stack_out.extend(host_stack.run(stack_trials)), daemon=True)
     stack_thread.start()
+    # The broker's SYNs need nothing crafted here: ask for them while scapy still loads.
+    window_s = P.answer_window(cap.tcp_rtt_s(control))
+    probes["answer_window_s"] = round(window_s, 3)
     _request(control, P.VERB_PROBE, P.VERB_ARMED, unsolicited=unsol_port,
-             filter=filter_obs.public.port)
+             filter=filter_obs.public.port, window_ms=int(window_s * 1000))
+    event("the broker sent its unsolicited and filtering SYNs")
+    craft.load_scapy()  # waits for the import the background thread started
+    event("scapy loaded")
     reply_probe = reply_syn.ReplySynProbe(host_ip, reply_port, server_ip, info.probe_port)
     hops_probe = hops.HopsProbe(host_ip, server_ip, info.probe_port, hop_ports)
     hairpin_probe = hairpin.HairpinProbe(host_ip, hairpin_port, filter_obs.public,
@@ -239,6 +244,8 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
             progress(end - begin, end - begin)
         lifetime, why = timers.classify(timer_probe, capture.snapshot())
         reasons.append(("syn_sent_lifetime_s", why))
+    event("reply_syn, hops and hairpin SYNs sent; waiting for the answers")
+    time.sleep(window_s)
     result = _request(control, P.VERB_DONE, P.VERB_RESULT)
     time.sleep(SETTLE_S)
     stack_thread.join(host_stack.WAIT_S + 2.5)
@@ -297,7 +304,7 @@ def _cleanup(state: _State, firewall: Firewall, pcap: str | None) -> None:
             print(f"synprobe: could not remove firewall rules {state.rules_tag}: {exc}",
                   file=sys.stderr)
     for sock in state.sockets:
-        mapping.abort(sock)
+        sock.close()
     for sock in state.reserved:
         sock.close()
     if state.capture is not None:

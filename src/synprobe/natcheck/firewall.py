@@ -75,65 +75,83 @@ def comment_of(line: str) -> str:
     return words[words.index("--comment") + 1] if "--comment" in words else ""
 
 
-Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
+Runner = Callable[[list[str], str | None], subprocess.CompletedProcess[str]]
 
 
-def _default_runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=IPTABLES_TIMEOUT_S)
+def _default_runner(argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                              timeout=IPTABLES_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirewallError(f"{argv[0]}: {exc}") from None
+
+
+def restore_script(lines: Sequence[str]) -> str:
+    """iptables-restore --noflush input applying ``lines`` atomically (pure)."""
+    return "*filter\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+
+
+def insert_lines(rules: Sequence[Rule], tag: str) -> list[str]:
+    return [shlex.join(["-I", rule.chain, "1", *rule.argv(tag)]) for rule in rules]
+
+
+def delete_lines(listing: str, tags: set[str]) -> list[str]:
+    """`-D ...` for every `-A` line of an `iptables -S` listing tagged with one of tags."""
+    out = []
+    for line in tagged_lines(listing, TAG_PREFIX):
+        words = shlex.split(line)
+        if words[:1] == ["-A"] and comment_of(line) in tags:
+            out.append(shlex.join(["-D", *words[1:]]))
+    return out
 
 
 @dataclass
 class Firewall:
-    """iptables in the current network namespace (CAP_NET_ADMIN)."""
+    """iptables in the current network namespace (CAP_NET_ADMIN). Each change is one
+    iptables-restore --noflush call: all of its rules apply, or none."""
 
     binary: str = "iptables"
     run: Runner = _default_runner
 
     @property
     def available(self) -> bool:
-        return shutil.which(self.binary) is not None
-
-    def _iptables(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run([self.binary, "-w", "2", *args])
+        return shutil.which(self.binary) is not None and \
+            shutil.which(self.binary + "-restore") is not None
 
     def listing(self) -> str:
-        proc = self._iptables("-S")
+        proc = self.run([self.binary, "-w", "2", "-S"], None)
         if proc.returncode != 0:
             raise FirewallError(f"{self.binary} -S: {proc.stderr.strip()}")
         return proc.stdout
 
+    def _restore(self, lines: Sequence[str]) -> None:
+        if not lines:
+            return
+        proc = self.run([self.binary + "-restore", "-w", "2", "--noflush"],
+                        restore_script(lines))
+        if proc.returncode != 0:
+            raise FirewallError(f"{self.binary}-restore: {proc.stderr.strip()}")
+
     def install(self, rules: Sequence[Rule], tag: str) -> None:
-        done: list[Rule] = []
-        try:
-            for rule in rules:
-                proc = self._iptables("-I", rule.chain, "1", *rule.argv(tag))
-                if proc.returncode != 0:
-                    raise FirewallError(f"{self.binary}: {proc.stderr.strip()}")
-                done.append(rule)
-        except BaseException:
-            self.remove(tag)
-            raise
+        self._restore(insert_lines(rules, tag))
 
     def remove(self, tag: str) -> int:
         """Delete every rule tagged exactly ``tag``; returns how many."""
-        removed = 0
-        for line in tagged_lines(self.listing(), tag):
-            words = shlex.split(line)
-            if words[:1] != ["-A"] or comment_of(line) != tag:
-                continue
-            proc = self._iptables("-D", *words[1:])
-            removed += proc.returncode == 0
-        return removed
+        lines = delete_lines(self.listing(), {tag})
+        self._restore(lines)
+        return len(lines)
 
     def sweep_stale_clients(self) -> int:
         """Remove client rules of nat-check runs whose process is gone (killed -9)."""
-        removed = 0
+        stale = set()
         for line in tagged_lines(self.listing(), f"{TAG_PREFIX}:client:"):
             tag = comment_of(line)
             pid_text = tag.rsplit(":", 1)[1]
             if pid_text.isdigit() and not _alive(int(pid_text)):
-                removed += self.remove(tag)
-        return removed
+                stale.add(tag)
+        lines = delete_lines(self.listing(), stale) if stale else []
+        self._restore(lines)
+        return len(lines)
 
 
 def _alive(pid: int) -> bool:

@@ -45,7 +45,14 @@ PROBE_BUDGET = UNSOLICITED_PACKETS + FILTERING_PACKETS + REPLY_PACKETS + MAX_REF
 MAX_TIMER_WAIT_S = 280.0  # the broker closes a rendezvous connection after ~305 s
 MAX_CONCURRENT_CHECKS = 4  # and one per client address
 CHECK_MAX_S = MAX_TIMER_WAIT_S + 30.0  # a control connection's probes end after this
-ANSWER_WINDOW_S = 0.35  # how long the broker listens for the NAT's answer to its SYNs
+# How long to wait for the answers to a batch of probe SYNs: three round trips of the
+# control connection (its kernel's smoothed RTT) plus 30 ms, within these bounds.
+ANSWER_WINDOW_MIN_S = 0.05
+ANSWER_WINDOW_MAX_S = 1.0
+
+
+def answer_window(rtt_s: float) -> float:
+    return min(ANSWER_WINDOW_MAX_S, max(ANSWER_WINDOW_MIN_S, 3 * rtt_s + 0.03))
 
 VERB_HELLO = "NC_HELLO"
 VERB_INFO = "NC_INFO"

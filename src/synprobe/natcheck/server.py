@@ -42,6 +42,8 @@ class Check:
     capture: cap.Capture | None = None
     unsolicited: unsolicited.UnsolicitedProbe | None = None
     last_send: float = 0.0
+    unsolicited_at: float = 0.0
+    window_s: float = P.ANSWER_WINDOW_MAX_S
     reply_seen: list[Endpoint] = field(default_factory=list)
     timer_waits: list[float] = field(default_factory=list)
     timer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -66,7 +68,8 @@ class ProbeServer:
     # --- verbs -------------------------------------------------------------------------
 
     async def observe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
-        broker.send(conn, encode_message(P.VERB_OBSERVED, public=public))
+        # The broker closes: the client's close costs it no RST and the log no line.
+        broker.send(conn, encode_message(P.VERB_OBSERVED, public=public), close=True)
 
     async def hello(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         local = broker.local_endpoint(conn)
@@ -99,6 +102,10 @@ class ProbeServer:
         check.probed = True
         unsol_port = _port(msg.require("unsolicited"))
         filter_port = _port(msg.require("filter"))
+        window_ms = msg.get("window_ms") or ""
+        if window_ms.isdigit():
+            check.window_s = min(P.ANSWER_WINDOW_MAX_S, max(P.ANSWER_WINDOW_MIN_S,
+                                                            int(window_ms) / 1000))
         probe_port = check.local.port + P.PROBE_PORT_OFFSET
         await asyncio.to_thread(self._start_capture, check, probe_port)
         check.unsolicited = unsolicited.UnsolicitedProbe(
@@ -108,6 +115,7 @@ class ProbeServer:
                                                   check.client_ip, filter_port,
                                                   P.BROKER_SEQ + 1))
         self._send(broker, check, packets)
+        check.unsolicited_at = time.monotonic()
         broker.send(conn, encode_message(P.VERB_ARMED, sent=len(packets)))
 
     async def reflect(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
@@ -134,18 +142,17 @@ class ProbeServer:
 
     async def done(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
-        wait = check.last_send + P.ANSWER_WINDOW_S - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(min(wait, P.ANSWER_WINDOW_S))
+        wait = check.unsolicited_at + check.window_s - time.monotonic()
+        if check.unsolicited_at and wait > 0:
+            await asyncio.sleep(min(wait, P.ANSWER_WINDOW_MAX_S))
         seen = check.capture.snapshot() if check.capture else []
         answer = unsolicited.classify(check.unsolicited, seen) if check.unsolicited else None
         broker.send(conn, encode_message(
             P.VERB_RESULT, unsolicited=answer, sent=check.sent,
-            reply_seen=",".join(str(e) for e in check.reply_seen) or None))
+            reply_seen=",".join(str(e) for e in check.reply_seen) or None), close=True)
         self.log(f"nat-check {check.client_ip}: {check.sent} probe packet(s) sent, "
                  f"unsolicited_syn={answer}")
-        if not check.timer_waits:
-            self._end(conn)
+        self._end(conn)
 
     # --- the one place raw packets leave ------------------------------------------------
 
