@@ -132,6 +132,7 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
         if not cfg.timers:
             reasons.append(("syn_sent_lifetime_s", "not measured: needs --timers"))
         findings = Findings(**{**findings.__dict__, "reasons": tuple(reasons)})
+        _close_sockets(state)  # the closing segments count among the check's packets
         seen = state.capture.snapshot() if state.capture else []
         packets = {"sent_by_client": sum(1 for s in seen if s.outgoing),
                    "received_by_client": sum(1 for s in seen if not s.outgoing),
@@ -296,6 +297,16 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
     return findings, tuple(hops.path(hops_probe, seen)), broker_sent, reasons
 
 
+def _close_sockets(state: _State) -> None:
+    if not state.sockets:
+        return
+    for sock in state.sockets:
+        sock.close()
+    state.sockets.clear()
+    if state.capture is not None:
+        time.sleep(SETTLE_S)  # for the FIN exchanges to show in the capture
+
+
 def _cleanup(state: _State, firewall: Firewall, pcap: str | None) -> None:
     if state.rules_tag is not None:
         try:
@@ -303,12 +314,10 @@ def _cleanup(state: _State, firewall: Firewall, pcap: str | None) -> None:
         except (FirewallError, OSError) as exc:
             print(f"synprobe: could not remove firewall rules {state.rules_tag}: {exc}",
                   file=sys.stderr)
-    for sock in state.sockets:
-        sock.close()
+    _close_sockets(state)
     for sock in state.reserved:
         sock.close()
     if state.capture is not None:
-        time.sleep(0.02)  # the RSTs of the closes above, into the pcap
         state.capture.stop()
         if pcap:
             state.capture.write_pcap(pcap)
