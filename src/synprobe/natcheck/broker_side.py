@@ -51,7 +51,8 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
     firewall = firewall or Firewall()
     problem = raw_probe_problem(firewall)
     if problem:
-        log(f"broker: nat-check raw probes {problem}; serving the mapping probe only")
+        log(f"broker: nat-check raw probes are off (the broker {problem}); serving the "
+            "mapping probe only")
     addrs = list(dict.fromkeys(b.ip for b in binds if b.ip != "0.0.0.0"))
     server = ProbeServer(addrs, raw_reason=f"the broker {problem}" if problem else "", log=log)
     ports = sorted({b.port for b in binds if b.port})
