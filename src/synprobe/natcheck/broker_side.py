@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 
 from simulsyn_core.broker import Log, run_broker
@@ -51,8 +52,9 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
     firewall = firewall or Firewall()
     problem = raw_probe_problem(firewall)
     if problem:
-        log(f"broker: nat-check raw probes are off (the broker {problem}); serving the "
-            "mapping probe only")
+        # Said even with --quiet: the operator must know why clients get no raw probes.
+        print(f"synprobe: broker: nat-check raw probes are off (the broker {problem}); "
+              "serving the mapping probe only", file=sys.stderr, flush=True)
     addrs = list(dict.fromkeys(b.ip for b in binds if b.ip != "0.0.0.0"))
     server = ProbeServer(addrs, raw_reason=f"the broker {problem}" if problem else "", log=log)
     ports = sorted({b.port for b in binds if b.port})
