@@ -18,7 +18,7 @@ from synprobe import lab as labmod
 
 OUT = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
 PAIRS = [("home", "original"), ("reject-icmp-port", "reject-icmp-admin"),
-         ("random", "syn-drop-all"), ("dmz", "firewall")]
+         ("random", "syn-drop-all"), ("dmz", "firewall"), ("carrier", "reject-rst")]
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
 PROBE_FILTER = f"tcp port {labmod.BROKER_PORT + 2} or icmp"
 

@@ -30,7 +30,7 @@ from synprobe.natcheck.report import Findings
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
 PROFILES = ["home", "original", "reject-icmp-port", "reject-icmp-admin", "random",
-            "syn-drop-all", "dmz", "firewall"]
+            "syn-drop-all", "dmz", "firewall", "carrier", "reject-rst"]
 BROKER = ("192.0.2.10", "192.0.2.11")
 PROBE_PORT = 8088
 

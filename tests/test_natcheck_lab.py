@@ -44,7 +44,7 @@ EXTRA: dict[str, list[str]] = {
 }
 PAIRS = [("home", "original"), ("home-nft", "reject-rst"),
          ("reject-icmp-port", "reject-icmp-admin"), ("random", "syn-drop-all"),
-         ("syn-sent-5s", "firewall"), ("dmz", "home")]
+         ("syn-sent-5s", "firewall"), ("dmz", "carrier")]
 
 _HOME = dict(behind_nat=True, mapping=EI, port_preservation=True, port_allocation="preserving",
              filtering=APD, unsolicited_syn="drop", reply_syn="pass",
@@ -63,13 +63,14 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "firewall": {**_HOME, "behind_nat": False, "mapping": "none", "hairpin": True},
     "dmz": {**_HOME, "filtering": EI, "unsolicited_syn": "pass", "hairpin": True,
             "hops": None},
+    "carrier": {**_HOME, "hops": 2},
 }
 VERDICT = {"home": "Punch-friendly NAT", "home-nft": "Punch-friendly NAT",
            "original": "Punchable NAT that rejects", "reject-rst": "Punchable NAT that rejects",
            "reject-icmp-port": "Punchable NAT that rejects",
            "reject-icmp-admin": "Punchable NAT that rejects", "random": "Hard NAT",
            "syn-drop-all": "Blocking NAT", "syn-sent-5s": "Punch-friendly NAT",
-           "firewall": "No NAT", "dmz": "Open NAT"}
+           "firewall": "No NAT", "dmz": "Open NAT", "carrier": "Punch-friendly NAT"}
 # (order, ttl_limited_first_syn, ttl) of the recommendation
 ADVICE = {"original": ("first", True, 2), "reject-rst": ("first", True, 2),
           "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2)}

@@ -101,6 +101,7 @@ class Profile:
     iptables: str = ""  # iptables-restore input for the gateway
     nft: str = ""  # or an nft ruleset
     nat: bool = True  # False: the host has a public address behind a stateful firewall
+    carrier: bool = False  # True: a second NAT (a carrier's, node c<side>) behind the first
     sysctls: tuple[tuple[str, str], ...] = ()
 
 
@@ -141,6 +142,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
                         "unsolicited inbound", _home(nat=False), nat=False),
     Profile("dmz", "home router with a DMZ host: every unsolicited inbound TCP is forwarded "
                    "to the host (endpoint-independent filtering), hairpin NAT on", _dmz()),
+    Profile("carrier", "home router behind a carrier-grade NAT (two NATs, both as home; the "
+                       "home router's wan in 100.64.0.0/10, RFC 6598)", _home(), carrier=True),
 ]}
 
 
@@ -156,6 +159,11 @@ class SideAddresses:
 
 def side_addresses(side: str, profile: Profile) -> SideAddresses:
     wan_net = {"a": "198.51.100", "b": "203.0.113"}[side]
+    if profile.carrier:  # gateway_wan: the home router's, inside the carrier's network
+        lan = {"a": "10.1.0", "b": "10.2.0"}[side]
+        inner = {"a": "100.64.1", "b": "100.64.2"}[side]
+        return SideAddresses(f"{lan}.2", f"{lan}.1", f"{inner}.2", f"{wan_net}.1", 24,
+                             f"{wan_net}.2")
     if profile.nat:
         lan = {"a": "10.1.0", "b": "10.2.0"}[side]
         return SideAddresses(f"{lan}.2", f"{lan}.1", f"{wan_net}.2", f"{wan_net}.1", 24,
@@ -261,8 +269,15 @@ class Lab:
         return f"{self.prefix}-{self.lab_id}-{node}"
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        """NODES, plus c<side> for a side behind a carrier NAT."""
+        extra = tuple("c" + side for side, name in (("a", self.profile_a), ("b", self.profile_b))
+                      if PROFILES[name].carrier)
+        return NODES + extra
+
+    @property
     def namespaces(self) -> list[str]:
-        return [self.ns(n) for n in NODES]
+        return [self.ns(n) for n in self.nodes]
 
     def side(self, side: str) -> SideAddresses:
         return side_addresses(side, PROFILES[self.profile_a if side == "a" else self.profile_b])
@@ -306,7 +321,7 @@ class Lab:
         return self
 
     def _build(self) -> None:
-        for node in NODES:
+        for node in self.nodes:
             _run(["ip", "netns", "add", self.ns(node)])
             self._created.append(self.ns(node))
             self._ip(node, "link", "set", "dev", "lo", "up")
@@ -323,6 +338,9 @@ class Lab:
     def _build_side(self, side: str, profile: Profile) -> None:
         h, g = "h" + side, "g" + side
         addr = side_addresses(side, profile)
+        if profile.carrier:
+            self._build_carrier_side(side, profile, addr)
+            return
         self._link(h, "eth0", g, "lan")
         self._link(g, "wan", "rt", "w" + side)
         self._ip("rt", "addr", "add", f"{addr.router}/25", "dev", "w" + side)
@@ -344,6 +362,29 @@ class Lab:
                      .replace("@PUBLIC@", addr.public)
                      .replace("@LAN@", f"{addr.host.rsplit('.', 1)[0]}.0/{addr.lan_prefix}"))
             _run(["ip", "netns", "exec", self.ns(g), "iptables-restore"], stdin=rules)
+
+    def _build_carrier_side(self, side: str, profile: Profile, addr: SideAddresses) -> None:
+        """h --lan-- g (home NAT) --wan-- c (carrier NAT) --wan-- rt."""
+        h, g, c = "h" + side, "g" + side, "c" + side
+        inner = addr.gateway_wan.rsplit(".", 1)[0]
+        self._sysctl(c, "net.ipv4.ip_forward", "1")
+        self._link(h, "eth0", g, "lan")
+        self._link(g, "wan", c, "lan")
+        self._link(c, "wan", "rt", "w" + side)
+        self._ip("rt", "addr", "add", f"{addr.router}/25", "dev", "w" + side)
+        self._ip(c, "addr", "add", f"{addr.public}/25", "dev", "wan")
+        self._ip(c, "addr", "add", f"{inner}.1/24", "dev", "lan")
+        self._ip(g, "addr", "add", f"{addr.gateway_wan}/24", "dev", "wan")
+        self._ip(g, "addr", "add", f"{addr.gateway_lan}/{addr.lan_prefix}", "dev", "lan")
+        self._ip(h, "addr", "add", f"{addr.host}/{addr.lan_prefix}", "dev", "eth0")
+        self._ip(c, "route", "add", "default", "via", addr.router, "src", addr.public)
+        self._ip(g, "route", "add", "default", "via", f"{inner}.1", "src", addr.gateway_wan)
+        self._ip(h, "route", "add", "default", "via", addr.gateway_lan, "src", addr.host)
+        for node in (g, c):
+            for key, value in profile.sysctls:
+                self._sysctl(node, key, value)
+            _run(["ip", "netns", "exec", self.ns(node), "iptables-restore"],
+                 stdin=profile.iptables)
 
     # --- running ----------------------------------------------------------------------
 

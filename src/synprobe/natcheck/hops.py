@@ -59,5 +59,5 @@ def classify(probe: HopsProbe, seen: Sequence[Seen]) -> tuple[int | None, str]:
         return None, f"holes opened by TTL {first} and up were not all passed: inconsistent"
     if first == 1:
         return None, "even a SYN with TTL 1 opened the hole (is the host its own NAT?)"
-    return first - 1, (f"a SYN with TTL {first - 1} died before the NAT, TTL {first} "
+    return first - 1, (f"a SYN with TTL {first - 1} died before the last NAT, TTL {first} "
                        "opened the hole")
