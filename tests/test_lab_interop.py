@@ -87,3 +87,29 @@ def test_punch_chats_with_an_original_client(make_lab) -> None:
     assert (rc_o, rc_s) == (0, 0), (out_o, err_o, out_s, err_s)
     assert out_o.splitlines()[1] == "héllo from synprobe"
     assert out_s.splitlines()[1:] == ["hello in the original framing"]
+
+
+@pytest.mark.lab
+def test_direct_mode_without_a_broker(make_lab) -> None:
+    """--peer/--local-port, the original's --remote: both sides know the other's endpoint
+    in advance (the home NAT keeps the local port as the external port)."""
+    lab = make_lab("home", "home")
+    a_pub, b_pub = lab.side("a").public, lab.side("b").public
+    procs = []
+    for node, port, peer, msg in (("ha", 41001, f"{b_pub}:41002", "direct from A\n"),
+                                  ("hb", 41002, f"{a_pub}:41001", "direct from B\n")):
+        proc = lab.popen(node, [*labmod.SYNPROBE, "punch", "--peer", peer, "--local-port",
+                                str(port), "--json", "--timeout", "10", "-v"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None
+        proc.stdin.write(msg.encode())
+        proc.stdin.close()
+        proc.stdin = None
+        procs.append(proc)
+    (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(procs[0]), _finish(procs[1])
+    assert (rc_a, rc_b) == (0, 0), (out_a, err_a, out_b, err_b)
+    rep_a = json.loads(out_a.splitlines()[0])
+    assert rep_a["mode"] == "direct" and rep_a["public"] is None
+    assert rep_a["local"] == f"{lab.side('a').host}:41001"
+    assert out_a.splitlines()[1:] == ["direct from B"]
+    assert out_b.splitlines()[1:] == ["direct from A"]

@@ -526,7 +526,16 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
         return PeerRun(side, proc.returncode, out.decode(errors="replace"),
                        err.decode(errors="replace"))
 
-    with ThreadPoolExecutor(2) as pool:
+    pool = ThreadPoolExecutor(2)
+    try:
         for side, run in zip(order, pool.map(finish, order), strict=True):
             results[side] = run
+    except BaseException:
+        # Ctrl-C/SIGTERM: stop the peers first, or the pool would wait for them.
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return results["a"], results["b"]

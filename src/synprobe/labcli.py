@@ -48,6 +48,7 @@ def profiles() -> None:
               help="Lab id: namespaces are ssyn-ID-ha, -ga, -rt, -gb, -hb, -br.")
 def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     """Bring a lab up and leave it up (take it down with `synprobe lab down`)."""
+    labmod.require_root()
     labmod.sweep(lab_id)
     the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
     with labmod.terminate_on_sigterm():
@@ -89,6 +90,7 @@ def down(lab_id: str, everything: bool) -> None:
               show_default=True, help="--timeout given to each punch.")
 def demo(profile_a: str, profile_b: str, timeout_s: float) -> None:
     """Broker, two NATed peers, a punch and a message each way, then clean up."""
+    labmod.require_root()
     the_lab = labmod.Lab(profile_a, profile_b, lab_id=f"demo{time.time_ns() % 100000}")
     with labmod.terminate_on_sigterm(), the_lab:
         a, b = the_lab.side("a"), the_lab.side("b")
