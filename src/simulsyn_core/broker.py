@@ -180,7 +180,8 @@ class Broker:
             except TimeoutError:
                 return
             if not data:
-                self.log(f"{public} left before its peer came")
+                if conn in self._writers:  # not closed by us after PEER or ERROR
+                    self.log(f"{public} left before its peer came")
                 return
 
     def _log_replies(self, public: Endpoint, session: str, replies: list[Reply]) -> None:
