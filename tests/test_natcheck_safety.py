@@ -207,3 +207,13 @@ def test_broker_without_privileges_serves_mapping_and_says_why(
     assert rc == 0
     assert [line for line in err.splitlines() if "CAP_NET_RAW" in line] == [
         line for line in err.splitlines() if "raw probes" in line]
+
+
+def test_a_broker_without_probe_is_told_apart_exit_3(
+        make_lab: Callable[..., labmod.Lab]) -> None:
+    lab = make_lab("home", "home")
+    labmod.start_broker(lab)  # no --probe
+    run = lab.run("ha", [*labmod.SYNPROBE, "nat-check", "--server", SERVER], timeout=30)
+    assert run.returncode == 3
+    assert "does not serve nat-check" in run.stderr and "--probe" in run.stderr
+    assert tagged(lab, "ha") == []

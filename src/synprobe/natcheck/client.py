@@ -32,6 +32,7 @@ from .report import Findings, NatCheckReport
 Event = Callable[[str], None]
 SETTLE_S = 0.05  # after the broker's result, for its last SYNs to reach our capture
 TIMERS_MARGIN_S = 0.5
+PRELOAD_JOIN_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class _State:
     reserved: list[socket.socket] = field(default_factory=list)
     capture: cap.Capture | None = None
     rules_tag: str | None = None
+    preload: threading.Thread | None = None
 
 
 def _reserve(state: _State, n: int) -> list[int]:
@@ -80,9 +82,9 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
     start = time.monotonic()
     problem, problem_status = raw_problem(firewall)
     raw_ok = not problem
-    if raw_ok:
-        craft.preload_in_background()  # about 0.7 s, while the plain sockets work
     state = _State()
+    if raw_ok:
+        state.preload = craft.preload_in_background()  # ~0.7 s, while plain sockets work
     reasons: list[tuple[str, str]] = []
     try:
         try:
@@ -317,6 +319,9 @@ def _cleanup(state: _State, firewall: Firewall, pcap: str | None) -> None:
     _close_sockets(state)
     for sock in state.reserved:
         sock.close()
+    if state.preload is not None:
+        # A daemon thread still importing at interpreter exit aborts the process.
+        state.preload.join(PRELOAD_JOIN_S)
     if state.capture is not None:
         state.capture.stop()
         if pcap:

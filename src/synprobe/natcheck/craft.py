@@ -22,10 +22,21 @@ def load_scapy() -> dict[str, Any]:
     return _scapy
 
 
+_preloads: list[threading.Thread] = []
+
+
 def preload_in_background() -> threading.Thread:
     thread = threading.Thread(target=load_scapy, name="scapy-import", daemon=True)
     thread.start()
+    _preloads.append(thread)
     return thread
+
+
+def wait_preload(timeout_s: float) -> None:
+    """Join the import threads (bounded): a daemon thread still inside an import when the
+    interpreter exits aborts the process ("FATAL: exception not rethrown")."""
+    for thread in list(_preloads):
+        thread.join(timeout_s)
 
 
 def syn(src: str, dst: str, sport: int, dport: int, seq: int, ttl: int = 64) -> bytes:

@@ -245,8 +245,11 @@ class ProbeServer:
             check.capture.stop()
 
     def close(self) -> None:
+        from . import craft
+
         for conn in list(self.checks):
             self._end(conn)
+        craft.wait_preload(20.0)
 
     def _check(self, conn: int, msg: Message) -> Check:
         check = self.checks.get(conn)
