@@ -73,8 +73,10 @@ VERDICT = {"home": "Punch-friendly NAT", "home-nft": "Punch-friendly NAT",
            "firewall": "No NAT", "dmz": "Open NAT", "carrier": "Punch-friendly NAT"}
 # (order, ttl_limited_first_syn, ttl) of the recommendation
 ADVICE = {"original": ("first", True, 2), "reject-rst": ("first", True, 2),
-          "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2)}
-DEFAULT_ADVICE = ("either", False, None)
+          "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2),
+          "random": ("either", False, None), "syn-drop-all": ("either", False, None),
+          "dmz": ("either", False, None), "carrier": ("either", False, 3)}
+DEFAULT_ADVICE = ("either", False, 2)  # the TTL a hole-opening SYN would need: hops + 1
 
 
 def _check(lab: labmod.Lab, side: str, pcap: str | None) -> subprocess.Popen[bytes]:

@@ -72,7 +72,9 @@ def recommend(f: Findings) -> Recommendation:
         ttl_needed = Advice(False, "a full-TTL SYN does no harm here: unsolicited SYNs are "
                                    "dropped silently" if f.unsolicited_syn == "drop" else
                                    "not needed on this side")
-        ttl = Advice(None, "no TTL-limited SYN")
+        ttl = (Advice(f.hops + 1, f"not needed; if one is used: {f.hops} router(s) up to and "
+                                  "including our NAT, plus one")
+               if f.hops is not None else Advice(None, "hops not measured"))
     return Recommendation(retries, interval, timeout, order, ttl_needed, ttl)
 
 
