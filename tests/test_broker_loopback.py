@@ -65,20 +65,47 @@ def test_bad_clients_do_not_disturb_the_others() -> None:
         assert proc.poll() is None
 
 
-def test_punch_on_loopback_connects_and_says_hello() -> None:
-    with loopback_broker() as (_, port):
-        procs = [subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}",
-                                   "--session", "lo", "--no-chat", "--json", "--timeout", "10"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-        outs = [p.communicate(timeout=30) for p in procs]
-    reports = [json.loads(out.splitlines()[0]) for out, _ in outs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    a, b = reports
-    assert a["established"] and b["established"]
-    assert a["peer"] == b["public"] and b["peer"] == a["public"]
-    assert {a["role"], b["role"]} == {"first", "second"}
-    assert a["attempts"] >= 1 and a["error"] is None
+def test_punch_chats_with_a_peer_that_listens() -> None:
+    """The punch, the JSON and the chat on loopback, against a plain listening peer that
+    speaks the original framing. (Two punches on loopback do not meet: the host answers
+    each early SYN with RST inside the connect() call itself, so the SYN-SENT windows never
+    overlap; simultaneous open is tested in the NAT lab.)"""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(10)
+    port = srv.getsockname()[1]
+    local_port = _closed_port()
+    proc = subprocess.Popen([*SYNPROBE, "punch", "--peer", f"127.0.0.1:{port}", "--local-port",
+                             str(local_port), "--json", "--timeout", "10", "-v"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    conn, addr = srv.accept()
+    assert addr == ("127.0.0.1", local_port)
+    with conn:
+        conn.settimeout(10)
+        conn.sendall(b"\x05hello" + bytes([300 - 255]) + b"x" * 45)
+        conn.shutdown(socket.SHUT_WR)  # the peer is done talking: the chat ends at its EOF
+        out, err = proc.communicate("first line\n" + "é" * 200 + "\n", timeout=30)
+        received = b""
+        while chunk := conn.recv(4096):
+            received += chunk
+    srv.close()
+    assert proc.returncode == 0, err
+    report = json.loads(out.splitlines()[0])
+    assert report["established"] and report["mode"] == "direct"
+    assert report["local"] == f"127.0.0.1:{local_port}" and report["attempts"] == 1
+    assert out.splitlines()[1:] == ["hello", "x" * 45]
+    # 400 bytes of "é" are split on a character boundary into 254 + 146 bytes.
+    assert received == b"\x0afirst line" + bytes([254]) + "é".encode() * 127 + bytes(
+        [146]) + "é".encode() * 73
+    assert "attempt 1: connected" in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_lonely_punch_gives_up_with_no_peer() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from simulsyn_core.punch import Attempt, GiveUp, Go, Pause, PunchSchedule
 
 
@@ -11,12 +13,27 @@ def test_first_step_is_an_attempt_bounded_by_the_remaining_time() -> None:
     assert sched.next(2.5) == Go(2.5)
 
 
-def test_a_refused_attempt_is_followed_by_one_pause_then_a_retry() -> None:
-    sched = PunchSchedule(retries=3, retry_interval_s=0.01, attempt_timeout_s=10)
+def test_a_refused_attempt_is_followed_by_one_jittered_pause_then_a_retry() -> None:
+    sched = PunchSchedule(retries=3, retry_interval_s=0.01, attempt_timeout_s=10,
+                          rng=random.Random(7))
     sched.record(Attempt(1, 0.0, 0.001, "ECONNREFUSED"))
-    assert sched.next(5.0) == Pause(0.01)
+    step = sched.next(5.0)
+    assert isinstance(step, Pause) and 0.005 <= step.seconds <= 0.015
     sched.paused()
     assert sched.next(5.0) == Go(5.0)
+
+
+def test_pauses_are_jittered_so_two_refused_peers_leave_lockstep() -> None:
+    sched = PunchSchedule(retries=100, retry_interval_s=0.01, rng=random.Random(1))
+    pauses = []
+    for n in range(20):
+        sched.record(Attempt(n + 1, 0.0, 0.001, "ECONNREFUSED"))
+        step = sched.next(5.0)
+        assert isinstance(step, Pause)
+        pauses.append(step.seconds)
+        sched.paused()
+    assert len(set(pauses)) == 20 and min(pauses) >= 0.005 and max(pauses) <= 0.015
+    assert sched.next(0.003) == Go(0.003)  # never pauses past the deadline
 
 
 def test_a_timed_out_attempt_is_retried_at_once() -> None:

@@ -9,12 +9,23 @@ SYN-SENT that receives a SYN answers SYN+ACK and moves to SYN-RECEIVED. Through 
 that silently drop an unsolicited SYN, the first SYN opens our NAT's conntrack entry and
 dies at the peer's NAT; the peer's SYN then arrives as a reply and passes. The kernel
 retransmits our SYN by itself, so one attempt may wait; an RST or ICMP error aborts the
-attempt at once (tcp_v4_err), so we retry, paced.
+attempt at once (tcp_v4_err), so we retry, paced, with jitter so that two peers that
+both get refused do not stay in lockstep (on loopback, where the host itself answers
+RST, the two SYN-SENT windows must overlap by chance).
+
+Why no listening socket on the port between attempts (tried, measured, dropped): a SYN
+from the peer that reaches the listener is answered with a SYN+ACK whose ISN is not the
+one of the SYN our aborted attempt sent before. Behind a Linux NAT whose conntrack entry
+for the 4-tuple is then in SYN_SENT2, the entry never reaches ESTABLISHED and our data
+leaves un-NATed (from the private address): a connection that looks established on both
+sides but is dead in one direction. A new connect() instead sends a fresh SYN, which
+conntrack re-initialises the entry with.
 """
 
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import struct
 import time
@@ -26,6 +37,7 @@ from .sockets import ERRNO_MEANING, bound_socket, connect_nonblocking, errno_nam
 
 DEFAULT_RETRIES = 50  # as the original example
 RETRY_INTERVAL_S = 0.01  # pause after an attempt that was refused at once (RST/ICMP)
+RETRY_JITTER = 0.5  # each pause is the interval times a factor in [1 - j, 1 + j]
 ATTEMPT_TIMEOUT_S = 10.0  # one connect() waits this long while the kernel resends the SYN
 
 
@@ -73,6 +85,7 @@ class PunchSchedule:
     attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
     attempts: list[Attempt] = field(default_factory=list)
     pause_taken: bool = False  # the pause after the last attempt has been taken
+    rng: random.Random = field(default_factory=random.Random)
 
     def next(self, remaining_s: float) -> Go | Pause | GiveUp:
         if self.attempts and self.attempts[-1].connected:
@@ -85,7 +98,8 @@ class PunchSchedule:
                           + self._last_outcome())
         last = self.attempts[-1] if self.attempts else None
         if last is not None and last.outcome != "ETIMEDOUT" and not self.pause_taken:
-            return Pause(min(self.retry_interval_s, remaining_s))
+            factor = self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+            return Pause(min(self.retry_interval_s * factor, remaining_s))
         return Go(min(self.attempt_timeout_s, remaining_s))
 
     def record(self, attempt: Attempt) -> None:
@@ -133,6 +147,8 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             event(f"attempt {number}: bind to port {local_port} failed: {exc.strerror}")
             continue
         code = connect_nonblocking(sock, peer, step.timeout_s)
+        if code == 0:
+            code = _reset_at_once(sock)
         ended = time.monotonic()
         attempt = Attempt(number, started - known_at, ended - started,
                           "connected" if code == 0 else errno_name(code))
@@ -142,8 +158,22 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             sock.setblocking(True)
             local = Endpoint.from_sockaddr(sock.getsockname())
             return PunchResult(sock, schedule.attempts, local, None, ended)
-        # Abort, don't close: if the kernel got as far as SYN-RECEIVED (a peer SYN came
-        # in before the error), the peer must see an RST, not a clean FIN it would take
-        # for a finished chat. A socket still in SYN-SENT sends nothing either way.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        _abort(sock)
+
+
+def _reset_at_once(sock: socket.socket) -> int:
+    """0 if the connection is still up; else the errno (crossing attempts can reset a
+    connection right after it came up, when the peer aborted its side)."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        return exc.errno or errno.ENOTCONN
+    return 0
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with an RST, not a FIN: if the kernel got as far as SYN-RECEIVED (a peer SYN
+    came in before the error), the peer must not take it for a finished chat. A socket
+    still in SYN-SENT sends nothing either way."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

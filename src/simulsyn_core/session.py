@@ -118,8 +118,7 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
     report.local = str(result.local)
     report.elapsed_s = round(result.established_at - rdv.known_at, 6)
     report.established_at = rdv.known_wall + (result.established_at - rdv.known_at)
-    remote = Endpoint.from_sockaddr(result.sock.getpeername())
-    event(f"connected: {result.local} <-> {remote} after {report.attempts} attempt(s), "
+    event(f"connected: {result.local} <-> {rdv.peer} after {report.attempts} attempt(s), "
           f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
     on_report(report)
     with result.sock as sock:

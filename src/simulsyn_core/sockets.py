@@ -19,6 +19,7 @@ ERRNO_MEANING = {
     errno.EADDRINUSE: "the local port is taken for this destination",
     errno.EADDRNOTAVAIL: "the 4-tuple is still in use (TIME_WAIT?)",
     errno.ECONNRESET: "the connection was reset",
+    errno.ENOTCONN: "connected, then reset at once: the attempts crossed",
 }
 
 
