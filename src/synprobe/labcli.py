@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import click
@@ -97,12 +98,18 @@ def demo(profile_a: str, profile_b: str, timeout_s: float) -> None:
         click.echo(f"NAT lab up: host A {a.host} behind '{profile_a}' ({a.public})  <-- "
                    f"router -->  ({b.public}) '{profile_b}' in front of host B {b.host}")
         click.echo(f"broker on {labmod.BROKER_IPS[0]}:8086\n")
-        labmod.start_broker(the_lab)
+        broker_log = tempfile.TemporaryFile()
+        labmod.start_broker(the_lab, stderr=broker_log)
         msgs = (f"hello from A ({a.host})\n", f"hello from B ({b.host})\n")
         click.echo(f"A and B run: synprobe punch --broker {labmod.BROKER_IPS[0]}:8086 "
                    f"--session demo --verbose --json   (stdin: one line each)\n")
         run_a, run_b = labmod.punch_pair(the_lab, "demo", messages=msgs, args=["--verbose"],
                                          timeout_s=timeout_s)
+        broker_log.seek(0)
+        click.echo("--- broker (stderr) ---")
+        for line in broker_log.read().decode(errors="replace").splitlines():
+            click.echo("  " + line)
+        click.echo("")
         for run in (run_a, run_b):
             click.echo(f"--- host {run.side.upper()}: steps (stderr) ---")
             for line in run.stderr.splitlines():
