@@ -86,10 +86,19 @@ class CaptureContents:
     damage: str | None = None  # why reading stopped early; what came before is above
 
 
+_ENDPOINTS: dict[tuple[bytes, int], str] = {}
+_ENDPOINTS_MAX = 1 << 16  # a scan's capture has many: start again rather than grow
+
+
 def _endpoint(ip: bytes, port: int) -> str:
-    if len(ip) == 4:
-        return f"{ip[0]}.{ip[1]}.{ip[2]}.{ip[3]}:{port}"
-    return f"[{ipaddress.IPv6Address(ip)}]:{port}"
+    text = _ENDPOINTS.get((ip, port))
+    if text is None:
+        if len(_ENDPOINTS) >= _ENDPOINTS_MAX:
+            _ENDPOINTS.clear()
+        text = (f"{ip[0]}.{ip[1]}.{ip[2]}.{ip[3]}:{port}" if len(ip) == 4
+                else f"[{ipaddress.IPv6Address(ip)}]:{port}")
+        _ENDPOINTS[(ip, port)] = text
+    return text
 
 
 def _ip_text(ip: bytes) -> str:

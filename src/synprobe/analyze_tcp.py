@@ -15,6 +15,7 @@ in flight, as the original README draws a simultaneous open.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ SIDES = ("A", "B")
 CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (
     "CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED")
 DUPLICATE_WINDOW_S = 0.1  # one packet seen at two capture points arrives within this
+MAX_ANOMALIES = 10  # per attempt: enough to see what the model could not explain
 KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete")
 
 ICMP_NAMES = {  # RFC 792 / RFC 1812 codes of "destination unreachable", short
@@ -128,19 +130,23 @@ FlowKey = frozenset[str]
 def _union_views(segments: Sequence[Segment]) -> dict[FlowKey, tuple[int, dict[str, str]]]:
     """Map each flow (unordered endpoint pair) to (connection id, endpoint -> canonical
     endpoint), joining flows that show the same connection at different capture points:
-    a SYN with the same ISN from the same source port or to the same destination port."""
+    a SYN with the same ISN (a SYN+ACK: the same two ISNs) from the same source port or to
+    the same destination port, since a NAT rewrites at most one side's address and port."""
     flows: list[FlowKey] = []
     seen: set[FlowKey] = set()
-    by_isn: dict[int, list[tuple[FlowKey, str, str]]] = {}
+    # A SYN is known by its ISN; a SYN+ACK by its ISN and the ISN it acknowledges.
+    by_isn: dict[tuple[int, int], list[tuple[FlowKey, str, str]]] = {}
+    noted: set[tuple[tuple[int, int], FlowKey, str]] = set()
     for seg in segments:
         key = frozenset((seg.src, seg.dst))
         if key not in seen:
             seen.add(key)
             flows.append(key)
         if seg.flags & SYN and not seg.flags & RST:
-            bucket = by_isn.setdefault(seg.seq, [])
-            if not any(k == key and s == seg.src for k, s, _ in bucket):
-                bucket.append((key, seg.src, seg.dst))
+            isn = (seg.seq, seg.ack if seg.flags & ACK else -1)
+            if (isn, key, seg.src) not in noted:
+                noted.add((isn, key, seg.src))
+                by_isn.setdefault(isn, []).append((key, seg.src, seg.dst))
     parent: dict[FlowKey, FlowKey] = {k: k for k in flows}
     # link[(child)] = (parent flow, child endpoint -> parent endpoint)
     mapping: dict[FlowKey, dict[str, str]] = {k: {e: e for e in k} for k in flows}
@@ -193,7 +199,7 @@ Item = tuple[float, int, Segment | IcmpError, str, str, int]
 
 @dataclass
 class _Conn:
-    views: list[tuple[str, str]] = field(default_factory=list)
+    views: dict[FlowKey, int] = field(default_factory=dict)  # 4-tuple -> view number
     items: list[Item] = field(default_factory=list)
 
 
@@ -205,10 +211,8 @@ def find_attempts(contents: CaptureContents) -> tuple[list[Attempt], int]:
     for seg in contents.segments:
         conn_id, to_canon = views[frozenset((seg.src, seg.dst))]
         conn = conns.setdefault(conn_id, _Conn())
-        view = (seg.src, seg.dst)
-        if view not in conn.views and (seg.dst, seg.src) not in conn.views:
-            conn.views.append(view)
-        view_no = next(i for i, v in enumerate(conn.views) if set(v) == set(view))
+        flow = frozenset((seg.src, seg.dst))
+        view_no = conn.views.setdefault(flow, len(conn.views))
         conn.items.append((seg.time, seg.index, seg, to_canon[seg.src], to_canon[seg.dst],
                            view_no))
     for err in contents.icmp_errors:
@@ -382,30 +386,46 @@ def _copy(side: _Side) -> _Side:
     return _Side(side.state, side.owes, side.listener, side.established_once)
 
 
+def _first_after(indices: Sequence[int] | None, after: int) -> int | None:
+    if not indices:
+        return None
+    at = bisect.bisect_right(indices, after)
+    return indices[at] if at < len(indices) else None
+
+
 def _delivery(events: Sequence[Event]) -> tuple[list[bool], list[str]]:
-    """Which packets reached the other side, and a note for those that did not."""
+    """Which packets reached the other side, and a note for those that did not. Linear
+    in the number of packets (a capture may hold a long transfer after the opening)."""
     delivered = [True] * len(events)
     notes = [""] * len(events)
+    answers: dict[tuple[str, int], list[int]] = {}  # (answering side, ack) -> indices
+    syn_copies: dict[tuple[str, int], list[int]] = {}  # (sender, ISN) -> indices
+    icmp_errors: dict[tuple[str, int], list[int]] = {}  # (SYN's sender, quoted seq)
+    last_copy: dict[tuple[str, int, int, int], int] = {}
+    for i, ev in enumerate(events):
+        if ev.is_icmp:
+            icmp_errors.setdefault((other(ev.sender), ev.seq), []).append(i)
+            continue
+        if ev.flags & ACK and (ev.syn_ack or ev.rst):
+            answers.setdefault((ev.sender, ev.ack), []).append(i)
+        if ev.plain_syn:
+            syn_copies.setdefault((ev.sender, ev.seq), []).append(i)
+        if ev.flags & (SYN | FIN) or ev.payload:
+            last_copy[(ev.sender, ev.flags, ev.seq, ev.payload)] = i
     for i, ev in enumerate(events):
         if ev.is_icmp:
             continue
-        later = events[i + 1:]
         if ev.plain_syn:
-            answer = next((j for j, e in enumerate(later) if e.sender != ev.sender
-                           and not e.is_icmp and e.flags & ACK and e.ack == (ev.seq + 1) % 2**32
-                           and (e.syn_ack or e.rst)), None)
-            copy_before = answer is not None and any(
-                e.sender == ev.sender and e.plain_syn and e.seq == ev.seq
-                for e in later[:answer])
-            icmp = any(e.is_icmp and e.sender != ev.sender and e.seq == ev.seq
-                       and (answer is None or j < answer) for j, e in enumerate(later))
-            if answer is None or copy_before:
+            # Delivered if the other side answers it (SYN+ACK or RST acknowledging the
+            # ISN) before the SYN is sent again.
+            answer = _first_after(answers.get((other(ev.sender), (ev.seq + 1) % 2**32)), i)
+            again = _first_after(syn_copies.get((ev.sender, ev.seq)), i)
+            icmp = _first_after(icmp_errors.get((ev.sender, ev.seq)), i)
+            if answer is None or (again is not None and again < answer):
                 delivered[i] = False
-                notes[i] = "rejected" if icmp else ("dropped" if answer is None else "lost")
-        elif any(e.sender == ev.sender and not e.is_icmp and e.flags == ev.flags
-                 and e.seq == ev.seq and e.payload == ev.payload and (ev.flags & (SYN | FIN)
-                                                                      or ev.payload)
-                 for e in later):
+                rejected = icmp is not None and (answer is None or icmp < answer)
+                notes[i] = "rejected" if rejected else ("dropped" if answer is None else "lost")
+        elif last_copy.get((ev.sender, ev.flags, ev.seq, ev.payload), i) > i:
             delivered[i], notes[i] = False, "lost"
     seen: set[tuple[str, int, int]] = set()
     for i, ev in enumerate(events):
@@ -438,9 +458,19 @@ def replay(events: Sequence[Event]) -> tuple[list[Step], list[Event], dict[str, 
     def states() -> tuple[str, str]:
         return sides["A"].state, sides["B"].state
 
+    # next_from[side][i]: the first TCP segment side sends after event i
+    next_from: dict[str, list[Event | None]] = {}
+    for side in SIDES:
+        upcoming: Event | None = None
+        column: list[Event | None] = [None] * len(events)
+        for i in range(len(events) - 1, -1, -1):
+            column[i] = upcoming
+            if events[i].sender == side and not events[i].is_icmp:
+                upcoming = events[i]
+        next_from[side] = column
+
     def next_send(side: str, after: int) -> Event | None:
-        return next((e for e in events[after + 1:] if e.sender == side and not e.is_icmp),
-                    None)
+        return next_from[side][after]
 
     def flush(after: int) -> None:
         for side in SIDES:
@@ -459,7 +489,7 @@ def replay(events: Sequence[Event]) -> tuple[list[Step], list[Event], dict[str, 
             tail.append(ev)
             continue
         sender = sides[ev.sender]
-        if not _can_send(sender, ev):
+        if not _can_send(sender, ev) and len(anomalies) < MAX_ANOMALIES:
             anomalies.append(f"frame {ev.frame}: {ev.sender} sent {ev.label} in "
                              f"{sender.state}")
         if not group:
