@@ -30,6 +30,7 @@ TCPDUMP_STOP_S = 3.0
 SETTLE_S = 0.2  # after the last packet, before tcpdump stops
 PORT = 40100  # every scenario binds this port on both hosts (NATs preserve it)
 LISTEN_PORT = 7001
+PEERS_START_S = 1.0  # the peers' Python starts well within this, even on a busy machine
 HOLD_RATE_BIT = 8000  # the router's rate while it holds packets (simultaneous open)
 
 # name -> (node, interface); "any" captures a NAT's inside and outside at once.
@@ -202,11 +203,12 @@ def _wait_listening(proc: subprocess.Popen[bytes], point: str) -> None:
     raise RuntimeError(f"tcpdump at {point} did not start: {seen.decode(errors='replace')}")
 
 
-def _hold_router(lab: labmod.Lab, hold_s: float) -> None:
-    """Make the router hold the next packets on both its links for ``hold_s``, then
-    release them together: the kernel here has neither netem nor plug, so an htb class
-    (which lets a packet through on credit, then makes the next wait until the debt is
-    paid) is put into debt by one blocker datagram per link."""
+def _hold_router(lab: labmod.Lab, hold_s: float, at: float) -> subprocess.Popen[bytes]:
+    """Make the router hold the packets on both its links from Unix time ``at`` for
+    ``hold_s``, then release them together: the kernel here has neither netem nor plug, so
+    an htb class (which lets a packet through on credit, then makes the next wait until
+    the debt is paid) is put into debt by one blocker datagram per link, sent at ``at`` by
+    the process returned."""
     lab.run("rt", ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
     for iface in ("wa", "wb"):
         for cmd in (["tc", "qdisc", "add", "dev", iface, "root", "handle", "1:", "htb",
@@ -219,11 +221,11 @@ def _hold_router(lab: labmod.Lab, hold_s: float) -> None:
                 raise RuntimeError(f"tc in the lab failed: {proc.stderr.strip()}")
     size = int(hold_s * HOLD_RATE_BIT / 8) - 42  # minus Ethernet, IP and UDP headers
     targets = ", ".join(f"('{lab.side(s).gateway_wan}', 9)" for s in ("a", "b"))
-    proc = lab.run("rt", [sys.executable, "-c", "import socket\n"
-                          "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                          f"for t in ({targets},): s.sendto(bytes({size}), t)"])
-    if proc.returncode != 0:
-        raise RuntimeError(f"blocker datagrams failed: {proc.stderr.strip()}")
+    return lab.popen("rt", [sys.executable, "-c", "import socket, time\n"
+                            f"time.sleep(max(0.0, {at} - time.time()))\n"
+                            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                            f"for t in ({targets},): s.sendto(bytes({size}), t)"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _warm_neighbours(lab: labmod.Lab) -> None:
@@ -257,11 +259,8 @@ def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
                                         f"{labmod.BROKER_IPS[0]}:{LISTEN_PORT}", "-", "0",
                                         "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             labmod.wait_for_listen(lab, "br", labmod.BROKER_IPS[0], LISTEN_PORT, 5.0)
-        if scenario.hold_s:
-            _hold_router(lab, scenario.hold_s)
-            start = time.time()
-        else:
-            start = time.time() + 0.3
+        start = time.time() + PEERS_START_S
+        blocker = _hold_router(lab, scenario.hold_s, start) if scenario.hold_s else None
         procs = [lab.popen("h" + c.side, [sys.executable, "-c", PEER, "connect",
                                           f"0.0.0.0:{PORT}", remote[c.side],
                                           str(start + c.at_s), str(c.timeout_s)],
@@ -273,6 +272,10 @@ def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
         if listener is not None:
             out, err = _finish(listener, 6)
             peers.append({"side": "listener", "result": out, "stderr": err})
+        if blocker is not None:
+            out, err = _finish(blocker, 5)
+            if blocker.returncode != 0:
+                raise RuntimeError(f"blocker datagrams failed: {err}")
         time.sleep(SETTLE_S)
     return Recording(scenario, files, peers)
 

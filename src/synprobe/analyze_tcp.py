@@ -25,7 +25,9 @@ from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segmen
 SIDES = ("A", "B")
 CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (
     "CLOSED", "LISTEN", "SYN-SENT", "SYN-RECEIVED", "ESTABLISHED")
-DUPLICATE_WINDOW_S = 0.1  # one packet seen at two capture points arrives within this
+# One packet seen at two capture points (a NAT's two sides, two hosts' captures merged)
+# is taken for the same packet if the second sighting follows within this.
+SAME_PACKET_WINDOW_S = 5.0
 MAX_ANOMALIES = 10  # per attempt: enough to see what the model could not explain
 KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete")
 
@@ -220,8 +222,9 @@ def find_attempts(contents: CaptureContents) -> tuple[list[Attempt], int]:
         if key not in views:
             continue
         conn_id, to_canon = views[key]
-        conns[conn_id].items.append((err.time, err.index, err, to_canon[err.quoted_src],
-                                     to_canon[err.quoted_dst], -1))
+        conn = conns[conn_id]
+        conn.items.append((err.time, err.index, err, to_canon[err.quoted_src],
+                           to_canon[err.quoted_dst], conn.views.setdefault(key, len(conn.views))))
     attempts: list[Attempt] = []
     orphans = 0
     for conn in conns.values():
@@ -551,30 +554,38 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
     # Side A sent the first plain SYN; for a lone SYN+ACK, A is the one it answers.
     a_canon = first_syn[4] if seg.flags & ACK else first_syn[3]
     events: list[Event] = []
-    last: dict[tuple[str, int, int, int, int], tuple[float, int]] = {}
+    # packet -> (when this copy was first seen, the capture points it was seen at)
+    sightings: dict[tuple[str, int, int, int, int], tuple[float, set[int]]] = {}
     used_views: set[int] = set()  # every 4-tuple the attempt was seen under
     view_ep: dict[int, dict[str, str]] = {}
+
+    def seen_elsewhere(key: tuple[str, int, int, int, int], time: float, view: int) -> bool:
+        """True for a copy already seen at another capture point (the same packet further
+        along its path); False for a new copy (a retransmission or a repeated ACK)."""
+        prev = sightings.get(key)
+        if prev is not None and view not in prev[1] and time - prev[0] <= SAME_PACKET_WINDOW_S:
+            prev[1].add(view)
+            return True
+        sightings[key] = (time, {view})
+        return False
+
     for time, index, packet, canon, _canon_dst, view in items:
         sender = "A" if canon == a_canon else "B"
         if isinstance(packet, Segment):
-            key = (sender, packet.flags, packet.seq, packet.ack, packet.payload)
-            prev = last.get(key)
-            last[key] = (time, view)
             used_views.add(view)
             view_ep.setdefault(view, {})[sender] = packet.src
             view_ep[view][other(sender)] = packet.dst
-            if prev is not None and prev[1] != view and time - prev[0] <= DUPLICATE_WINDOW_S:
-                continue  # the same packet at a second capture point
+            if seen_elsewhere((sender, packet.flags, packet.seq, packet.ack, packet.payload),
+                              time, view):
+                continue
             events.append(Event(index, time, sender, packet.flags, packet.seq, packet.ack,
                                 packet.payload, packet.ttl, view, comment=packet.comment))
         else:
-            ikey = (other(sender), -1, packet.quoted_seq, packet.icmp_type, packet.code)
-            prev = last.get(ikey)
-            last[ikey] = (time, view)
-            if prev is not None and time - prev[0] <= DUPLICATE_WINDOW_S:
+            if seen_elsewhere((other(sender), -1, packet.quoted_seq, packet.icmp_type,
+                               packet.code), time, view):
                 continue
             events.append(Event(index, time, other(sender), seq=packet.quoted_seq,
-                                ttl=packet.ttl, icmp=icmp_label(packet),
+                                ttl=packet.ttl, view=view, icmp=icmp_label(packet),
                                 reporter=packet.reporter, comment=packet.comment))
     ordered_views = sorted(used_views)
     views = tuple((view_ep[v]["A"], view_ep[v]["B"]) for v in ordered_views)
