@@ -18,6 +18,18 @@ from dataclasses import dataclass
 # Flag bits of the TCP header (RFC 9293 section 3.1).
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
+
+
+def flags_label(flags: int, payload: int = 0) -> str:
+    """How the ladder and the capture comments name a segment: "SYN+ACK", "RST",
+    "ACK len=5" (an RST is "RST" whatever else is set: it answers or aborts)."""
+    if flags & RST:
+        return "RST"
+    names = [n for bit, n in ((SYN, "SYN"), (FIN, "FIN"), (ACK, "ACK")) if flags & bit]
+    text = "+".join(names) or "(no flags)"
+    return f"{text} len={payload}" if payload else text
+
+
 PCAP_MAGICS = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
     b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9),

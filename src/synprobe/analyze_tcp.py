@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segment
+from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segment, flags_label
 
 SIDES = ("A", "B")
 CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (
@@ -80,13 +80,7 @@ class Event:
 
     @property
     def label(self) -> str:
-        if self.icmp:
-            return self.icmp
-        if self.flags & RST:
-            return "RST"
-        names = [n for bit, n in ((SYN, "SYN"), (FIN, "FIN"), (ACK, "ACK")) if self.flags & bit]
-        text = "+".join(names) or "(no flags)"
-        return f"{text} len={self.payload}" if self.payload else text
+        return self.icmp or flags_label(self.flags, self.payload)
 
 
 @dataclass(frozen=True)

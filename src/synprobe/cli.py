@@ -215,10 +215,14 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout when connected or given up "
                    "(chat lines follow it).")
+@click.option("--pcap", "pcap_path", metavar="FILE",
+              help="Write the run's packets (its port's TCP, ICMP errors about it) to this "
+                   "pcapng, each with a comment naming its role. Needs CAP_NET_RAW; "
+                   "without it the capture is skipped with a note.")
 def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, verbose: bool, no_chat: bool,
-          as_json: bool) -> None:
+          as_json: bool, pcap_path: str | None) -> None:
     """Connect to a peer by TCP simultaneous open, then chat.
 
     \b
@@ -260,8 +264,18 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
             click.echo(json.dumps(report.to_json()))
             sys.stdout.flush()
 
-    status = run_punch(cfg, event=reporter.step, on_report=on_report,
-                       chat_mode="hello" if no_chat else "chat")
+    capture = None
+    if pcap_path is not None:
+        from .capture import PunchCapture
+
+        capture = PunchCapture(pcap_path, [e for e in (broker_ep, seed_ep) if e], reporter.say)
+    try:
+        status = run_punch(cfg, event=reporter.step, on_report=on_report,
+                           chat_mode="hello" if no_chat else "chat",
+                           on_local_port=capture.start if capture else None)
+    finally:
+        if capture is not None:
+            capture.stop()
     sys.exit(int(status))
 
 
