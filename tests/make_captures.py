@@ -281,12 +281,7 @@ def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate(timeout=5)
-    return out.decode(errors="replace").strip(), err.decode(errors="replace").strip()
+    return _finish_with(proc, b"", timeout_s)
 
 
 def record_in_new_lab(scenario: Scenario, out_dir: Path, lab_id: str) -> Recording:
@@ -295,18 +290,61 @@ def record_in_new_lab(scenario: Scenario, out_dir: Path, lab_id: str) -> Recordi
         return record(lab, scenario, out_dir)
 
 
+def record_punch(lab: labmod.Lab, out_dir: Path, session: str = "ref") -> dict[str, Path]:
+    """`synprobe punch --pcap` on both hosts (A registers first) through a lab that is up;
+    -> side: the pcapng it wrote."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    labmod.start_broker(lab)
+    files = {side: out_dir / f"punch.{side}.pcapng" for side in ("a", "b")}
+    procs = {}
+    for side in ("a", "b"):
+        procs[side] = lab.popen("h" + side, [
+            *labmod.SYNPROBE, "punch", "--broker", f"{labmod.BROKER_IPS[0]}:8086",
+            "--session", session, "--timeout", "15", "--pcap", str(files[side])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.3)
+
+    def finish(side: str) -> tuple[str, str]:
+        return _finish_with(procs[side], f"hello from {side.upper()}\n".encode(), 30)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = dict(zip(procs, pool.map(finish, procs), strict=True))
+    for side, proc in procs.items():
+        if proc.returncode != 0:
+            raise RuntimeError(f"punch on host {side} failed: {outcomes[side][1]}")
+    return files
+
+
+def _finish_with(proc: subprocess.Popen[bytes], stdin: bytes, timeout_s: float
+                 ) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=5)
+    return out.decode(errors="replace").strip(), err.decode(errors="replace").strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "captures"))
     parser.add_argument("names", nargs="*", help=f"scenarios (default all: "
-                                                 f"{', '.join(SCENARIOS)})")
+                                                 f"{', '.join(SCENARIOS)}, punch)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".recording"
     work.mkdir(exist_ok=True)
     try:
-        for name in args.names or list(SCENARIOS):
+        for name in args.names or [*SCENARIOS, "punch"]:
+            if name == "punch":
+                lab = labmod.Lab("home", "home", lab_id=f"cap{os.getpid() % 10000}")
+                with labmod.terminate_on_sigterm(), lab:
+                    for side, path in record_punch(lab, work).items():
+                        shutil.copyfile(path, out / path.name)
+                        print(f"{out / path.name}: synprobe punch --pcap on host {side}")
+                continue
             scenario = SCENARIOS[name]
             rec = record_in_new_lab(scenario, work, f"cap{os.getpid() % 10000}")
             kept = {scenario.reference: f"{name}.pcap", **scenario.extra}

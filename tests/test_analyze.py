@@ -79,6 +79,8 @@ EXPECTED = {
     "syn-rejected.pcap": [("syn-rejected", False, "path")],
     "icmp-rejected.pcap": [("syn-rejected", False, "host-a")],
     "incomplete.pcap": [("incomplete", False, "host-a")],
+    "punch.a.pcapng": [("three-way", True, "host-a"), ("syn-dropped", True, "host-a")],
+    "punch.b.pcapng": [("three-way", True, "host-a"), ("three-way", True, "host-a")],
 }
 
 
@@ -123,6 +125,14 @@ def test_icmp_rejection_is_drawn_from_the_path() -> None:
     assert "---SYN-> (rejected) |" in diagram
     assert "<--ICMP port-unr--- |" in diagram and "from 203.0.113.2" in diagram
     assert diagram.splitlines()[-1].split() == ["CLOSED", "CLOSED"]
+
+
+def test_punch_pcap_carries_each_packet_s_role() -> None:
+    broker, punch = analyze_file(str(CAPTURES / "punch.a.pcapng")).attempts
+    assert broker.endpoints[1] == "192.0.2.10:8086"
+    lines = draw(punch).splitlines()
+    assert lines[3].endswith(f"punch: SYN from us to {punch.endpoints[1]}")
+    assert lines[7].endswith(f"punch: SYN from {punch.endpoints[1]}")
 
 
 def test_every_arrow_has_its_time_and_frame() -> None:
