@@ -43,32 +43,33 @@ def test_lab_up_then_down_leaves_nothing() -> None:
 @pytest.mark.lab
 def test_demo_connects_and_cleans_up() -> None:
     require_lab()
-    before = set(_namespaces("ssyn-demo"))
-    demo = subprocess.run([*SYNPROBE, "lab", "demo", "--a", "home", "--b", "firewall"],
-                          capture_output=True, text=True, timeout=120)
+    lab_id = f"demo{os.getpid() % 100000}"
+    demo = subprocess.run([*SYNPROBE, "lab", "demo", "--a", "home", "--b", "firewall",
+                           "--id", lab_id], capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "peer says: hello from B (203.0.113.130)" in demo.stdout
     assert "peer says: hello from A (10.1.0.2)" in demo.stdout
+    assert "session demo: paired" in demo.stdout  # the broker's log
     assert demo.stdout.rstrip().endswith("lab removed.")
-    assert set(_namespaces("ssyn-demo")) == before
+    assert _namespaces(f"ssyn-{lab_id}-") == []
 
 
 @pytest.mark.lab
 def test_demo_killed_with_sigterm_removes_its_lab() -> None:
     require_lab()
-    before = set(_namespaces("ssyn-demo"))
+    lab_id = f"term{os.getpid() % 100000}"
     proc = subprocess.Popen([*SYNPROBE, "lab", "demo", "--a", "random", "--b", "home",
-                             "--timeout", "30"], stdout=subprocess.PIPE,
+                             "--timeout", "30", "--id", lab_id], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 20
-    while time.monotonic() < end and set(_namespaces("ssyn-demo")) == before:
+    while time.monotonic() < end and len(_namespaces(f"ssyn-{lab_id}-")) < 6:
         time.sleep(0.05)
-    assert set(_namespaces("ssyn-demo")) != before, "the demo never brought its lab up"
-    time.sleep(1.0)  # the punches are running (random NAT: they would wait 30 s)
+    assert len(_namespaces(f"ssyn-{lab_id}-")) == 6, "the demo never brought its lab up"
+    time.sleep(1.5)  # the punches are running (random NAT: they would wait 30 s)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert set(_namespaces("ssyn-demo")) == before
+    assert _namespaces(f"ssyn-{lab_id}-") == []
 
 
 def test_lab_commands_refuse_without_root_in_one_line(

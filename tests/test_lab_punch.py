@@ -19,7 +19,7 @@ from synprobe import lab as labmod
 TIMEOUT_S = 3.0
 # NATs that drop an unsolicited SYN silently, pass a SYN that replies to ours, and keep
 # the external port: with these the SYNs need not even cross.
-CLEAN = {"home", "home-nft", "syn-sent-5s", "firewall"}
+CLEAN = {"home", "home-nft", "syn-sent-5s", "firewall", "carrier"}
 RST = {"original", "reject-rst"}
 ICMP = {"reject-icmp-port", "reject-icmp-admin"}
 
@@ -41,6 +41,11 @@ def expectation(a: str, b: str) -> tuple[str, str]:
                           "and the rejecting NAT keeps a SYN_SENT conntrack entry for it, so "
                           "its host's own SYN to that peer is mapped to another port (a NAT "
                           "tuple clash) and misses; needs the adaptive strategy")
+    if "dmz" in pair:
+        return "either", ("the DMZ host gets every unsolicited SYN: before its own connect() "
+                          "its kernel answers an early SYN with RST, which aborts the peer's "
+                          "attempt and closes the peer NAT's conntrack entry; paced retries "
+                          "must then meet")
     return "either", ("a SYN that comes early is answered with RST: the connect aborts and "
                       "only a paced retry that meets the peer's SYN-SENT window connects")
 

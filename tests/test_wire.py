@@ -6,6 +6,7 @@ import pytest
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.wire import (
+    Confirmation,
     FrameDecoder,
     LineDecoder,
     ProtocolError,
@@ -112,3 +113,24 @@ def test_endpoint_parse(text: str, expected: Endpoint) -> None:
 def test_endpoint_parse_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Endpoint.parse(text)
+
+
+def test_confirmation_needs_the_peers_hello_and_the_ack_of_ours() -> None:
+    a, b = Confirmation(), Confirmation()
+    to_b, to_a = a.opening(), b.opening()
+    reply_from_b = b.feed(to_b)  # B gets A's HELLO: answers ACK
+    assert reply_from_b == b"\x0a\x00SSYN1 ACK" and not b.done
+    reply_from_a = a.feed(to_a + reply_from_b + b"\x02hi")  # HELLO, ACK, then chat
+    assert a.done and a.leftover == b"\x02hi"
+    assert b.feed(reply_from_a) == b"" and b.done
+
+
+def test_confirmation_without_the_ack_is_not_done() -> None:
+    a = Confirmation()
+    assert a.feed(Confirmation.opening()) == b"\x0a\x00SSYN1 ACK"
+    assert not a.done  # our HELLO may have died on the way: no proof yet
+
+
+def test_confirmation_rejects_chat_before_confirming() -> None:
+    with pytest.raises(ProtocolError, match="instead of confirming the path"):
+        Confirmation().feed(b"\x02hi")

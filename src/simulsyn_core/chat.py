@@ -16,12 +16,13 @@ from typing import TextIO
 
 from .exitcodes import ExitStatus
 from .sockets import enable_keepalive
-from .wire import FrameDecoder, encode_chat
+from .wire import Confirmation, FrameDecoder, ProtocolError, encode_chat
 
 HELLO = "simulsyn hello"
 HELLO_TIMEOUT_S = 10.0
 LINGER_S = 2.0  # after --no-chat's hello, wait this long for the peer's FIN
 SELECT_SLICE_S = 1.0
+USER_TIMEOUT_MS = 20000  # TCP_USER_TIMEOUT: unacknowledged data for this long = peer lost
 PENDING_MAX = 65536  # a line longer than this is sent before its newline comes
 
 
@@ -37,16 +38,70 @@ class _PeerLost(Exception):
     pass
 
 
+def confirm_path(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """Run the HELLO/ACK exchange (wire.Confirmation); the bytes after it, or None."""
+    check = Confirmation()
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    try:
+        _send_all(sock, check.opening())
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            while not check.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if not sel.select(remaining):
+                    continue
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if not data:
+                    return None
+                reply = check.feed(data)
+                if reply:
+                    _send_all(sock, reply)
+    except (OSError, ProtocolError):
+        return None
+    return check.leftover
+
+
+def close_cleanly(sock: socket.socket) -> ExitStatus:
+    """Half-close and wait (bounded) for the peer's FIN, so neither side sees an RST."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    sock.setblocking(False)
+    end = time.monotonic() + LINGER_S
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        while (remaining := end - time.monotonic()) > 0:
+            if sel.select(remaining):
+                try:
+                    if not sock.recv(4096):
+                        break
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    break
+    return ExitStatus.OK
+
+
 def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
-         event: Callable[[str], None]) -> ExitStatus:
+         event: Callable[[str], None], initial: bytes = b"") -> ExitStatus:
     """Run the chat until both directions are finished (our stdin ended and the peer
     closed its side). The kernel's keepalive bounds a dead peer."""
     enable_keepalive(sock)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        # Data the peer never acknowledges ends the chat (PEER_LOST) instead of a hang.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     sock.setblocking(False)
     decoder = FrameDecoder()
     pending = b""
     sent = received = 0
+    for payload in decoder.feed(initial):
+        received += 1
+        _print_frame(payload, out, event)
     stdin_open = peer_open = True
 
     def send_line(line: bytes) -> None:
@@ -94,6 +149,10 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
                         continue
                     try:
                         data = sock.recv(65536)
+                    except (BlockingIOError, InterruptedError):
+                        # A wake-up with nothing to read (a late ICMP error for one of the
+                        # punch's SYNs wakes the socket too): wait again.
+                        continue
                     except OSError as exc:
                         raise _PeerLost(str(exc)) from None
                     if data:
@@ -161,6 +220,8 @@ def hello_exchange(sock: socket.socket, timeout_s: float,
                 continue
             try:
                 data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
             except OSError as exc:
                 event(f"connection to the peer lost: {exc}")
                 return ExitStatus.PEER_LOST
@@ -171,14 +232,4 @@ def hello_exchange(sock: socket.socket, timeout_s: float,
                 got = payload
                 break
         event(f"peer said {got.decode('utf-8', errors='replace')!r}")
-        # Close after the peer's FIN when it comes, so neither side sees an RST.
-        sock.shutdown(socket.SHUT_WR)
-        linger_end = time.monotonic() + LINGER_S
-        while (remaining := linger_end - time.monotonic()) > 0:
-            if sel.select(remaining):
-                try:
-                    if not sock.recv(4096):
-                        break
-                except OSError:
-                    break
-    return ExitStatus.OK
+    return close_cleanly(sock)

@@ -46,13 +46,16 @@ class Attempt:
     number: int
     started_s: float  # relative to the moment the peer was known
     duration_s: float
-    outcome: str  # "connected" or an errno name ("ECONNREFUSED", "ETIMEDOUT", ...)
+    outcome: str  # "connected", "unconfirmed", or an errno name ("ECONNREFUSED", ...)
 
     @property
     def connected(self) -> bool:
         return self.outcome == "connected"
 
     def describe(self) -> str:
+        if self.outcome == "unconfirmed":
+            return (f"attempt {self.number}: connected, but data did not pass both ways within "
+                    f"{CONFIRM_TIMEOUT_S:.0f} s (a NAT lost track of the connection): aborted")
         if self.connected:
             return f"attempt {self.number}: connected after {self.duration_s * 1000:.1f} ms"
         code = getattr(errno, self.outcome, None)
@@ -122,11 +125,24 @@ class PunchResult:
     local: Endpoint | None
     error: str | None
     established_at: float | None = None  # time.monotonic()
+    leftover: bytes = b""  # bytes the peer sent after confirming (the chat's first)
+    confirmed: bool = False
+
+
+# Checks that data passes both ways on a fresh connection; returns the bytes received
+# after the check, or None if the path is not confirmed within the time given.
+Confirm = Callable[[socket.socket, float], "bytes | None"]
+CONFIRM_TIMEOUT_S = 3.0  # one lost HELLO is resent by TCP after its 1 s initial RTO
 
 
 def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: float,
-          known_at: float, event: Callable[[str], None]) -> PunchResult:
-    """Run ``schedule`` against ``peer`` until connected, given up, or ``deadline``."""
+          known_at: float, event: Callable[[str], None], confirm: Confirm | None = None
+          ) -> PunchResult:
+    """Run ``schedule`` against ``peer`` until connected, given up, or ``deadline``.
+
+    With ``confirm``, a connection counts only once data has passed both ways; one that
+    does not confirm is aborted and the schedule goes on ("unconfirmed").
+    """
     local: Endpoint | None = None
     while True:
         step = schedule.next(deadline - time.monotonic())
@@ -154,6 +170,20 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
                           "connected" if code == 0 else errno_name(code))
         schedule.record(attempt)
         event(attempt.describe())
+        if code == 0 and confirm is not None:
+            leftover = confirm(sock, min(CONFIRM_TIMEOUT_S, deadline - time.monotonic()))
+            if leftover is None:
+                schedule.attempts[-1] = Attempt(number, started - known_at,
+                                                time.monotonic() - started, "unconfirmed")
+                event(schedule.attempts[-1].describe())
+                _abort(sock)
+                continue
+            event(f"attempt {number}: path confirmed: data passed both ways in "
+                  f"{(time.monotonic() - ended) * 1000:.1f} ms")
+            ended = time.monotonic()
+            sock.setblocking(True)
+            local = Endpoint.from_sockaddr(sock.getsockname())
+            return PunchResult(sock, schedule.attempts, local, None, ended, leftover, True)
         if code == 0:
             sock.setblocking(True)
             local = Endpoint.from_sockaddr(sock.getsockname())

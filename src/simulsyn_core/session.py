@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .chat import chat, hello_exchange
+from .chat import chat, close_cleanly, confirm_path, hello_exchange
 from .client import Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
@@ -103,7 +103,10 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
     event(f"peer {rdv.peer}" + (f" (its local endpoint {rdv.peer_local})" if rdv.peer_local
                                 else "") + (f"; we registered {rdv.role}" if rdv.role else ""))
     schedule = PunchSchedule(cfg.retries, cfg.retry_interval_s, cfg.attempt_timeout_s)
-    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event)
+    # Both sides of a broker session are synprobe: prove the path before calling it up.
+    # The original's peers (seed-broker, direct) would not answer the check.
+    confirm = confirm_path if cfg.mode == "broker" else None
+    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm)
     report.attempts = len(result.attempts)
     report.attempt_log = [
         {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
@@ -123,8 +126,10 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
     on_report(report)
     with result.sock as sock:
         if chat_mode == "hello":
+            if result.confirmed:  # the HELLO/ACK exchange was the hello
+                return close_cleanly(sock)
             return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
-        return chat(sock, stdin_fd, out, event)
+        return chat(sock, stdin_fd, out, event, initial=result.leftover)
 
 
 def _learn_peer(cfg: PunchConfig, port: int, deadline: float,

@@ -12,7 +12,7 @@ from .endpoint import Endpoint
 
 # What each connect() outcome means on Linux (tcp_v4_err, icmp_err_convert).
 ERRNO_MEANING = {
-    errno.ECONNREFUSED: "an RST came back (or ICMP port-unreachable)",
+    errno.ECONNREFUSED: "an RST or an ICMP port-unreachable came back",
     errno.ETIMEDOUT: "nothing came back",
     errno.EHOSTUNREACH: "an ICMP host-unreachable or admin-prohibited came back",
     errno.ENETUNREACH: "an ICMP net-unreachable came back, or no route",

@@ -206,3 +206,59 @@ def looks_like_rendezvous(first_bytes: bytes) -> bool:
     prefix = (MAGIC + " ").encode()
     n = min(len(first_bytes), len(prefix))
     return n > 0 and first_bytes[:n] == prefix[:n]
+
+
+# --- path confirmation (both peers are synprobe: broker mode) ------------------------------
+
+CONFIRM_HELLO = b"\x00SSYN1 HELLO"  # a NUL first: no chat line looks like it
+CONFIRM_ACK = b"\x00SSYN1 ACK"
+
+
+@dataclass
+class Confirmation:
+    """Proof that data passes both ways before a punch is called established.
+
+    Each side sends HELLO and answers the peer's HELLO with ACK; a side is confirmed once
+    it has the peer's HELLO and the ACK of its own. A connection that came up but whose
+    data dies in one direction (a NAT whose conntrack entry stayed in SYN_SENT2 sends our
+    packets out un-NATed) never confirms. Bytes after the ACK belong to the chat.
+    """
+
+    got_hello: bool = False
+    got_ack: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+
+    @staticmethod
+    def opening() -> bytes:
+        return encode_frame(CONFIRM_HELLO)
+
+    @property
+    def done(self) -> bool:
+        return self.got_hello and self.got_ack
+
+    def feed(self, data: bytes) -> bytes:
+        """Take received bytes; return the bytes to send back."""
+        self.buffer += data
+        reply = bytearray()
+        while not self.done and self.buffer and len(self.buffer) >= 1 + self.buffer[0]:
+            n = self.buffer[0]
+            frame = bytes(self.buffer[1 : 1 + n])
+            del self.buffer[: 1 + n]
+            if frame == CONFIRM_HELLO and not self.got_hello:
+                self.got_hello = True
+                reply += encode_frame(CONFIRM_ACK)
+            elif frame == CONFIRM_ACK and not self.got_ack:
+                self.got_ack = True
+            else:
+                raise ProtocolError(f"peer sent {frame[:20]!r} instead of confirming the path")
+        return bytes(reply)
+
+    @property
+    def leftover(self) -> bytes:
+        return bytes(self.buffer)
+
+
+def encode_frame(payload: bytes) -> bytes:
+    if len(payload) > FRAME_MAX:
+        raise ValueError(f"frame payload of {len(payload)} bytes")
+    return bytes([len(payload)]) + payload

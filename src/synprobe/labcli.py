@@ -89,10 +89,14 @@ def down(lab_id: str, everything: bool) -> None:
               help="Profile of host B's NAT.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1, 600), default=10.0,
               show_default=True, help="--timeout given to each punch.")
-def demo(profile_a: str, profile_b: str, timeout_s: float) -> None:
+@click.option("--id", "lab_id", default=None,
+              help="Lab id [default: demo<random>]; the lab is removed at the end anyway.")
+def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -> None:
     """Broker, two NATed peers, a punch and a message each way, then clean up."""
     labmod.require_root()
-    the_lab = labmod.Lab(profile_a, profile_b, lab_id=f"demo{time.time_ns() % 100000}")
+    lab_id = lab_id or f"demo{time.time_ns() % 100000}"
+    labmod.sweep(lab_id)
+    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
     with labmod.terminate_on_sigterm(), the_lab:
         a, b = the_lab.side("a"), the_lab.side("b")
         click.echo(f"NAT lab up: host A {a.host} behind '{profile_a}' ({a.public})  <-- "
