@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from synprobe.analyze import analyze_bytes, analyze_file
-from synprobe.analyze_ladder import draw, ladder_only
+from synprobe.analyze_ladder import arrow_text, draw, ladder_only
 from synprobe.analyze_pcap import ACK, FIN, PSH, RST, SYN, CaptureContents, Segment, read_capture
 from synprobe.analyze_tcp import find_attempts
 from synprobe.cli import main
@@ -377,3 +377,40 @@ def test_large_capture_is_read_quickly() -> None:
     assert len(result.attempts) == 10000
     assert {a.kind for a in result.attempts} == {"three-way"}
     assert elapsed < 15, f"{elapsed:.1f} s for 50000 packets"
+
+
+def _ipv6_tcp(sport: int, dport: int, flags: int, seq: int) -> bytes:
+    src = bytes.fromhex("20010db8000000000000000000000001")
+    dst = bytes.fromhex("20010db8000000000000000000000002")
+    tcp = _tcp(sport, dport, flags, seq)
+    return struct.pack("!IHBB", 6 << 28, len(tcp), 6, 57) + src + dst + tcp
+
+
+@pytest.mark.parametrize(("linktype", "frame", "src"), [
+    (1, b"\x02" * 12 + b"\x81\x00\x00\x07" + b"\x08\x00" + _ipv4(6, _tcp(4000, 80, SYN, 1)),
+     "10.0.0.1:4000"),  # Ethernet with an 802.1Q tag
+    (0, (2).to_bytes(4, "little") + _ipv4(6, _tcp(4000, 80, SYN, 1)), "10.0.0.1:4000"),  # BSD
+    (113, struct.pack("!HHH8sH", 4, 1, 6, b"\x02" * 6, 0x0800) + _ipv4(6, _tcp(4000, 80, SYN, 1)),
+     "10.0.0.1:4000"),  # Linux cooked v1
+    (229, _ipv6_tcp(4000, 80, SYN, 1), "[2001:db8::1]:4000"),  # raw IPv6
+])
+def test_link_types(linktype: int, frame: bytes, src: str) -> None:
+    (segment,) = read_capture(_pcap([(1.0, frame)], linktype)).segments
+    assert (segment.src, segment.flags, segment.seq) == (src, SYN, 1)
+
+
+def test_icmp_error_is_matched_to_the_syn_it_quotes() -> None:
+    syn = _ipv4(6, _tcp(4000, 80, SYN, 77), "10.0.0.1", "192.0.2.9")
+    icmp = _ipv4(1, bytes([3, 13, 0, 0, 0, 0, 0, 0]) + syn[:28], "192.0.2.1", "10.0.0.1", 63)
+    result = analyze_bytes("x", _pcap([(1.0, syn), (1.001, icmp)]))
+    (attempt,) = result.attempts
+    assert attempt.kind == "syn-rejected"
+    assert "     | <ICMP admin-prohib- |      " in draw(attempt)
+    assert "from 192.0.2.1" in draw(attempt)
+
+
+def test_every_arrow_fits_between_the_bars() -> None:
+    for label in ("SYN", "ICMP admin-prohib", "SYN+FIN+ACK len=65535", "ACK len=5"):
+        for rightwards in (True, False):
+            for note in ("", "dropped", "rejected"):
+                assert len(arrow_text(label, rightwards, note)) == 19, (label, note)

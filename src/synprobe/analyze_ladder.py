@@ -30,13 +30,15 @@ def event_line(side: str, text: str) -> str:
 
 
 def arrow_text(label: str, rightwards: bool, note: str = "") -> str:
-    """``--------SYN------->`` or, for a packet that never arrived, ``----SYN-> (dropped)``."""
+    """``--------SYN------->`` or, for a packet that never arrived, ``----SYN-> (dropped)``.
+    A label longer than the arrow allows is cut (the JSON arrows keep it whole)."""
+    label = label[:ARROW - 2]
     dashes = min(4, ARROW - len(label) - len(note) - 5)
     if note and dashes >= 1:
         short = (f"{'-' * dashes}{label}-> ({note})" if rightwards
                  else f"({note}) <-{label}{'-' * dashes}")
         return short.ljust(ARROW) if rightwards else short.rjust(ARROW)
-    fill = max(2, ARROW - 1 - len(label))
+    fill = ARROW - 1 - len(label)
     if rightwards:
         return "-" * ((fill + 1) // 2) + label + "-" * (fill // 2) + ">"
     return "<" + "-" * (fill // 2) + label + "-" * ((fill + 1) // 2)

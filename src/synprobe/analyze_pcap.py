@@ -146,7 +146,9 @@ def _network_offset(linktype: int, frame: bytes) -> tuple[int, int] | None:
     if linktype == LINKTYPE_NULL:
         if len(frame) < 4:
             return None
-        family = max(int.from_bytes(frame[:4], "little"), int.from_bytes(frame[:4], "big"))
+        family = int.from_bytes(frame[:4], "little")  # in the capturing host's order
+        if family > 0xFFFF:
+            family = int.from_bytes(frame[:4], "big")
         return (4, 4 if family == 2 else 6 if family in (10, 24, 28, 30) else -1)
     return None
 

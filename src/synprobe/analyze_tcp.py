@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segment, flags_label
@@ -519,8 +519,7 @@ def _after_connects(start: tuple[str, str], connects: list[str]) -> tuple[str, s
             SYN_SENT if "B" in connects else start[1])
 
 
-def classify(steps: Sequence[Step], sides: dict[str, _Side], listener: str | None
-             ) -> tuple[str, bool]:
+def classify(steps: Sequence[Step], sides: dict[str, _Side]) -> tuple[str, bool]:
     """(kind, established) of one replayed attempt (the issue's five kinds)."""
     arrows = [a for step in steps for a in step.arrows]
     established = all(s.established_once for s in sides.values())
@@ -584,7 +583,7 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
     ordered_views = sorted(used_views)
     views = tuple((view_ep[v]["A"], view_ep[v]["B"]) for v in ordered_views)
     steps, tail, sides, anomalies, listener = replay(events)
-    kind, established = classify(steps, sides, listener)
+    kind, established = classify(steps, sides)
     counts: dict[int, int] = {}
     for ev in events:
         if not ev.is_icmp:
@@ -595,10 +594,3 @@ def _attempt(items: Sequence[Item]) -> Attempt | None:
     return Attempt(endpoints, views, kind, established, events[0].time, vantage,
                    vantage_point, listener, tuple(steps), tuple(tail), len(events),
                    tuple(anomalies))
-
-
-def summarize(attempts: Iterable[Attempt]) -> dict[str, int]:
-    counts = dict.fromkeys(KINDS, 0)
-    for a in attempts:
-        counts[a.kind] += 1
-    return counts
