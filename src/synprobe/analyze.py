@@ -158,6 +158,13 @@ def analyze(files: tuple[str, ...], as_json: bool, brief: bool) -> None:
     by ports and ISN: one connection, each packet drawn once.
 
     \b
+    "seen at" (vantage_point), guessed from the TTLs and the addresses:
+      host-a / host-b  at that side's host or on its LAN (its packets unrouted)
+      path             between them: a NAT's public side, a router
+      several          the same connection under several address pairs
+      local            both sides on one host (loopback)
+
+    \b
     JSON keys per connection: file, number, endpoints, kind, established,
     first_packet_time, first_packet_utc, vantage, vantage_point, views, listener,
     packets, arrows, final_states, anomalies, diagram.
