@@ -256,8 +256,8 @@ class PunchCapture:
                     return
                 if sock_fd in ready:
                     self._one(ancillary)
-        except OSError as exc:
-            self.error = str(exc)
+        except Exception as exc:  # the thread must not die silently: say it at stop()
+            self.error = f"{exc.__class__.__name__}: {exc}"
 
     def _one(self, ancillary: int) -> None:
         assert self._sock is not None and self._pcap is not None
@@ -292,6 +292,10 @@ class PunchCapture:
             self._sock.close()
         if self._file is not None:
             self._file.close()
-        state.record_pcap(self.path, self.argv)
         self.note(f"capture: {self.written} packet(s) of port {self.port} written to "
                   f"{self.path}" + (f" (stopped early: {self.error})" if self.error else ""))
+        try:
+            state.record_pcap(self.path, self.argv)
+        except OSError as exc:
+            self.note(f"capture: not recorded for `synprobe report` ({state.state_dir()}: "
+                      f"{exc.strerror or exc})")
