@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from synprobe.analyze import analyze_file
 from synprobe.analyze_pcap import ACK, FIN, RST, SYN, read_capture
 from synprobe.capture import PcapNgFile, Roles, Seen, cooked_header, packet_role
 
-from .helpers import SYNPROBE
+from .helpers import SYNPROBE, loopback_broker
 
 PEER = "203.0.113.2:40100"
 BROKER = "192.0.2.10:8086"
@@ -197,3 +198,35 @@ def test_pcap_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"synprobe: --pcap {tmp_path / 'no' / 'x.pcapng'}: "
                                    f"cannot write in {tmp_path / 'no'}")
+
+
+def test_sigterm_while_waiting_for_the_peer_still_closes_and_records_the_pcap(
+        tmp_path: Path) -> None:
+    pcap = tmp_path / "wait.pcapng"
+    env = {**os.environ, "SYNPROBE_STATE_DIR": str(tmp_path / "state")}
+    with loopback_broker() as (_, port):
+        proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}",
+                                 "--session", "alone", "--timeout", "30", "-v", "--pcap",
+                                 str(pcap)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        try:
+            assert proc.stderr is not None
+            line = ""
+            while "waiting for the peer" not in line:  # bounded: the punch ends by --timeout
+                line = proc.stderr.readline()
+                assert line, "punch ended before registering"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    if not _has_net_raw():
+        assert proc.returncode == -signal.SIGTERM
+        return
+    assert proc.returncode == 130, err
+    assert "capture: " in err and "interrupted" in err
+    (broker,) = analyze_file(str(pcap)).attempts
+    assert broker.kind == "three-way" and broker.endpoints[1] == f"127.0.0.1:{port}"
+    assert json.loads((tmp_path / "state" / "pcaps.jsonl").read_text())["path"] == str(pcap)
