@@ -45,6 +45,14 @@ ETH_IPV4, ETH_IPV6, ETH_VLAN = 0x0800, 0x86DD, {0x8100, 0x88A8, 0x9100}
 
 ICMP_ERRORS = {3: "unreachable", 11: "time-exceeded", 12: "parameter-problem"}
 ICMP6_ERRORS = {1: "unreachable", 3: "time-exceeded", 4: "parameter-problem"}
+# (type, code) -> name: RFC 792 and RFC 1812 (ICMP), RFC 4443 (ICMPv6)
+ICMP_NAMES = {
+    (3, 0): "net-unreachable", (3, 1): "host-unreachable", (3, 2): "protocol-unreachable",
+    (3, 3): "port-unreachable", (3, 4): "fragmentation-needed", (3, 9): "net-prohibited",
+    (3, 10): "host-prohibited", (3, 13): "admin-prohibited", (11, 0): "ttl-exceeded",
+}
+ICMP6_NAMES = {(1, 0): "no-route", (1, 1): "admin-prohibited", (1, 3): "address-unreachable",
+               (1, 4): "port-unreachable", (3, 0): "hop-limit-exceeded"}
 
 
 class CaptureError(ValueError):
@@ -86,6 +94,13 @@ class IcmpError:
     ttl: int
     v6: bool = False
     comment: str = ""
+
+
+    @property
+    def name(self) -> str:
+        """"port-unreachable", "admin-prohibited", ... or "type/code"."""
+        names = ICMP6_NAMES if self.v6 else ICMP_NAMES
+        return names.get((self.icmp_type, self.code), f"{self.icmp_type}/{self.code}")
 
 
 @dataclass(frozen=True)

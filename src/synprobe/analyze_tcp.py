@@ -31,14 +31,6 @@ SAME_PACKET_WINDOW_S = 5.0
 MAX_ANOMALIES = 10  # per attempt: enough to see what the model could not explain
 KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete")
 
-ICMP_NAMES = {  # RFC 792 / RFC 1812 codes of "destination unreachable", short
-    (3, 0): "net-unr", (3, 1): "host-unr", (3, 2): "proto-unr", (3, 3): "port-unr",
-    (3, 4): "frag-needed", (3, 9): "net-prohib", (3, 10): "host-prohib",
-    (3, 13): "admin-prohib", (11, 0): "ttl-exceeded",
-}
-ICMP6_NAMES = {(1, 0): "no-route", (1, 1): "admin-prohib", (1, 3): "addr-unr",
-               (1, 4): "port-unr", (3, 0): "hop-limit"}
-
 
 def other(side: str) -> str:
     return "B" if side == "A" else "A"
@@ -185,8 +177,9 @@ def _union_views(segments: Sequence[Segment]) -> dict[FlowKey, tuple[int, dict[s
 
 
 def icmp_label(err: IcmpError) -> str:
-    names = ICMP6_NAMES if err.v6 else ICMP_NAMES
-    return "ICMP " + names.get((err.icmp_type, err.code), f"{err.icmp_type}/{err.code}")
+    """Short enough for an arrow: "ICMP port-unr", "ICMP admin-prohib"."""
+    short = err.name.replace("unreachable", "unr").replace("prohibited", "prohib")
+    return "ICMP " + short.replace("fragmentation", "frag").replace("exceeded", "exc")
 
 
 # (time, frame, packet, canonical sender endpoint, canonical receiver endpoint, view)

@@ -52,9 +52,7 @@ _BPF = [(0x28, 0, 0, SKF_AD_PROTOCOL),  # ldh proto
         (0x15, 0, 1, 1),  # jeq #1 -> accept, else drop
         (0x06, 0, 0, SNAPLEN),  # accept
         (0x06, 0, 0, 0)]  # drop
-ICMP_NAMES = {0: "net-unreachable", 1: "host-unreachable", 2: "protocol-unreachable",
-              3: "port-unreachable", 9: "net-prohibited", 10: "host-prohibited",
-              13: "admin-prohibited"}
+
 
 
 @dataclass(frozen=True)
@@ -121,9 +119,7 @@ def seen_for_port(record: Segment | IcmpError | None, port: int, outgoing: bool
         return None
     if isinstance(record, IcmpError) and record.icmp_type == 3:
         if int(record.quoted_src.rsplit(":", 1)[1]) == port:
-            return Seen(False, record.quoted_dst, icmp=ICMP_NAMES.get(record.code,
-                                                                     f"code {record.code}"),
-                        reporter=record.reporter)
+            return Seen(False, record.quoted_dst, icmp=record.name, reporter=record.reporter)
     return None
 
 
