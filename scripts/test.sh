@@ -10,4 +10,5 @@ echo "== ruff"; ruff check src tests bench
 echo "== mypy"; mypy
 echo "== pytest"
 # The lab tests mostly wait on the network; four workers keep the matrix short on 2 cores.
-exec python -m pytest -n 4 -q "$@"
+# loadgroup: a module whose fixture builds labs once for all its tests stays on one worker.
+exec python -m pytest -n 4 --dist loadgroup -q "$@"

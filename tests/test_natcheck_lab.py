@@ -18,6 +18,9 @@ import pytest
 from synprobe import lab as labmod
 from tests.conftest import require_lab
 
+# One worker runs this module: its fixture builds each pair's lab once for all the tests.
+pytestmark = pytest.mark.xdist_group("natcheck-lab")
+
 EI, APD = "endpoint-independent", "address-and-port-dependent"
 ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
@@ -106,7 +109,7 @@ def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
         if profile in results:
             return results[profile]
         pair = next(p for p in PAIRS if profile in p)
-        lab = labmod.Lab(*pair, lab_id=f"nc{next(_ids)}x")
+        lab = labmod.Lab(*pair, lab_id=f"nc{os.getpid() % 100000}x{next(_ids)}")
         try:
             lab.up()
             labmod.start_broker(lab, extra=["--probe", "-q"])
