@@ -118,3 +118,27 @@ def test_lonely_punch_gives_up_with_no_peer() -> None:
     assert proc.returncode == 4
     assert json.loads(proc.stdout)["error"] == "no peer joined session 'alone' in time"
     assert took < 10  # bounded by --timeout (plus interpreter start), not hanging
+
+
+def test_no_chat_with_a_peer_that_is_not_synprobe_exchanges_one_hello() -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(10)
+    port = srv.getsockname()[1]
+    proc = subprocess.Popen([*SYNPROBE, "punch", "--peer", f"127.0.0.1:{port}", "--local-port",
+                             str(_closed_port()), "--no-chat", "-v", "--timeout", "10"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    with conn:
+        conn.settimeout(10)
+        conn.sendall(b"\x03hey")
+        received = b""
+        while chunk := conn.recv(4096):  # until synprobe half-closes
+            received += chunk
+    srv.close()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert received == b"\x0esimulsyn hello"
+    assert "peer said 'hey'" in err

@@ -11,7 +11,7 @@ import os
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .exitcodes import ExitStatus
@@ -38,51 +38,49 @@ class _PeerLost(Exception):
     pass
 
 
+def _recv_chunks(sock: socket.socket, deadline: float) -> Iterator[bytes]:
+    """What the peer sends until ``deadline``: data chunks, then b"" if it closes.
+    Stops silently at the deadline; raises OSError if the connection breaks."""
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not sel.select(remaining):
+                continue
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue  # a wake-up with nothing to read (e.g. a late ICMP error)
+            yield data
+            if not data:
+                return
+
+
 def confirm_path(sock: socket.socket, timeout_s: float) -> bytes | None:
     """Run the HELLO/ACK exchange (wire.Confirmation); the bytes after it, or None."""
     check = Confirmation()
-    deadline = time.monotonic() + max(0.0, timeout_s)
     try:
         _send_all(sock, check.opening())
-        with selectors.DefaultSelector() as sel:
-            sel.register(sock, selectors.EVENT_READ)
-            while not check.done:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                if not sel.select(remaining):
-                    continue
-                try:
-                    data = sock.recv(4096)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                if not data:
-                    return None
-                reply = check.feed(data)
-                if reply:
-                    _send_all(sock, reply)
+        for data in _recv_chunks(sock, time.monotonic() + max(0.0, timeout_s)):
+            if not data:
+                return None
+            reply = check.feed(data)
+            if reply:
+                _send_all(sock, reply)
+            if check.done:
+                return check.leftover
     except (OSError, ProtocolError):
         return None
-    return check.leftover
+    return None
 
 
 def close_cleanly(sock: socket.socket) -> ExitStatus:
     """Half-close and wait (bounded) for the peer's FIN, so neither side sees an RST."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
-    sock.setblocking(False)
-    end = time.monotonic() + LINGER_S
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ)
-        while (remaining := end - time.monotonic()) > 0:
-            if sel.select(remaining):
-                try:
-                    if not sock.recv(4096):
-                        break
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    break
+        for data in _recv_chunks(sock, time.monotonic() + LINGER_S):
+            if not data:
+                break
     return ExitStatus.OK
 
 
@@ -202,34 +200,20 @@ def _send_all(sock: socket.socket, frame: bytes) -> None:
 
 def hello_exchange(sock: socket.socket, timeout_s: float,
                    event: Callable[[str], None]) -> ExitStatus:
-    """--no-chat: send one framed hello, read the peer's, close cleanly."""
-    sock.setblocking(True)
-    sock.sendall(encode_chat(HELLO))
-    deadline = time.monotonic() + min(timeout_s, HELLO_TIMEOUT_S)
+    """--no-chat with a peer that may be the original: send one framed hello, read the
+    peer's first message, close cleanly."""
     decoder = FrameDecoder()
-    sock.setblocking(False)
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ)
-        got: bytes | None = None
-        while got is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                event("the peer sent no hello in time")
-                return ExitStatus.PEER_LOST
-            if not sel.select(remaining):
-                continue
-            try:
-                data = sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                event(f"connection to the peer lost: {exc}")
-                return ExitStatus.PEER_LOST
+    try:
+        _send_all(sock, encode_chat(HELLO))
+        for data in _recv_chunks(sock, time.monotonic() + min(timeout_s, HELLO_TIMEOUT_S)):
             if not data:
                 event("the peer closed before its hello")
                 return ExitStatus.PEER_LOST
             for payload in decoder.feed(data):
-                got = payload
-                break
-        event(f"peer said {got.decode('utf-8', errors='replace')!r}")
-    return close_cleanly(sock)
+                event(f"peer said {payload.decode('utf-8', errors='replace')!r}")
+                return close_cleanly(sock)
+    except OSError as exc:
+        event(f"connection to the peer lost: {exc}")
+        return ExitStatus.PEER_LOST
+    event("the peer sent no hello in time")
+    return ExitStatus.PEER_LOST
