@@ -26,6 +26,21 @@ def require_lab() -> None:
                     "'Running the tests' installs everything)", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What synprobe records for `synprobe report` (last nat-check, pcaps) goes to a
+    temporary directory during the tests, never to the user's own state."""
+    old = os.environ.get("SYNPROBE_STATE_DIR")
+    os.environ["SYNPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SYNPROBE_STATE_DIR", None)
+        else:
+            os.environ["SYNPROBE_STATE_DIR"] = old
+
+
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., labmod.Lab]]:
     """make_lab(profile_a, profile_b) -> a Lab that is up; taken down after the test."""

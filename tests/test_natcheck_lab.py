@@ -26,18 +26,6 @@ ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """nat-check saves its last result for `synprobe report`: into a temporary directory."""
-    old = os.environ.get("SYNPROBE_STATE_DIR")
-    os.environ["SYNPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SYNPROBE_STATE_DIR", None)
-        else:
-            os.environ["SYNPROBE_STATE_DIR"] = old
 CHECK_TIMEOUT_S = 40.0
 
 # Extra nat-check options per profile (the lifetime is measured where it is short).

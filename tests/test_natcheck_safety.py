@@ -4,11 +4,10 @@ clients, and missing privileges are told in one line."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,18 +20,6 @@ from synprobe.natcheck.server import Check, ProbeServer
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """nat-check saves its last result for `synprobe report`: into a temporary directory."""
-    old = os.environ.get("SYNPROBE_STATE_DIR")
-    os.environ["SYNPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SYNPROBE_STATE_DIR", None)
-        else:
-            os.environ["SYNPROBE_STATE_DIR"] = old
 WAIT_S = 10.0
 
 
