@@ -296,6 +296,15 @@ def test_bad_file_among_good_ones_keeps_the_good_output(
     assert err.startswith(f"synprobe: {junk}: not a pcap")
 
 
+def test_capture_on_standard_input() -> None:
+    proc = subprocess.run([sys.executable, "-m", "synprobe", "analyze", "--brief", "-"],
+                          input=(CAPTURES / "syn-dropped.pcap").read_bytes(),
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert b"-: pcap, 11 packet(s), 1 connection attempt(s)" in proc.stdout
+    assert b"syn-dropped" in proc.stdout
+
+
 def test_as_a_process_no_traceback(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pcap"
     junk.write_bytes(b"\xd4\xc3\xb2\xa1" + b"\xff" * 40)

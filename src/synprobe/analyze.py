@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,13 @@ def analyze_bytes(path: str, data: bytes) -> FileAnalysis:
 
 
 def analyze_file(path: str) -> FileAnalysis:
+    """``path`` "-" reads standard input (tcpdump -w - | synprobe analyze -)."""
     try:
-        with open(path, "rb") as capture:
-            data = capture.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as capture:
+                data = capture.read()
     except OSError as exc:
         return FileAnalysis(path, None, (), 0, f"cannot read it: {exc.strerror or exc}")
     return analyze_bytes(path, data)
@@ -141,7 +146,7 @@ def render_text(results: Sequence[FileAnalysis], diagrams: bool = True) -> str:
               help='Print {"connections": [...], "files": [...]} on stdout.')
 @click.option("--brief", is_flag=True, help="The table only, no ladder diagrams.")
 def analyze(files: tuple[str, ...], as_json: bool, brief: bool) -> None:
-    """Explain every TCP connection attempt in pcap/pcapng FILEs.
+    """Explain every TCP connection attempt in pcap/pcapng FILEs ("-": stdin).
 
     \b
     Each attempt (one 4-tuple, one opening) is classified as it looks from where
