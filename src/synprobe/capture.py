@@ -41,6 +41,7 @@ LINKTYPE_RAW = 101
 SNAPLEN = 65535
 STOP_TIMEOUT_S = 3.0
 POLL_S = 0.2  # the reader thread looks at its stop pipe at least this often
+DRAIN_S, DRAIN_MAX = 0.5, 10000  # at stop, what is already queued is read within these
 
 # Classic BPF on the cooked packet: keep IPv4 TCP (6) and ICMP (1), drop the rest in the
 # kernel; ports are checked in Python (ICMP quotes them deeper than a short filter reads).
@@ -244,10 +245,14 @@ class PunchCapture:
                 sock_fd = self._sock.fileno()
                 ready, _, _ = select.select([sock_fd, self._wake_r], [], [], POLL_S)
                 if self._wake_r in ready:
-                    # Stopping: take what is already queued, then end.
+                    # Stopping: take what is already queued (bounded: a busy host
+                    # keeps queueing other TCP), then end.
                     self._sock.setblocking(False)
+                    end = time.monotonic() + DRAIN_S
                     with contextlib.suppress(BlockingIOError):
-                        while True:
+                        for _ in range(DRAIN_MAX):
+                            if time.monotonic() > end:
+                                break
                             self._one(ancillary)
                     return
                 if sock_fd in ready:
