@@ -9,11 +9,11 @@ Compares, in the same run, against the bare interpreter and against importing sc
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def median_ms(argv: list[str], runs: int) -> float:
@@ -30,8 +30,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args()
-    script = shutil.which("synprobe")
-    launcher = [script] if script else [sys.executable, "-m", "synprobe"]
+    # The console script of this interpreter's environment (not a shim found on PATH).
+    script = Path(sys.executable).parent / "synprobe"
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "synprobe"]
     rows = [
         ("python -c pass (floor)", [sys.executable, "-c", "pass"]),
         ("synprobe --help", [*launcher, "--help"]),

@@ -5,17 +5,17 @@ the commands that craft or capture packets.
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from simulsyn_core import __version__
-from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
+
+if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
+    from simulsyn_core.endpoint import Endpoint
 
 DEFAULT_BROKER_PORT = 8086
 
@@ -24,6 +24,10 @@ EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
     """HOST[:PORT] where HOST is an IPv4 address or a name that resolves to one."""
+    import socket
+
+    from simulsyn_core.endpoint import Endpoint
+
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = text, str(default_port)
@@ -53,6 +57,8 @@ class EndpointType(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Endpoint:
+        from simulsyn_core.endpoint import Endpoint
+
         if isinstance(value, Endpoint):
             return value
         if self.server:
@@ -261,6 +267,8 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
 
     def on_report(report: PunchReport) -> None:
         if as_json:
+            import json
+
             click.echo(json.dumps(report.to_json()))
             sys.stdout.flush()
 
