@@ -235,8 +235,6 @@ def _warm_neighbours(lab: labmod.Lab) -> None:
         lab.run(node, [sys.executable, "-c",
                        "import socket; s=socket.socket(); s.settimeout(0.3); "
                        f"s.connect_ex(('{target}', 9)); s.close()"], timeout=5)
-    for node in ("ga", "gb", "rt", "ha", "hb"):
-        lab.run(node, ["ip", "neigh", "show"], timeout=5)
 
 
 def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
@@ -244,7 +242,6 @@ def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
     require_tools()
     a, b = lab.side("a"), lab.side("b")
     _warm_neighbours(lab)
-    time.sleep(1.2)  # the warm-up SYNs' conntrack entries are not this scenario's
     files = {p: out_dir / f"{scenario.name}.{p}.pcap" for p in scenario.capture_points}
     remote = {"a": f"{b.public}:{PORT}", "b": f"{a.public}:{PORT}"}
     if scenario.listener:
