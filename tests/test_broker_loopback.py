@@ -142,3 +142,32 @@ def test_no_chat_with_a_peer_that_is_not_synprobe_exchanges_one_hello() -> None:
     assert proc.returncode == 0, err
     assert received == b"\x0esimulsyn hello"
     assert "peer said 'hey'" in err
+
+
+def test_one_host_cannot_take_every_connection() -> None:
+    from simulsyn_core.broker import MAX_CONNECTIONS_PER_IP
+
+    with loopback_broker() as (proc, port):
+        hogs = [_line_client(port, b"S") for _ in range(MAX_CONNECTIONS_PER_IP)]
+        try:
+            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with extra:
+                assert extra.recv(100) == b""  # closed at accept: over the per-host cap
+        finally:
+            for s in hogs:
+                s.close()
+        time.sleep(0.3)  # the broker sees the hogs go
+        assert len(decode_seed_list(_list_request(port))) == 1
+        assert proc.poll() is None
+
+
+def test_stopping_the_broker_with_clients_connected_is_quiet() -> None:
+    with loopback_broker() as (proc, port):
+        waiting = _line_client(port, b"SSYN1 REGISTER session=w\n")
+        assert _read_line(waiting).startswith(b"SSYN1 REGISTERED")
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        waiting.close()
+    assert proc.returncode == 0
+    assert "Traceback" not in err and "Exception" not in err
+    assert err.rstrip().endswith("stopped")

@@ -82,3 +82,15 @@ def test_expire_times_out_lonely_clients() -> None:
     ((conn, msg, close),) = _msgs(table.expire(11.0))
     assert (conn, msg.get("code"), close) == ("a", "timeout", True)
     assert len(table) == 0
+
+
+def test_one_address_cannot_fill_the_table() -> None:
+    table = SessionTable(max_waiting_per_ip=2)
+    for i in range(2):
+        ((_, msg, _),) = _msgs(table.register(f"a{i}", f"s{i}", Endpoint(A.ip, 1000 + i),
+                                              None, 0.0))
+        assert msg.verb == "REGISTERED"
+    ((_, msg, close),) = _msgs(table.register("a2", "s2", Endpoint(A.ip, 1002), None, 0.0))
+    assert (msg.get("code"), close) == ("busy", True)
+    ((_, msg, _),) = _msgs(table.register("b", "s3", B, None, 0.0))  # others still served
+    assert msg.verb == "REGISTERED"

@@ -30,10 +30,16 @@ from .wire import (
     looks_like_rendezvous,
 )
 
-SEED_GRACE_S = 0.3  # a rendezvous client speaks at once; an original client never does
+# A rendezvous client speaks at once; an original client never does. Long enough to
+# cover one retransmission of a lost first segment (Linux's minimum RTO is 200 ms).
+SEED_GRACE_S = 1.0
 MAX_CONNECTIONS = 8192  # open client connections at most; more are closed at accept
+MAX_CONNECTIONS_PER_IP = 64  # so that one host cannot take them all
+FIRST_LINE_TIMEOUT_S = 5.0  # a connection that has not sent a whole line by then goes
 EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
+CLOSE_GRACE_S = 2.0  # on stop, connection handlers get this long to finish
+KEEPALIVE = (30, 10, 3)  # idle, interval, count: a waiting client that vanished is noticed
 
 Log = Callable[[str], None]
 # A service answers the verbs it registered for, on a rendezvous connection (nat-check's
@@ -58,6 +64,8 @@ class Broker:
     _next_conn: int = 0
     services: dict[str, Service] = field(default_factory=dict)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _per_ip: dict[str, int] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
@@ -95,9 +103,16 @@ class Broker:
             server.close()
         for writer in list(self._writers.values()):
             writer.close()
+        # Let the handlers finish (they hold the writers), then cancel what is left, so
+        # that asyncio.run() has nothing to cancel and print.
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
 
     def _carry_out(self, replies: list[Reply]) -> None:
         # Written in one step without awaiting, so both peers of a pair are told at
@@ -112,19 +127,29 @@ class Broker:
                 writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         peername = writer.get_extra_info("peername")
         sock = writer.get_extra_info("socket")
         if len(self._writers) >= MAX_CONNECTIONS or sock is None or sock.family != socket.AF_INET:
             writer.close()  # the original protocol carries IPv4 only; others get nothing
             return
         public = Endpoint.from_sockaddr(peername)
+        if self._per_ip.get(public.ip, 0) >= MAX_CONNECTIONS_PER_IP:
+            writer.close()
+            return
+        self._per_ip[public.ip] = self._per_ip.get(public.ip, 0) + 1
+        with contextlib.suppress(OSError):
+            _keepalive(sock)
         conn = self._next_conn
         self._next_conn += 1
         self._writers[conn] = writer
         try:
             try:
                 first = await asyncio.wait_for(reader.read(LINE_MAX), self.seed_grace_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
                 first = b""
             if not first:
                 entries = self.seeds.visit(public, time.monotonic())
@@ -141,6 +166,11 @@ class Broker:
         finally:
             self.sessions.disconnect(conn)
             self._writers.pop(conn, None)
+            left = self._per_ip.get(public.ip, 1) - 1
+            if left > 0:
+                self._per_ip[public.ip] = left
+            else:
+                self._per_ip.pop(public.ip, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), WRITE_DRAIN_TIMEOUT_S)
@@ -149,10 +179,13 @@ class Broker:
                           first: bytes) -> None:
         decoder = LineDecoder()
         data = first
-        deadline = time.monotonic() + self.sessions.wait_max_s + EXPIRE_EVERY_S
+        # Until a whole line has come, a connection gets only a few seconds: one that
+        # trickles bytes cannot hold a slot for the whole session wait.
+        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
         while conn in self._writers:
             try:
                 for msg in decoder.feed(data):
+                    deadline = time.monotonic() + self.sessions.wait_max_s + EXPIRE_EVERY_S
                     service = self.services.get(msg.verb)
                     if service is not None:
                         await service(self, conn, public, msg)
@@ -168,7 +201,7 @@ class Broker:
             except ProtocolError as exc:
                 self.log(f"bad request from {public}: {exc}")
                 self._carry_out([Reply(conn, encode_message(
-                    "ERROR", code="bad-request", message=str(exc)), close=True)])
+                    "ERROR", code="bad-request", message=str(exc)[:120]), close=True)])
                 return
             if conn not in self._writers:
                 return
@@ -177,7 +210,7 @@ class Broker:
                 return
             try:
                 data = await asyncio.wait_for(reader.read(LINE_MAX), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
                 return
             if not data:
                 if conn in self._writers:  # not closed by us after PEER or ERROR
@@ -193,6 +226,14 @@ class Broker:
                 self.log(f"session {session}: {public} waits for its peer")
             else:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
+
+
+def _keepalive(sock: socket.socket) -> None:
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,

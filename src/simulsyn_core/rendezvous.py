@@ -15,6 +15,7 @@ from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
 SEED_MAX_AGE_S = 60.0
 SESSION_WAIT_MAX_S = 300.0  # how long a lone client may wait for its peer at the broker
 MAX_WAITING_SESSIONS = 4096  # bound on memory a flood of registrations can take
+MAX_WAITING_PER_IP = 16  # so that one host cannot fill the table
 
 
 class SeedList:
@@ -61,8 +62,10 @@ class SessionTable:
     """
 
     def __init__(self, max_waiting: int = MAX_WAITING_SESSIONS,
-                 wait_max_s: float = SESSION_WAIT_MAX_S) -> None:
+                 wait_max_s: float = SESSION_WAIT_MAX_S,
+                 max_waiting_per_ip: int = MAX_WAITING_PER_IP) -> None:
         self.max_waiting = max_waiting
+        self.max_waiting_per_ip = max_waiting_per_ip
         self.wait_max_s = wait_max_s
         self._waiting: dict[str, _Waiting] = {}
         self._session_of: dict[Hashable, str] = {}
@@ -86,6 +89,9 @@ class SessionTable:
         if other is None:
             if len(self._waiting) >= self.max_waiting:
                 return [_error(conn, "busy", "too many waiting sessions; try later")]
+            if sum(w.public.ip == public.ip for w in self._waiting.values()) >= \
+                    self.max_waiting_per_ip:
+                return [_error(conn, "busy", "too many waiting sessions from this address")]
             self._waiting[session] = _Waiting(conn, public, local, now)
             self._session_of[conn] = session
             return [Reply(conn, encode_message("REGISTERED", session=session, public=public),

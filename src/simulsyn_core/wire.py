@@ -110,6 +110,7 @@ class FrameDecoder:
 
 MAGIC = "SSYN1"
 LINE_MAX = 512
+MESSAGE_MAX = 160  # an error message is cut to this (it may quote what the client sent)
 SESSION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEY_RE = re.compile(r"[a-z_]{1,32}")
 _VALUE_RE = re.compile(r"[!-~]{0,200}")  # printable ASCII without spaces
@@ -147,7 +148,7 @@ def encode_message(verb: str, **fields: object) -> bytes:
             continue
         text = str(value)
         if key == "message":
-            text = text.replace(" ", "_")
+            text = text.replace(" ", "_")[:MESSAGE_MAX]
         if not _KEY_RE.fullmatch(key) or not _VALUE_RE.fullmatch(text):
             raise ValueError(f"cannot encode {key}={text!r}")
         parts.append(f"{key}={text}")
