@@ -78,3 +78,45 @@ def test_punch_path_never_imports_scapy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30)
     assert proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr
+
+
+def test_broker_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["punch", "--broker", "127.0.0.1:99999", "--session", "s"]) == 2
+    assert "port must be 1-65535" in capsys.readouterr().err
+
+
+def test_taken_local_port_is_exit_8_with_json() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*SYNPROBE, "punch", "--broker", "127.0.0.1:1", "--session", "s",
+                               "--local-port", str(port), "--json"],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == ExitStatus.ADDRESS_IN_USE, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["exit_code"] == 8 and "cannot bind local port" in report["error"]
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_sigterm_while_waiting_is_exit_130_with_json() -> None:
+    import signal
+    import time
+
+    from .helpers import loopback_broker
+
+    with loopback_broker() as (_, port):
+        proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}",
+                                 "--session", "term", "--json", "-v"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        end = time.monotonic() + 10
+        while time.monotonic() < end:  # registered: now it waits for a peer
+            if "waiting for the peer" in proc.stderr.readline():
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == ExitStatus.INTERRUPTED
+    report = json.loads(out)
+    assert (report["error"], report["exit_code"]) == ("interrupted", 130)
+    assert "synprobe: interrupted" in err

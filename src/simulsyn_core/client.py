@@ -42,7 +42,11 @@ class Rendezvous:
 
 
 def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socket.socket:
-    sock = bound_socket(local_port)
+    try:
+        sock = bound_socket(local_port)
+    except OSError as exc:
+        raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                        f"cannot bind local port {local_port}: {exc.strerror}") from None
     code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
                                                  deadline - time.monotonic()))
     if code:
@@ -59,7 +63,11 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
         sock.setblocking(True)
-        sock.sendall(encode_message("REGISTER", session=session, local=local))
+        try:
+            sock.sendall(encode_message("REGISTER", session=session, local=local))
+        except OSError as exc:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"broker {broker}: {exc.strerror or exc}") from None
         decoder = LineDecoder()
         public: Endpoint | None = None
         sock.setblocking(False)
@@ -135,6 +143,10 @@ def seed_rendezvous(broker: Endpoint, local_port: int, deadline: float,
             data = recv_until_eof(sock, min(deadline, time.monotonic() + 5.0), limit=1 + 255 * 6)
             entries = decode_seed_list(data)
         except TimeoutError:
+            if time.monotonic() >= deadline:  # our --timeout, not the broker's fault
+                raise ToolError(ExitStatus.NO_PEER,
+                                f"no other endpoint appeared on list broker {broker} in "
+                                f"time ({polls} polls)") from None
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                             f"list broker {broker} did not answer in time") from None
         except (ValueError, OSError) as exc:

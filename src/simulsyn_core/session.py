@@ -61,8 +61,14 @@ class PunchReport:
         return asdict(self)
 
 
-def allocate_port() -> int:
-    sock = bound_socket(0)
+def check_port(local_port: int) -> int:
+    """The run's local port: ``local_port`` if it can be bound, else one the kernel picks
+    when it is 0. Raises ToolError(ADDRESS_IN_USE)."""
+    try:
+        sock = bound_socket(local_port)
+    except OSError as exc:
+        raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                        f"cannot bind local port {local_port}: {exc.strerror}") from None
     try:
         return int(sock.getsockname()[1])
     finally:
@@ -78,23 +84,36 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
     ``on_local_port`` is called with the local port before the first packet is sent
     (synprobe starts its capture there).
     """
-    start = time.monotonic()
-    deadline = start + cfg.timeout_s
     report = PunchReport(mode=cfg.mode, session=cfg.session)
+    reported: list[PunchReport] = []
+
+    def report_once(r: PunchReport) -> None:
+        if not reported:
+            reported.append(r)
+            on_report(r)
+
     try:
-        port = cfg.local_port or allocate_port()
-    except OSError as exc:
-        raise ToolError(ExitStatus.ADDRESS_IN_USE,
-                        f"cannot bind local port {cfg.local_port}: {exc.strerror}") from None
+        return _run_punch(cfg, report, event, report_once, chat_mode, stdin_fd, out,
+                          on_local_port)
+    except ToolError as exc:
+        report.error, report.exit_code = exc.message, int(exc.status)
+        report_once(report)
+        raise
+    except KeyboardInterrupt:
+        report.error, report.exit_code = "interrupted", int(ExitStatus.INTERRUPTED)
+        report_once(report)
+        raise
+
+
+def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], None],
+               on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
+               out: TextIO, on_local_port: Callable[[int], None] | None) -> ExitStatus:
+    deadline = time.monotonic() + cfg.timeout_s
+    port = check_port(cfg.local_port)
     event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
     if on_local_port is not None:
         on_local_port(port)
-    try:
-        rdv = _learn_peer(cfg, port, deadline, event)
-    except ToolError as exc:
-        report.error, report.exit_code = exc.message, int(exc.status)
-        on_report(report)
-        raise
+    rdv = _learn_peer(cfg, port, deadline, event)
     report.public = str(rdv.public) if rdv.public else None
     report.peer = str(rdv.peer)
     report.peer_local = str(rdv.peer_local) if rdv.peer_local else None
@@ -112,10 +131,7 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
         {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
          "outcome": a.outcome} for a in result.attempts]
     if result.sock is None:
-        report.error = f"punch to {rdv.peer} failed: {result.error}"
-        report.exit_code = int(ExitStatus.PUNCH_FAILED)
-        on_report(report)
-        raise ToolError(ExitStatus.PUNCH_FAILED, report.error)
+        raise ToolError(ExitStatus.PUNCH_FAILED, f"punch to {rdv.peer} failed: {result.error}")
     assert result.established_at is not None
     report.established = True
     report.local = str(result.local)

@@ -31,6 +31,8 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = text, str(default_port)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise click.BadParameter(f"{text!r}: port must be 1-65535")
     try:
         return Endpoint.parse(f"{host}:{port_text}")
     except ValueError:
@@ -277,13 +279,18 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
         from .capture import PunchCapture
 
         capture = PunchCapture(pcap_path, [e for e in (broker_ep, seed_ep) if e], reporter.say)
-    try:
-        status = run_punch(cfg, event=reporter.step, on_report=on_report,
-                           chat_mode="hello" if no_chat else "chat",
-                           on_local_port=capture.start if capture else None)
-    finally:
-        if capture is not None:
-            capture.stop()
+    from simulsyn_core.signals import sigterm_as_interrupt
+
+    # SIGTERM unwinds like Ctrl-C: the capture is closed, the JSON says "interrupted",
+    # and the exit code is 130.
+    with sigterm_as_interrupt():
+        try:
+            status = run_punch(cfg, event=reporter.step, on_report=on_report,
+                               chat_mode="hello" if no_chat else "chat",
+                               on_local_port=capture.start if capture else None)
+        finally:
+            if capture is not None:
+                capture.stop()
     sys.exit(int(status))
 
 

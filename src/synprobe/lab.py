@@ -26,10 +26,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core.signals import sigterm_as_interrupt
 
 PREFIX = "ssyn"
 NODES = ("ha", "ga", "rt", "gb", "hb", "br")
@@ -427,18 +428,7 @@ class Lab:
         self._created.clear()
 
 
-@contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks clean the lab up."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+terminate_on_sigterm = sigterm_as_interrupt  # the lab's name for it
 
 
 # --- running the project's own commands in a lab ------------------------------------------
