@@ -299,7 +299,9 @@ def record_punch(lab: labmod.Lab, out_dir: Path, session: str = "ref") -> dict[s
         procs[side] = lab.popen("h" + side, [
             *labmod.SYNPROBE, "punch", "--broker", f"{labmod.BROKER_IPS[0]}:8086",
             "--session", session, "--timeout", "15", "--pcap", str(files[side])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # not into the user's own state: `synprobe report` would bundle these
+            env={**os.environ, "SYNPROBE_STATE_DIR": str(out_dir / "state")})
         time.sleep(0.3)
 
     def finish(side: str) -> tuple[str, str]:
