@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import selectors
 import socket
 import time
@@ -24,6 +25,7 @@ LINGER_S = 2.0  # after --no-chat's hello, wait this long for the peer's FIN
 SELECT_SLICE_S = 1.0
 USER_TIMEOUT_MS = 20000  # TCP_USER_TIMEOUT: unacknowledged data for this long = peer lost
 PENDING_MAX = 65536  # a line longer than this is sent before its newline comes
+OUTBUF_MAX = 1 << 20  # framed input waiting for the socket; stdin is not read past it
 
 
 def _print_frame(payload: bytes, out: TextIO, event: Callable[[str], None]) -> None:
@@ -86,8 +88,15 @@ def close_cleanly(sock: socket.socket) -> ExitStatus:
 
 def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
          event: Callable[[str], None], initial: bytes = b"") -> ExitStatus:
-    """Run the chat until both directions are finished (our stdin ended and the peer
-    closed its side). The kernel's keepalive bounds a dead peer."""
+    """Run the chat until both directions are finished (our stdin ended, everything we
+    framed was sent, and the peer closed its side).
+
+    Nothing here blocks: frames wait in a bounded send buffer while the socket is not
+    writable, and stdin is not read while that buffer is full, so two peers that both
+    send a lot never wait on each other. poll() (unlike epoll) takes any stdin, a
+    regular file included (always readable). The kernel's keepalive and
+    TCP_USER_TIMEOUT bound a dead peer.
+    """
     enable_keepalive(sock)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -95,99 +104,88 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     sock.setblocking(False)
     decoder = FrameDecoder()
+    outbuf = bytearray()
     pending = b""
     sent = received = 0
+    stdin_open = peer_open = True
+    write_shut = False
     for payload in decoder.feed(initial):
         received += 1
         _print_frame(payload, out, event)
-    stdin_open = peer_open = True
 
-    def send_line(line: bytes) -> None:
-        nonlocal sent
-        try:
-            _send_all(sock, encode_chat(_text(line)))
-        except OSError as exc:
-            raise _PeerLost(str(exc)) from None
-        sent += 1
+    def take_input(chunk: bytes) -> None:
+        nonlocal pending, sent, stdin_open
+        if not chunk:  # end of input: frame the last unfinished line
+            if pending:
+                outbuf.extend(encode_chat(_text(pending)))
+                sent += 1
+                pending = b""
+            stdin_open = False
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        if len(pending) > PENDING_MAX:  # a huge line: send what we have
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            outbuf.extend(encode_chat(_text(line)))
+            sent += 1
 
-    def end_of_input() -> None:
-        nonlocal stdin_open
-        stdin_open = False
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        event(f"end of input: sent {sent} message(s)"
-              + ("; waiting for the peer to finish" if peer_open else ""))
-
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ, "peer")
-        try:
-            try:
-                sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
-            except (ValueError, OSError):
-                # A regular file or /dev/null: epoll refuses it, so read it all now.
-                for line in _lines_of(_read_all(stdin_fd)):
-                    send_line(line)
-                end_of_input()
-            while stdin_open or peer_open:
-                for key, _ in sel.select(SELECT_SLICE_S):
-                    if key.data == "stdin":
-                        chunk = os.read(stdin_fd, 65536)
-                        if not chunk:
-                            if pending:
-                                send_line(pending)
-                            sel.unregister(stdin_fd)
-                            end_of_input()
-                            continue
-                        *lines, pending = (pending + chunk).split(b"\n")
-                        if len(pending) > PENDING_MAX:  # a huge line: send what we have
-                            lines.append(pending)
-                            pending = b""
-                        for line in lines:
-                            send_line(line)
-                        continue
-                    try:
-                        data = sock.recv(65536)
-                    except (BlockingIOError, InterruptedError):
-                        # A wake-up with nothing to read (a late ICMP error for one of the
-                        # punch's SYNs wakes the socket too): wait again.
-                        continue
-                    except OSError as exc:
-                        raise _PeerLost(str(exc)) from None
-                    if data:
-                        for payload in decoder.feed(data):
-                            received += 1
-                            _print_frame(payload, out, event)
-                        continue
+    try:
+        while stdin_open or peer_open or outbuf:
+            poller = select.poll()
+            sock_mask = (select.POLLIN if peer_open else 0) | (select.POLLOUT if outbuf else 0)
+            if sock_mask:
+                poller.register(sock, sock_mask)
+            if stdin_open and len(outbuf) < OUTBUF_MAX:
+                poller.register(stdin_fd, select.POLLIN)
+            ready = dict(poller.poll(int(SELECT_SLICE_S * 1000)))
+            if ready.get(stdin_fd, 0):
+                try:
+                    chunk = os.read(stdin_fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    chunk = None
+                except OSError:
+                    chunk = b""  # stdin went away: treat it as its end
+                if chunk is not None:
+                    take_input(chunk)
+            events = ready.get(sock.fileno(), 0)
+            if events & select.POLLOUT and outbuf:
+                try:
+                    del outbuf[: sock.send(outbuf)]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    raise _PeerLost(str(exc)) from None
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and peer_open:
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None  # a wake-up with nothing to read (e.g. a late ICMP error)
+                except OSError as exc:
+                    raise _PeerLost(str(exc)) from None
+                if data:
+                    for payload in decoder.feed(data):
+                        received += 1
+                        _print_frame(payload, out, event)
+                elif data is not None:
                     if decoder.pending:
                         event(f"peer closed inside a message ({decoder.pending} bytes dropped)")
                     event(f"peer finished sending: received {received} message(s)")
-                    sel.unregister(sock)
                     peer_open = False
-        except _PeerLost as exc:
-            event(f"connection to the peer lost: {exc}")
-            return ExitStatus.PEER_LOST
+            if not stdin_open and not outbuf and not write_shut:
+                write_shut = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                event(f"end of input: sent {sent} message(s)"
+                      + ("; waiting for the peer to finish" if peer_open else ""))
+    except _PeerLost as exc:
+        event(f"connection to the peer lost: {exc}")
+        return ExitStatus.PEER_LOST
     return ExitStatus.OK
-
-
-def _read_all(fd: int, limit: int = 16 << 20) -> bytes:
-    data = bytearray()
-    while len(data) < limit:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def _text(line: bytes) -> str:
     return line.decode("utf-8", errors="replace").rstrip("\r")
-
-
-def _lines_of(data: bytes) -> list[bytes]:
-    """The lines of data; a trailing newline ends the last line."""
-    if not data:
-        return []
-    return data.removesuffix(b"\n").split(b"\n")
 
 
 def _send_all(sock: socket.socket, frame: bytes) -> None:
