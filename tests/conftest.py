@@ -65,4 +65,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Whatever a crashed test left behind of this run's labs goes too."""
     if os.geteuid() == 0 and shutil.which("ip"):
         with contextlib.suppress(Exception):
-            labmod.sweep(f"t{os.getpid() % 100000}x")
+            labmod.sweep(f"t{os.getpid() % 100000}x", id_prefix=True)

@@ -33,7 +33,10 @@ def test_pauses_are_jittered_so_two_refused_peers_leave_lockstep() -> None:
         pauses.append(step.seconds)
         sched.paused()
     assert len(set(pauses)) == 20 and min(pauses) >= 0.005 and max(pauses) <= 0.015
-    assert sched.next(0.003) == Go(0.003)  # never pauses past the deadline
+    sched.record(Attempt(21, 0.0, 0.001, "ECONNREFUSED"))
+    assert sched.next(0.003) == Pause(0.003)  # never pauses past the deadline
+    sched.paused()
+    assert sched.next(0.002) == Go(0.002)  # nor waits past it
 
 
 def test_a_timed_out_attempt_is_retried_at_once() -> None:

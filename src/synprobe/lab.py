@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -173,6 +174,15 @@ def side_addresses(side: str, profile: Profile) -> SideAddresses:
                          f"{wan_net}.130")
 
 
+LAB_ID_RE = re.compile(r"[a-z0-9]{1,20}")
+
+
+def check_lab_id(lab_id: str) -> None:
+    """Lab ids are short and have no "-", so that one lab's names never match another's."""
+    if not LAB_ID_RE.fullmatch(lab_id):
+        raise ValueError(f"lab id {lab_id!r}: use 1-20 of a-z 0-9")
+
+
 def require_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
@@ -231,14 +241,15 @@ def delete_namespaces(names: Sequence[str]) -> None:
         _run(["ip", "netns", "del", ns], check=False)
 
 
-def sweep(lab_id: str | None = None, prefix: str = PREFIX) -> list[str]:
+def sweep(lab_id: str | None = None, prefix: str = PREFIX, id_prefix: bool = False
+          ) -> list[str]:
     """Remove the namespaces of one lab (or of all labs): also after a crashed run.
 
-    A ``lab_id`` ending in "x" removes every lab whose id starts with it (a test run's).
+    With ``id_prefix``, every lab whose id starts with ``lab_id`` (a test run's labs).
     """
     if lab_id is None:
         want = f"{prefix}-"
-    elif lab_id.endswith("x"):
+    elif id_prefix:
         want = f"{prefix}-{lab_id}"
     else:
         want = f"{prefix}-{lab_id}-"
@@ -262,6 +273,7 @@ class Lab:
     _created: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_lab_id(self.lab_id)
         for p in (self.profile_a, self.profile_b):
             if p not in PROFILES:
                 raise ValueError(f"unknown profile {p!r}; known: {', '.join(PROFILES)}")

@@ -16,6 +16,15 @@ EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 PROFILE_CHOICE = click.Choice(sorted(labmod.PROFILES))
 
 
+def _lab_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            labmod.check_lab_id(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @click.group(epilog=EPILOG)
 def lab() -> None:
     """The NAT lab: two hosts behind real Linux NATs in network namespaces.
@@ -45,8 +54,8 @@ def profiles() -> None:
               help="Profile of host A's NAT.")
 @click.option("--b", "profile_b", type=PROFILE_CHOICE, default="home", show_default=True,
               help="Profile of host B's NAT.")
-@click.option("--id", "lab_id", default="dev", show_default=True,
-              help="Lab id: namespaces are ssyn-ID-ha, -ga, -rt, -gb, -hb, -br.")
+@click.option("--id", "lab_id", default="dev", show_default=True, callback=_lab_id,
+              help="Lab id (a-z 0-9): namespaces are ssyn-ID-ha, -ga, -rt, -gb, -hb, -br.")
 def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     """Bring a lab up and leave it up (take it down with `synprobe lab down`)."""
     labmod.require_root()
@@ -71,7 +80,8 @@ def up(profile_a: str, profile_b: str, lab_id: str) -> None:
 
 
 @lab.command("down")
-@click.option("--id", "lab_id", default="dev", show_default=True, help="Which lab.")
+@click.option("--id", "lab_id", default="dev", show_default=True, callback=_lab_id,
+              help="Which lab.")
 @click.option("--all", "everything", is_flag=True,
               help="Every lab (all ssyn-* namespaces), e.g. after a crash.")
 def down(lab_id: str, everything: bool) -> None:
@@ -89,7 +99,7 @@ def down(lab_id: str, everything: bool) -> None:
               help="Profile of host B's NAT.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(1, 600), default=10.0,
               show_default=True, help="--timeout given to each punch.")
-@click.option("--id", "lab_id", default=None,
+@click.option("--id", "lab_id", default=None, callback=_lab_id,
               help="Lab id [default: demo<random>]; the lab is removed at the end anyway.")
 def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -> None:
     """Broker, two NATed peers, a punch and a message each way, then clean up."""
