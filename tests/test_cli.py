@@ -72,8 +72,12 @@ def test_broker_that_cannot_bind_is_exit_8() -> None:
 
 
 def test_punch_path_never_imports_scapy() -> None:
+    port = _closed_port()
     code = ("import sys; from synprobe.cli import main; "
-            "rc = [main(a) for a in (['--help'], ['punch', '--help'], ['broker', '--help'])]; "
+            "rc = [main(a) for a in (['--help'], ['punch', '--help'], ['broker', '--help'], "
+            f"['punch', '--peer', '127.0.0.1:{port}', '--local-port', '{_closed_port()}', "
+            "'--no-chat', '--json', '--retries', '2'])]; "
+            "import simulsyn_core.broker, simulsyn_core.session, simulsyn_core.client; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'tabulate')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30)
