@@ -15,7 +15,17 @@ import pytest
 
 from synprobe.analyze import analyze_bytes, analyze_file
 from synprobe.analyze_ladder import arrow_text, draw, ladder_only
-from synprobe.analyze_pcap import ACK, FIN, PSH, RST, SYN, CaptureContents, Segment, read_capture
+from synprobe.analyze_pcap import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    CaptureContents,
+    IcmpError,
+    Segment,
+    read_capture,
+)
 from synprobe.analyze_tcp import find_attempts
 from synprobe.cli import main
 
@@ -423,3 +433,19 @@ def test_every_arrow_fits_between_the_bars() -> None:
         for rightwards in (True, False):
             for note in ("", "dropped", "rejected"):
                 assert len(arrow_text(label, rightwards, note)) == 19, (label, note)
+
+
+def test_icmp_error_that_did_not_end_the_connect() -> None:
+    """Seen in the lab (B behind reject-icmp-port): A's SYN draws an ICMP error, yet A's
+    socket stays in SYN-SENT (a soft error) and answers B's SYN."""
+    icmp = IcmpError(2, 0.001, "203.0.113.2", "10.1.0.2", 3, 3, A, B, 100, 62)
+    found, _ = find_attempts(CaptureContents(5, (
+        seg(1, 0.0, A, SYN, 100), seg(3, 0.002, B, SYN, 900, ttl=61),
+        seg(4, 0.003, A, SYN | ACK, 100, 901), seg(5, 0.004, B, ACK, 901, 101, ttl=61)),
+        (icmp,), (101,), "pcap"))
+    (attempt,) = found
+    assert (attempt.kind, attempt.established, attempt.anomalies) == ("syn-dropped", True, ())
+    diagram = draw(attempt)
+    assert "---SYN-> (rejected) |" in diagram
+    assert "soft error: the connect() went on" in diagram
+    assert diagram.splitlines()[-1].split() == ["ESTABLISHED", "ESTABLISHED"]
