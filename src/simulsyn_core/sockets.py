@@ -59,7 +59,24 @@ def connect_nonblocking(sock: socket.socket, remote: Endpoint, timeout_s: float)
         sel.register(sock, selectors.EVENT_WRITE)
         if not sel.select(max(0.0, timeout_s)):
             return errno.ETIMEDOUT
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code and tcp_state(sock) == TCP_ESTABLISHED:
+        # An ICMP error that came while our own syscall held the socket is kept as a
+        # soft error only (tcp_v4_err) and the connect went on: SO_ERROR reports it even
+        # though the peer's SYN then got through. The connection is up.
+        return 0
+    return code
+
+
+TCP_ESTABLISHED = 1  # include/net/tcp_states.h
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of sock (struct tcp_info's first byte), or -1."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except OSError:
+        return -1
 
 
 def recv_until_eof(sock: socket.socket, deadline: float, limit: int = 65536) -> bytes:
