@@ -38,7 +38,7 @@ def lab() -> None:
     """
 
 
-@lab.command("profiles")
+@lab.command("profiles", epilog=EPILOG)
 def profiles() -> None:
     """List the NAT profiles."""
     from tabulate import tabulate
@@ -49,7 +49,7 @@ def profiles() -> None:
                         maxcolwidths=[None, None, None, 60]))
 
 
-@lab.command("up")
+@lab.command("up", epilog=EPILOG)
 @click.option("--a", "profile_a", type=PROFILE_CHOICE, default="home", show_default=True,
               help="Profile of host A's NAT.")
 @click.option("--b", "profile_b", type=PROFILE_CHOICE, default="home", show_default=True,
@@ -79,7 +79,7 @@ def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     click.echo(f"and at the end: synprobe lab down --id {lab_id}")
 
 
-@lab.command("down")
+@lab.command("down", epilog=EPILOG)
 @click.option("--id", "lab_id", default="dev", show_default=True, callback=_lab_id,
               help="Which lab.")
 @click.option("--all", "everything", is_flag=True,
@@ -92,7 +92,7 @@ def down(lab_id: str, everything: bool) -> None:
                                                          else ""))
 
 
-@lab.command("demo")
+@lab.command("demo", epilog=EPILOG)
 @click.option("--a", "profile_a", type=PROFILE_CHOICE, default="home", show_default=True,
               help="Profile of host A's NAT.")
 @click.option("--b", "profile_b", type=PROFILE_CHOICE, default="home", show_default=True,
