@@ -171,3 +171,17 @@ def test_stopping_the_broker_with_clients_connected_is_quiet() -> None:
     assert proc.returncode == 0
     assert "Traceback" not in err and "Exception" not in err
     assert err.rstrip().endswith("stopped")
+
+
+def test_a_stderr_nobody_reads_does_not_stall_the_broker() -> None:
+    # loopback_broker reads the broker's stderr only up to the "listening" line: after
+    # that the pipe fills (3000 log lines > 64 KiB) and nobody drains it.
+    with loopback_broker() as (proc, port):
+        for _ in range(3000):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /\r\n")
+                assert s.recv(10) == b""
+        client = _line_client(port, b"SSYN1 REGISTER session=still\n")
+        with client:
+            assert _read_line(client).startswith(b"SSYN1 REGISTERED session=still")
+        assert proc.poll() is None

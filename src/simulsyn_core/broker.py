@@ -10,10 +10,13 @@ On one TCP port it serves two protocols, told apart by who speaks first:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,9 +51,48 @@ Log = Callable[[str], None]
 Service = Callable[["Broker", int, Endpoint, Message], Awaitable[None]]
 
 
-def stderr_log(line: str) -> None:
-    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
-    print(f"{stamp} {line}", file=sys.stderr, flush=True)
+LOG_QUEUE_MAX = 10000  # log lines waiting for stderr; past it they are counted, not kept
+
+
+class _StderrWriter:
+    """Log lines go through a bounded queue to a writer thread, so a slow or stuck
+    stderr (a pipe nobody reads) never blocks the event loop; lines that do not fit
+    are counted and the count is written once stderr drains."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[str] = queue.Queue(LOG_QUEUE_MAX)
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, line: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="log", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)  # the last lines (e.g. "stopped") get written
+        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        try:
+            self._queue.put_nowait(f"{stamp} {line}")
+        except queue.Full:
+            self._dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            line = self._queue.get()
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                line = f"{line}\n(log: {dropped} line(s) dropped while stderr was full)"
+            with contextlib.suppress(OSError, ValueError):
+                print(line, file=sys.stderr, flush=True)
+            self._queue.task_done()
+
+    def flush(self, timeout_s: float = 2.0) -> None:
+        """Wait (bounded) until the queued lines are written."""
+        end = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.01)
+
+
+stderr_log = _StderrWriter()
 
 
 @dataclass
