@@ -6,17 +6,25 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
 from synprobe import lab as labmod
 
-from .conftest import require_lab
+from .conftest import lab_inodes, leftovers, processes_in, require_lab
 from .helpers import SYNPROBE
 
 
 def _namespaces(prefix: str) -> list[str]:
     return [n for n in labmod.lab_namespaces() if n.startswith(prefix)]
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.05)
 
 
 @pytest.mark.lab
@@ -32,12 +40,19 @@ def test_lab_up_then_down_leaves_nothing() -> None:
         rules = subprocess.run(["ip", "netns", "exec", f"ssyn-{lab_id}-ga", "iptables-save"],
                                capture_output=True, text=True, timeout=10).stdout
         assert "MASQUERADE" in rules and ":INPUT ACCEPT" in rules  # the original's rules
+        # a process left running in the lab: `lab down` must stop it, not only delete
+        sleeper = subprocess.Popen(["ip", "netns", "exec", f"ssyn-{lab_id}-hb", "sleep", "60"])
+        _wait_for("sleep in hB", lambda: bool(processes_in(lab_inodes(
+            [f"ssyn-{lab_id}-hb"]))), 10)
+        names = _namespaces(f"ssyn-{lab_id}-")
+        inodes = lab_inodes(names)
     finally:
         down = subprocess.run([*SYNPROBE, "lab", "down", "--id", lab_id],
                               capture_output=True, text=True, timeout=60)
     assert down.returncode == 0
     assert "removed 6 namespace(s)" in down.stdout
-    assert _namespaces(f"ssyn-{lab_id}-") == []
+    assert leftovers(names, inodes) == []
+    assert sleeper.wait(10) == -signal.SIGTERM
 
 
 @pytest.mark.lab
@@ -61,15 +76,23 @@ def test_demo_killed_with_sigterm_removes_its_lab() -> None:
     proc = subprocess.Popen([*SYNPROBE, "lab", "demo", "--a", "random", "--b", "home",
                              "--timeout", "30", "--id", lab_id], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 20
-    while time.monotonic() < end and len(_namespaces(f"ssyn-{lab_id}-")) < 6:
-        time.sleep(0.05)
-    assert len(_namespaces(f"ssyn-{lab_id}-")) == 6, "the demo never brought its lab up"
-    time.sleep(1.5)  # the punches are running (random NAT: they would wait 30 s)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
+    _wait_for("the demo's lab", lambda: len(_namespaces(f"ssyn-{lab_id}-")) >= 6, 30)
+    names = _namespaces(f"ssyn-{lab_id}-")
+    assert len(names) == 6, "the demo never brought its lab up"
+    inodes = lab_inodes(names)
+    hosts = lab_inodes([f"ssyn-{lab_id}-ha", f"ssyn-{lab_id}-hb"])
+    try:
+        # the punches are running in both hosts (random NAT: they would wait 30 s)
+        _wait_for("both punches running", lambda: len(processes_in(hosts)) >= 2, 30)
+        assert proc.poll() is None, "the demo ended before its punches ran"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     assert proc.returncode == 130
-    assert _namespaces(f"ssyn-{lab_id}-") == []
+    assert leftovers(names, inodes) == []  # no namespace, no process of the lab
 
 
 def test_lab_commands_refuse_without_root_in_one_line(

@@ -4,10 +4,13 @@ clients, and missing privileges are told in one line."""
 from __future__ import annotations
 
 import json
+import os
+import selectors
 import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +46,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int) -> tuple[int, str]:
     return proc.returncode, (err or b"").decode(errors="replace")
 
 
+@pytest.mark.lab
 def test_broker_rules_go_on_sigterm_sigint_and_after_sigkill_restart(
         make_lab: Callable[..., labmod.Lab]) -> None:
     lab = make_lab("home", "home")
@@ -86,25 +90,52 @@ print(ask(["SSYN1 NC_REFLECT ports=40000"]))
 """
 
 
+@pytest.mark.lab
 def test_probe_for_an_address_not_connected_is_refused(
-        make_lab: Callable[..., labmod.Lab]) -> None:
+        make_lab: Callable[..., labmod.Lab], tmp_path: Path) -> None:
     lab = make_lab("home", "firewall")
     start_broker(lab)
     other = lab.side("b").public
-    capture = lab.popen("hb", ["tcpdump", "-n", "-i", "eth0", "-c", "1", "-w", "/dev/null",
+    pcap = tmp_path / "hb.pcap"
+    capture = lab.popen("hb", ["tcpdump", "-n", "-U", "-i", "eth0", "-c", "1", "-w", str(pcap),
                                "tcp[tcpflags] & tcp-syn != 0"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(0.5)
-    script = _ASK.format(ip=labmod.BROKER_IPS[0], port=labmod.BROKER_PORT, other=other)
-    out = lab.run("ha", ["python3", "-c", script], check=True).stdout
-    answers = out.strip().splitlines()
-    assert len(answers) == 3
-    assert all("ERROR" in a and "refused" in a for a in answers), out
-    assert "NC_INFO" in answers[1]  # the hello was served; the foreign target was not
-    time.sleep(0.5)
-    capture.terminate()
-    _, err = capture.communicate(timeout=WAIT_S)
-    assert b"0 packets captured" in err, "the broker sent a SYN to a host that never asked"
+    try:
+        wait_for_line(capture, b"listening on", WAIT_S)  # tcpdump is capturing now
+        script = _ASK.format(ip=labmod.BROKER_IPS[0], port=labmod.BROKER_PORT, other=other)
+        out = lab.run("ha", ["python3", "-c", script], check=True).stdout
+        answers = out.strip().splitlines()
+        assert len(answers) == 3
+        assert all("ERROR" in a and "refused" in a for a in answers), out
+        assert "NC_INFO" in answers[1]  # the hello was served; the foreign target was not
+        # A marker SYN from hB itself: tcpdump (-c 1) stops at the first SYN it sees, so
+        # if the broker had sent one, it would be the one captured, not the marker.
+        lab.run("hb", ["python3", "-c", "import socket; s = socket.socket(); "
+                       "s.settimeout(0.2); s.connect_ex(('192.0.2.10', 9))"], timeout=10)
+        capture.communicate(timeout=WAIT_S)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.communicate(timeout=WAIT_S)
+    seen = lab.run("hb", ["tcpdump", "-n", "-r", str(pcap)], check=True).stdout.splitlines()
+    assert len(seen) == 1 and " > 192.0.2.10.9: " in seen[0], (
+        f"the broker sent a SYN to a host that never asked: {seen}")
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout_s: float) -> None:
+    """Read proc's stderr (bounded) until a line holds ``needle``."""
+    assert proc.stderr is not None
+    end = time.monotonic() + timeout_s
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while needle not in buf:
+            remaining = end - time.monotonic()
+            assert remaining > 0, f"no {needle!r} within {timeout_s:.0f} s: {buf!r}"
+            if sel.select(remaining):
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"ended before {needle!r}: {buf!r}"
+                buf += chunk
 
 
 class _FakeBroker:
@@ -134,6 +165,7 @@ def test_send_guard_refuses_other_addresses_closed_connections_and_spent_budget(
         server._send(_FakeBroker({1}), check, [_syn_to("198.51.100.2")])  # type: ignore[arg-type]
 
 
+@pytest.mark.lab
 def test_client_rules_go_on_sigterm_and_a_killed_runs_rules_are_swept(
         make_lab: Callable[..., labmod.Lab]) -> None:
     lab = make_lab("home", "home")
@@ -159,6 +191,7 @@ def test_client_rules_go_on_sigterm_and_a_killed_runs_rules_are_swept(
     assert tagged(lab, "ha") == []
 
 
+@pytest.mark.lab
 def test_without_privileges_mapping_runs_and_one_line_names_the_capability(
         make_lab: Callable[..., labmod.Lab]) -> None:
     lab = make_lab("home", "home")
@@ -174,6 +207,7 @@ def test_without_privileges_mapping_runs_and_one_line_names_the_capability(
     assert report["filtering"] is None and "CAP_NET_RAW" in report["reasons"]["filtering"]
 
 
+@pytest.mark.lab
 def test_broker_without_privileges_serves_mapping_and_says_why(
         make_lab: Callable[..., labmod.Lab]) -> None:
     lab = make_lab("home", "home")
@@ -196,6 +230,7 @@ def test_broker_without_privileges_serves_mapping_and_says_why(
         line for line in err.splitlines() if "raw probes" in line]
 
 
+@pytest.mark.lab
 def test_a_broker_without_probe_is_told_apart_exit_3(
         make_lab: Callable[..., labmod.Lab]) -> None:
     lab = make_lab("home", "home")
