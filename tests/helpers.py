@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import selectors
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 SYNPROBE = [sys.executable, "-m", "synprobe"]
 
@@ -20,19 +22,9 @@ def loopback_broker(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stderr is not None
-        port = None
-        end = time.monotonic() + 10
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            while port is None and time.monotonic() < end:
-                if sel.select(end - time.monotonic()):
-                    line = proc.stderr.readline()
-                    if not line:
-                        break
-                    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-                    if m:
-                        port = int(m.group(1))
+        seen = wait_for_stderr(proc, re.compile(r"listening on 127\.0\.0\.1:(\d+)"), 10)
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", seen)
+        port = int(m.group(1)) if m else None
         assert port is not None, "broker did not start"
         yield proc, port
     finally:
@@ -42,3 +34,29 @@ def loopback_broker(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def wait_for_stderr(proc: subprocess.Popen[Any], wanted: str | re.Pattern[str],
+                    timeout_s: float) -> str:
+    """Read proc's stderr until ``wanted`` shows up, at most ``timeout_s``; returns what
+    was read (the caller's communicate() gets the rest). Fails the test on the deadline or
+    if stderr ends first: a bug must fail the run, never hang it."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    end = time.monotonic() + timeout_s
+    data = b""
+
+    def found() -> bool:
+        text = data.decode(errors="replace")
+        return (wanted in text) if isinstance(wanted, str) else bool(wanted.search(text))
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not found():
+            remaining = end - time.monotonic()
+            assert remaining > 0, f"no {wanted!r} on stderr within {timeout_s:g} s: {data!r}"
+            if sel.select(remaining):
+                chunk = os.read(fd, 65536)
+                assert chunk, f"stderr ended before {wanted!r}: {data!r}"
+                data += chunk
+    return data.decode(errors="replace")

@@ -381,8 +381,10 @@ def test_reader_handles_raw_ip_and_payload_lengths() -> None:
 
 
 def test_large_capture_is_read_quickly() -> None:
+    """README: "about 100 000 packets in 3 to 6 s". Timed as this process's CPU time, so
+    the other workers sharing the machine do not count."""
     frames = []
-    for n in range(10000):  # 10000 short connections: 50000 packets
+    for n in range(20000):  # 20000 short connections: 100000 packets
         port = 1024 + n % 60000
         frames += [(n, _ipv4(6, _tcp(port, 80, SYN, n))),
                    (n, _ipv4(6, _tcp(80, port, SYN | ACK, 7, n + 1), "10.0.0.2", "10.0.0.1")),
@@ -390,12 +392,12 @@ def test_large_capture_is_read_quickly() -> None:
                    (n, _ipv4(6, _tcp(port, 80, FIN | ACK, n + 1, 8))),
                    (n, _ipv4(6, _tcp(80, port, RST, 8), "10.0.0.2", "10.0.0.1"))]
     data = _pcap(frames)
-    start = time.monotonic()
+    start = time.process_time()
     result = analyze_bytes("big", data)
-    elapsed = time.monotonic() - start
-    assert len(result.attempts) == 10000
+    elapsed = time.process_time() - start
+    assert len(result.attempts) == 20000
     assert {a.kind for a in result.attempts} == {"three-way"}
-    assert elapsed < 15, f"{elapsed:.1f} s for 50000 packets"
+    assert elapsed < 6.0, f"{elapsed:.1f} s of CPU for 100000 packets"
 
 
 def _ipv6_tcp(sport: int, dport: int, flags: int, seq: int) -> bytes:

@@ -105,21 +105,22 @@ def test_taken_local_port_is_exit_8_with_json() -> None:
 
 def test_sigterm_while_waiting_is_exit_130_with_json() -> None:
     import signal
-    import time
 
-    from .helpers import loopback_broker
+    from .helpers import loopback_broker, wait_for_stderr
 
     with loopback_broker() as (_, port):
         proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}",
                                  "--session", "term", "--json", "-v"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        end = time.monotonic() + 10
-        while time.monotonic() < end:  # registered: now it waits for a peer
-            if "waiting for the peer" in proc.stderr.readline():
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        try:
+            err = wait_for_stderr(proc, "waiting for the peer", 20)  # registered
+            proc.send_signal(signal.SIGTERM)
+            out, rest = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        err += rest
     assert proc.returncode == ExitStatus.INTERRUPTED
     report = json.loads(out)
     assert (report["error"], report["exit_code"]) == ("interrupted", 130)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -479,6 +480,7 @@ class PeerRun:
     returncode: int | None
     stdout: str
     stderr: str
+    elapsed_s: float = 0.0  # from its start (imports done, see punch_pair) to its exit
 
     @property
     def report(self) -> dict[str, object] | None:
@@ -496,23 +498,59 @@ class PeerRun:
         return lines[1:] if self.report is not None else lines
 
 
+# A peer of punch_pair imports everything first, says so on fd W, and runs only once a
+# byte comes on fd R: --timeout covers waiting for the peer, and an interpreter that
+# starts slowly on a loaded machine must not eat into it.
+_GATED = ("import os, sys\nfrom synprobe.cli import main\nimport simulsyn_core.session\n"
+          "r, w = int(sys.argv[1]), int(sys.argv[2])\nos.write(w, b'r')\nos.close(w)\n"
+          "os.read(r, 1)\nsys.exit(main(sys.argv[3:]))")
+GATE_TIMEOUT_S = 30.0
+
+
 def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
                timeout_s: float = 30.0, broker: str | None = None) -> tuple[PeerRun, PeerRun]:
     """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
 
-    ``first`` registers ``stagger_s`` before the other, so the order of start is known.
+    Both are started and their imports done before either runs; then ``first`` runs
+    ``stagger_s`` before the other, so the order of start is known.
     """
     target = broker or f"{BROKER_IPS[0]}:{BROKER_PORT}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    gates: dict[str, int] = {}
+    started: dict[str, float] = {}
     order = [first, "b" if first == "a" else "a"]
-    for i, side in enumerate(order):
-        if i:
-            time.sleep(stagger_s)
-        procs[side] = lab.popen("h" + side, [
-            *SYNPROBE, "punch", "--broker", target, "--session", session, "--json",
-            "--timeout", str(timeout_s), *args], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for side in order:
+            go_r, go_w = os.pipe()
+            ready_r, ready_w = os.pipe()
+            procs[side] = lab.popen("h" + side, [
+                sys.executable, "-c", _GATED, str(go_r), str(ready_w), "punch", "--broker",
+                target, "--session", session, "--json", "--timeout", str(timeout_s), *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(go_r, ready_w))
+            os.close(go_r)
+            os.close(ready_w)
+            gates[side] = go_w
+            ready = select.select([ready_r], [], [], GATE_TIMEOUT_S)[0]
+            ok = bool(ready) and os.read(ready_r, 1) == b"r"
+            os.close(ready_r)
+            if not ok:
+                raise ToolError(ExitStatus.ERROR, f"lab: the punch on h{side} did not start")
+        for i, side in enumerate(order):
+            if i:
+                time.sleep(stagger_s)
+            started[side] = time.monotonic()
+            os.write(gates[side], b"g")
+    except BaseException:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        for fd in gates.values():
+            os.close(fd)
     results: dict[str, PeerRun] = {}
     inputs = {"a": messages[0], "b": messages[1]}
     # Feed each side its message and close stdin; collect both (bounded).
@@ -526,7 +564,7 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
             proc.kill()
             out, err = proc.communicate(timeout=5)
         return PeerRun(side, proc.returncode, out.decode(errors="replace"),
-                       err.decode(errors="replace"))
+                       err.decode(errors="replace"), time.monotonic() - started[side])
 
     pool = ThreadPoolExecutor(2)
     try:
