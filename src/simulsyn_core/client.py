@@ -77,6 +77,9 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if first_chunk:  # not even REGISTERED: the broker timed out, not the peer
+                        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                        f"broker {broker} did not answer in time")
                     raise ToolError(ExitStatus.NO_PEER,
                                     f"no peer joined session {session!r} in time")
                 if not sel.select(min(remaining, 1.0)):
@@ -143,7 +146,7 @@ def seed_rendezvous(broker: Endpoint, local_port: int, deadline: float,
             data = recv_until_eof(sock, min(deadline, time.monotonic() + 5.0), limit=1 + 255 * 6)
             entries = decode_seed_list(data)
         except TimeoutError:
-            if time.monotonic() >= deadline:  # our --timeout, not the broker's fault
+            if time.monotonic() >= deadline and polls > 1:  # our --timeout, not the broker's
                 raise ToolError(ExitStatus.NO_PEER,
                                 f"no other endpoint appeared on list broker {broker} in "
                                 f"time ({polls} polls)") from None

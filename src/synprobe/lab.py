@@ -205,8 +205,12 @@ def require_root() -> None:
 
 def _run(argv: Sequence[str], stdin: str | None = None, check: bool = True
          ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT_S)
+    try:
+        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError:
+        require_tools(argv[0])  # exit 10 naming its package (README), not a traceback
+        raise
     if check and proc.returncode != 0:
         raise ToolError(ExitStatus.ERROR,
                         f"lab: {' '.join(argv)} failed: {proc.stderr.strip() or proc.returncode}")
