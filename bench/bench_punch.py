@@ -161,7 +161,7 @@ def main() -> int:
             worst_ratio = ratio if worst_ratio is None else min(worst_ratio, ratio)
         all_ours += ours
         print(f"{a + ' x ' + b:<26} {fmt_ms(ours):>14} {fmt_ms(orig):>12} "
-              f"{(f'{ratio:7.0f}x' if ratio else 'n/a'):>8}  ours {fails[0]}, original {fails[1]}")
+              f"{(f'{ratio:7.1f}x' if ratio else 'n/a'):>8}  ours {fails[0]}, original {fails[1]}")
     if all_ours:
         median_ms = statistics.median(all_ours) * 1000
         print(f"\nsynprobe punch, all pairs: median {median_ms:.1f} ms, "
