@@ -148,11 +148,37 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
 ]}
 
 
+ON_TIME_S = 0.05  # a connect() or the router's hold this late: the scenario did not happen
+
+
 @dataclass
 class Recording:
     scenario: Scenario
     files: dict[str, Path]  # capture point -> pcap
     peers: list[dict[str, object]]
+    start: float = 0.0  # Unix time the scenario's clock starts (at_s counts from it)
+    hold_at: float | None = None  # Unix time the router began to hold packets
+
+    def timing_problems(self) -> list[str]:
+        """Why the scenario did not happen as planned (a process acted late), told by the
+        processes' own clocks, not by analyze: empty when it did."""
+        problems = []
+        for connect, peer in zip(self.scenario.connects, self.peers, strict=False):
+            try:
+                at = float(json.loads(str(peer["result"]))["connect_at"])
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"host {connect.side}: no connect time ({peer})")
+                continue
+            late = at - (self.start + connect.at_s)
+            if late > ON_TIME_S:
+                problems.append(f"host {connect.side} connect()ed {late * 1000:.0f} ms late")
+        if self.scenario.hold_s:
+            if self.hold_at is None:
+                problems.append("the router's hold never started")
+            elif self.hold_at - self.start > ON_TIME_S:
+                problems.append(f"the router's hold started "
+                                f"{(self.hold_at - self.start) * 1000:.0f} ms late")
+        return problems
 
 
 def require_tools() -> None:
@@ -224,7 +250,8 @@ def _hold_router(lab: labmod.Lab, hold_s: float, at: float) -> subprocess.Popen[
     return lab.popen("rt", [sys.executable, "-c", "import socket, time\n"
                             f"time.sleep(max(0.0, {at} - time.time()))\n"
                             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                            f"for t in ({targets},): s.sendto(bytes({size}), t)"],
+                            f"for t in ({targets},): s.sendto(bytes({size}), t)\n"
+                            "print(time.time())"],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -269,12 +296,14 @@ def record(lab: labmod.Lab, scenario: Scenario, out_dir: Path) -> Recording:
         if listener is not None:
             out, err = _finish(listener, 6)
             peers.append({"side": "listener", "result": out, "stderr": err})
+        hold_at = None
         if blocker is not None:
             out, err = _finish(blocker, 5)
             if blocker.returncode != 0:
                 raise RuntimeError(f"blocker datagrams failed: {err}")
+            hold_at = float(out)
         time.sleep(SETTLE_S)
-    return Recording(scenario, files, peers)
+    return Recording(scenario, files, peers, start, hold_at)
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[str, str]:
@@ -346,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             scenario = SCENARIOS[name]
             rec = record_in_new_lab(scenario, work, f"cap{os.getpid() % 10000}")
+            if rec.timing_problems():  # not the opening it is named after: keep the old one
+                print(f"{name}: did not happen as planned, not kept: "
+                      f"{'; '.join(rec.timing_problems())}", file=sys.stderr)
+                return 1
             kept = {scenario.reference: f"{name}.pcap", **scenario.extra}
             for point, file_name in kept.items():
                 shutil.copyfile(rec.files[point], out / file_name)
