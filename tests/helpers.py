@@ -42,7 +42,13 @@ def wait_for_stderr(proc: subprocess.Popen[Any], wanted: str | re.Pattern[str],
     was read (the caller's communicate() gets the rest). Fails the test on the deadline or
     if stderr ends first: a bug must fail the run, never hang it."""
     assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+    return wait_for_output(proc.stderr, wanted, timeout_s)
+
+
+def wait_for_output(stream: Any, wanted: str | re.Pattern[str], timeout_s: float) -> str:
+    """wait_for_stderr for any pipe of a process (read from its file descriptor, never
+    through the buffered file, so a later communicate() misses nothing)."""
+    fd = stream.fileno()
     end = time.monotonic() + timeout_s
     data = b""
 
