@@ -70,10 +70,19 @@ def lab_inodes(namespaces: list[str]) -> set[int]:
 
 
 def leftovers(namespaces: list[str], inodes: set[int]) -> list[str]:
-    """What is left of a lab after it was taken down: its namespaces, its processes."""
+    """What is left of a lab after it was taken down: its namespaces, its processes.
+
+    A deleted namespace's inode number can be given to a namespace made since (another
+    lab's): an inode that a named namespace has now is not this lab's any more. (One that
+    a process of this lab still holds cannot be reused: the process keeps it alive.)"""
     existing = set(labmod.lab_namespaces())
     left = [f"namespace {ns}" for ns in namespaces if ns in existing]
-    return left + [f"process {p}" for p in processes_in(inodes)]
+    try:
+        named_now = {os.stat(f"/run/netns/{n}").st_ino for n in os.listdir("/run/netns")}
+    except OSError:
+        named_now = set()
+    gone = {ino for ino in inodes if ino not in named_now}
+    return left + [f"process {p}" for p in processes_in(gone)]
 
 
 def take_down_and_check(lab: labmod.Lab) -> list[str]:

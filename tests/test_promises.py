@@ -395,6 +395,11 @@ def _in_process_broker(services: dict[str, Any] | None = None
                 await broker.serve_forever(stop)
             finally:
                 await broker.close()
+                # what services started (nat-check's watchers) ends with the loop
+                others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in others:
+                    task.cancel()
+                await asyncio.gather(*others, return_exceptions=True)
 
         thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
         thread.start()
