@@ -8,11 +8,12 @@ import time
 
 import click
 
-from simulsyn_core.exitcodes import EXIT_CODES_HELP
+from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core.signals import sigterm_as_interrupt
 
-from . import lab as labmod
+from .. import lab as labmod
+from ..cliutil import EPILOG
 
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 PROFILE_CHOICE = click.Choice(sorted(labmod.PROFILES))
 
 
@@ -61,7 +62,7 @@ def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     labmod.require_root()
     labmod.sweep(lab_id)
     the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
-    with labmod.terminate_on_sigterm():
+    with sigterm_as_interrupt():
         the_lab.up()
     a, b = the_lab.side("a"), the_lab.side("b")
     click.echo(f"lab {lab_id} is up:")
@@ -72,10 +73,10 @@ def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     click.echo(f"  broker  {' and '.join(labmod.BROKER_IPS):<15} ns {the_lab.ns('br')}")
     click.echo("try:")
     click.echo(f"  ip netns exec {the_lab.ns('br')} synprobe broker "
-               f"--bind {labmod.BROKER_IPS[0]}:8086 &")
+               f"--bind {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} &")
     for node in ("ha", "hb"):
         click.echo(f"  ip netns exec {the_lab.ns(node)} synprobe punch "
-                   f"--broker {labmod.BROKER_IPS[0]}:8086 --session s1 -v")
+                   f"--broker {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} --session s1 -v")
     click.echo(f"and at the end: synprobe lab down --id {lab_id}")
 
 
@@ -107,15 +108,16 @@ def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -
     lab_id = lab_id or f"demo{time.time_ns() % 100000}"
     labmod.sweep(lab_id)
     the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
-    with labmod.terminate_on_sigterm(), the_lab:
+    with sigterm_as_interrupt(), the_lab:
         a, b = the_lab.side("a"), the_lab.side("b")
         click.echo(f"NAT lab up: host A {a.host} behind '{profile_a}' ({a.public})  <-- "
                    f"router -->  ({b.public}) '{profile_b}' in front of host B {b.host}")
-        click.echo(f"broker on {labmod.BROKER_IPS[0]}:8086\n")
+        click.echo(f"broker on {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}\n")
         broker_log = tempfile.TemporaryFile()
         labmod.start_broker(the_lab, stderr=broker_log)
         msgs = (f"hello from A ({a.host})\n", f"hello from B ({b.host})\n")
-        click.echo(f"A and B run: synprobe punch --broker {labmod.BROKER_IPS[0]}:8086 "
+        click.echo(f"A and B run: synprobe punch --broker "
+                   f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} "
                    f"--session demo --verbose --json   (stdin: one line each)\n")
         run_a, run_b = labmod.punch_pair(the_lab, "demo", messages=msgs, args=["--verbose"],
                                          timeout_s=timeout_s)
@@ -143,4 +145,4 @@ def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -
             click.echo("the punch did not connect: "
                        f"A: {ra.get('error')}; B: {rb.get('error')}")
     click.echo("lab removed.")
-    sys.exit(0 if ok else 5)
+    sys.exit(ExitStatus.OK if ok else ExitStatus.PUNCH_FAILED)

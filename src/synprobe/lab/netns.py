@@ -1,4 +1,5 @@
-"""The NAT lab: real Linux NATs (iptables/nftables, conntrack) in network namespaces.
+"""The lab's namespace builder: real Linux NATs (iptables/nftables, conntrack) in network
+namespaces, brought up and torn down.
 
 Topology (every address lives only inside the lab's namespaces)::
 
@@ -6,10 +7,8 @@ Topology (every address lives only inside the lab's namespaces)::
                           |
                           br  (broker: 192.0.2.10 and 192.0.2.11)
 
-``gA``/``gB`` are the NATs (or firewalls), configured by a profile each; ``rt`` is the
-router hop between them, as on the internet. The public side uses the documentation
-ranges 198.51.100.0/24 (side A), 203.0.113.0/24 (side B) and 192.0.2.0/24 (broker);
-NATed hosts sit in 10.1.0.0/24 and 10.2.0.0/24.
+``gA``/``gB`` are the NATs (or firewalls), configured by a profile each (profiles.py);
+``rt`` is the router hop between them, as on the internet.
 
 Everything a lab creates lives in its namespaces, named ``ssyn-<id>-<node>``, so
 deleting the namespaces removes links, rules, conntrack tables and sysctls with them.
@@ -18,160 +17,23 @@ deleting the namespaces removes links, rules, conntrack tables and sysctls with 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.signals import sigterm_as_interrupt
+
+from .profiles import BROKER_IPS, NODES, PROFILES, Profile, SideAddresses, side_addresses
 
 PREFIX = "ssyn"
-NODES = ("ha", "ga", "rt", "gb", "hb", "br")
-BROKER_IPS = ("192.0.2.10", "192.0.2.11")
-BROKER_PORT = 8086
 COMMAND_TIMEOUT_S = 10.0
 KILL_GRACE_S = 2.0
-
-_FILTER_HEAD = """*filter
-:INPUT {input} [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-"""
-# A home router: the NAT itself answers nothing unsolicited, forwards only outbound
-# connections and their replies (conntrack ESTABLISHED includes a reply-direction SYN).
-_HOME_FILTER = _FILTER_HEAD.format(input="DROP") + """-A INPUT -i lo -j ACCEPT
--A INPUT -i lan -j ACCEPT
--A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-{input_extra}-A FORWARD -o wan -j ACCEPT
--A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-{forward_extra}COMMIT
-"""
-_NAT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A POSTROUTING -o wan -j MASQUERADE{masq_extra}
-COMMIT
-"""
-
-
-def _home(input_extra: str = "", forward_extra: str = "", masq_extra: str = "",
-          nat: bool = True, syn_first: str = "") -> str:
-    rules = _HOME_FILTER.format(input_extra=input_extra, forward_extra=forward_extra)
-    if syn_first:
-        outbound = "-A FORWARD -o wan -j ACCEPT"
-        rules = rules.replace(outbound, syn_first + outbound)
-    return rules + (_NAT.format(masq_extra=masq_extra) if nat else "")
-
-
-def _reject(how: str) -> str:
-    return _home(input_extra=f"-A INPUT -i wan -p tcp -j REJECT --reject-with {how}\n",
-                 forward_extra=f"-A FORWARD -i wan -p tcp -j REJECT --reject-with {how}\n")
-
-
-def _dmz() -> str:
-    """A home router with a "DMZ host": every unsolicited inbound TCP goes to the host, and
-    the host reaches its own public address (hairpin NAT). @HOST@, @PUBLIC@ and @LAN@
-    are filled in per side when the lab is built."""
-    rules = _home(forward_extra="-A FORWARD -i wan -o lan -d @HOST@ -p tcp -j ACCEPT\n"
-                                "-A FORWARD -i lan -o lan -j ACCEPT\n", nat=False)
-    return rules + """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -d @PUBLIC@ -p tcp -j DNAT --to-destination @HOST@
--A POSTROUTING -o wan -j MASQUERADE
--A POSTROUTING -o lan -s @LAN@ -d @HOST@ -j MASQUERADE
-COMMIT
-"""
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    description: str
-    iptables: str = ""  # iptables-restore input for the gateway
-    nft: str = ""  # or an nft ruleset
-    nat: bool = True  # False: the host has a public address behind a stateful firewall
-    carrier: bool = False  # True: a second NAT (a carrier's, node c<side>) behind the first
-    sysctls: tuple[tuple[str, str], ...] = ()
-
-
-_NFT_HOME = """table inet ssyn_filter {
-  chain input { type filter hook input priority 0; policy drop;
-    iif "lo" accept; iifname "lan" accept; ct state established,related accept; }
-  chain forward { type filter hook forward priority 0; policy drop;
-    oifname "wan" accept; ct state established,related accept; }
-}
-table ip ssyn_nat {
-  chain postrouting { type nat hook postrouting priority 100; oifname "wan" masquerade; }
-}
-"""
-
-PROFILES: dict[str, Profile] = {p.name: p for p in [
-    Profile("home", "home router: MASQUERADE, outbound and replies only, everything "
-                    "unsolicited dropped silently", _home()),
-    Profile("home-nft", "the home profile written for nftables instead of iptables",
-            nft=_NFT_HOME),
-    Profile("original", "the original README's rules exactly: nothing on INPUT, so the NAT's "
-                        "own kernel answers an unsolicited SYN with RST",
-            _FILTER_HEAD.format(input="ACCEPT") + "-A FORWARD -o wan -j ACCEPT\n"
-            "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\nCOMMIT\n"
-            + _NAT.format(masq_extra="")),
-    Profile("reject-rst", "unsolicited inbound TCP rejected with a TCP reset",
-            _reject("tcp-reset")),
-    Profile("reject-icmp-port", "unsolicited inbound TCP rejected with ICMP port-unreachable",
-            _reject("icmp-port-unreachable")),
-    Profile("reject-icmp-admin", "unsolicited inbound TCP rejected with ICMP admin-prohibited",
-            _reject("icmp-admin-prohibited")),
-    Profile("random", "a random external port for every new connection "
-                      "(MASQUERADE --random-fully)", _home(masq_extra=" --random-fully")),
-    Profile("syn-drop-all", "every inbound SYN dropped, replies to our own SYNs included",
-            _home(syn_first="-A FORWARD -i wan -p tcp --syn -j DROP\n")),
-    Profile("syn-sent-5s", "home, with conntrack's SYN_SENT timeout cut to 5 s",
-            _home(), sysctls=(("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", "5"),)),
-    Profile("firewall", "no NAT: a public address behind a stateful firewall that drops "
-                        "unsolicited inbound", _home(nat=False), nat=False),
-    Profile("dmz", "home router with a DMZ host: every unsolicited inbound TCP is forwarded "
-                   "to the host (endpoint-independent filtering), hairpin NAT on", _dmz()),
-    Profile("carrier", "home router behind a carrier-grade NAT (two NATs, both as home; the "
-                       "home router's wan in 100.64.0.0/10, RFC 6598)", _home(), carrier=True),
-]}
-
-
-@dataclass(frozen=True)
-class SideAddresses:
-    host: str  # the host's own address
-    gateway_lan: str
-    gateway_wan: str
-    router: str
-    lan_prefix: int
-    public: str  # what the world sees: the NAT's wan address, or the host itself
-
-
-def side_addresses(side: str, profile: Profile) -> SideAddresses:
-    wan_net = {"a": "198.51.100", "b": "203.0.113"}[side]
-    if profile.carrier:  # gateway_wan: the home router's, inside the carrier's network
-        lan = {"a": "10.1.0", "b": "10.2.0"}[side]
-        inner = {"a": "100.64.1", "b": "100.64.2"}[side]
-        return SideAddresses(f"{lan}.2", f"{lan}.1", f"{inner}.2", f"{wan_net}.1", 24,
-                             f"{wan_net}.2")
-    if profile.nat:
-        lan = {"a": "10.1.0", "b": "10.2.0"}[side]
-        return SideAddresses(f"{lan}.2", f"{lan}.1", f"{wan_net}.2", f"{wan_net}.1", 24,
-                             f"{wan_net}.2")
-    return SideAddresses(f"{wan_net}.130", f"{wan_net}.129", f"{wan_net}.2", f"{wan_net}.1", 25,
-                         f"{wan_net}.130")
 
 
 LAB_ID_RE = re.compile(r"[a-z0-9]{1,20}")
@@ -270,7 +132,6 @@ class Lab:
     lab_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     prefix: str = PREFIX
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    _created: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_lab_id(self.lab_id)
@@ -294,10 +155,6 @@ class Lab:
 
     def side(self, side: str) -> SideAddresses:
         return side_addresses(side, PROFILES[self.profile_a if side == "a" else self.profile_b])
-
-    @property
-    def broker_ips(self) -> tuple[str, ...]:
-        return BROKER_IPS
 
     def __enter__(self) -> Lab:
         self.up()
@@ -336,7 +193,6 @@ class Lab:
     def _build(self) -> None:
         for node in self.nodes:
             _run(["ip", "netns", "add", self.ns(node)])
-            self._created.append(self.ns(node))
             self._ip(node, "link", "set", "dev", "lo", "up")
         for node in ("ga", "gb", "rt"):
             self._sysctl(node, "net.ipv4.ip_forward", "1")
@@ -437,107 +293,3 @@ class Lab:
         self._procs.clear()
         existing = set(lab_namespaces(self.prefix))
         delete_namespaces([ns for ns in self.namespaces if ns in existing])
-        self._created.clear()
-
-
-terminate_on_sigterm = sigterm_as_interrupt  # the lab's name for it
-
-
-# --- running the project's own commands in a lab ------------------------------------------
-
-SYNPROBE = [sys.executable, "-m", "synprobe"]
-BROKER_READY_TIMEOUT_S = 5.0
-
-
-def wait_for_listen(lab: Lab, node: str, ip: str, port: int, timeout_s: float) -> None:
-    """Wait (bounded) until a TCP socket listens on ip:port inside node."""
-    end = time.monotonic() + timeout_s
-    needle = f"{ip}:{port}"
-    while time.monotonic() < end:
-        out = lab.run(node, ["ss", "-Htln"], check=False).stdout
-        if needle in out:
-            return
-        time.sleep(0.05)
-    raise ToolError(ExitStatus.ERROR, f"lab: nothing listens on {needle} in {node} after "
-                                      f"{timeout_s:.0f} s")
-
-
-def start_broker(lab: Lab, extra: Sequence[str] = (), port: int = BROKER_PORT,
-                 stderr: object = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    binds: list[str] = []
-    for ip in BROKER_IPS:
-        binds += ["--bind", f"{ip}:{port}"]
-    proc = lab.popen("br", [*SYNPROBE, "broker", *binds, *extra], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=stderr)
-    wait_for_listen(lab, "br", BROKER_IPS[0], port, BROKER_READY_TIMEOUT_S)
-    return proc
-
-
-@dataclass
-class PeerRun:
-    side: str
-    returncode: int | None
-    stdout: str
-    stderr: str
-
-    @property
-    def report(self) -> dict[str, object] | None:
-        """The --json object (the first stdout line), if there is one."""
-        first = self.stdout.split("\n", 1)[0]
-        try:
-            value = json.loads(first)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-
-    @property
-    def chat_lines(self) -> list[str]:
-        lines = self.stdout.splitlines()
-        return lines[1:] if self.report is not None else lines
-
-
-def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
-               args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
-               timeout_s: float = 30.0, broker: str | None = None) -> tuple[PeerRun, PeerRun]:
-    """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
-
-    ``first`` registers ``stagger_s`` before the other, so the order of start is known.
-    """
-    target = broker or f"{BROKER_IPS[0]}:{BROKER_PORT}"
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    order = [first, "b" if first == "a" else "a"]
-    for i, side in enumerate(order):
-        if i:
-            time.sleep(stagger_s)
-        procs[side] = lab.popen("h" + side, [
-            *SYNPROBE, "punch", "--broker", target, "--session", session, "--json",
-            "--timeout", str(timeout_s), *args], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    results: dict[str, PeerRun] = {}
-    inputs = {"a": messages[0], "b": messages[1]}
-    # Feed each side its message and close stdin; collect both (bounded).
-    from concurrent.futures import ThreadPoolExecutor
-
-    def finish(side: str) -> PeerRun:
-        proc = procs[side]
-        try:
-            out, err = proc.communicate(inputs[side].encode(), timeout=timeout_s + 15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate(timeout=5)
-        return PeerRun(side, proc.returncode, out.decode(errors="replace"),
-                       err.decode(errors="replace"))
-
-    pool = ThreadPoolExecutor(2)
-    try:
-        for side, run in zip(order, pool.map(finish, order), strict=True):
-            results[side] = run
-    except BaseException:
-        # Ctrl-C/SIGTERM: stop the peers first, or the pool would wait for them.
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-    return results["a"], results["b"]
