@@ -3,6 +3,7 @@
 * ``profiles``: the NAT profiles and the lab's addresses (pure data);
 * ``netns``: the namespace builder (``Lab``: up, down, run a command in a node; ``sweep``);
 * ``harness``: the project's own commands in a lab (a broker, a pair of punches);
+* ``delay``: the user-space delay element put on a link (``LinkDelays``);
 * ``cli``: ``synprobe lab`` (up, down, profiles, demo).
 
 The names most callers need are re-exported here.
@@ -14,6 +15,7 @@ from .harness import SYNPROBE, PeerRun, punch_pair, start_broker, wait_for_liste
 from .netns import (
     PREFIX,
     Lab,
+    LinkDelays,
     check_lab_id,
     lab_namespaces,
     require_root,
@@ -31,7 +33,8 @@ from .profiles import (
 )
 
 __all__ = [
-    "BROKER_IPS", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "SYNPROBE", "Lab", "PeerRun",
+    "BROKER_IPS", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "SYNPROBE", "Lab", "LinkDelays",
+    "PeerRun",
     "Profile", "SideAddresses", "check_lab_id", "lab_namespaces", "punch_pair",
     "require_root", "require_tools", "side_addresses", "start_broker", "sweep",
     "wait_for_listen",

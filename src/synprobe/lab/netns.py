@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,6 +36,35 @@ from .profiles import BROKER_IPS, NODES, PROFILES, Profile, SideAddresses, side_
 PREFIX = "ssyn"
 COMMAND_TIMEOUT_S = 10.0
 KILL_GRACE_S = 2.0
+DELAY_READY_TIMEOUT_S = 10.0  # a delay element is a Python process: it imports first
+DELAY_NODES = {"a": "da", "b": "db", "broker": "dr"}  # the namespace of each link's element
+
+
+@dataclass(frozen=True)
+class LinkDelays:
+    """One-way delay (seconds, each direction) of the links to the router: side A's NAT,
+    side B's NAT, the broker. ``jitter_s``: each frame's delay varies uniformly by up to
+    that much, but never by more than the link's own delay (a 0.5 ms link stays within
+    0-1 ms while the broker's 50 ms link varies by the whole jitter). Frames stay in order."""
+
+    a: float = 0.0
+    b: float = 0.0
+    broker: float = 0.0
+    jitter_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("a", self.a), ("b", self.b), ("broker", self.broker),
+                            ("jitter", self.jitter_s)):
+            if not 0.0 <= value <= 10.0:
+                raise ValueError(f"link delay {name}: {value} s is not within 0-10 s")
+
+    def of(self, link: str) -> tuple[float, float]:
+        """(delay, jitter) of link "a", "b" or "broker"."""
+        delay = {"a": self.a, "b": self.b, "broker": self.broker}[link]
+        return delay, min(self.jitter_s, delay)
+
+    def delayed(self) -> list[str]:
+        return [link for link in ("a", "b", "broker") if self.of(link)[0] > 0]
 
 
 LAB_ID_RE = re.compile(r"[a-z0-9]{1,20}")
@@ -54,6 +85,7 @@ def require_tools(*tools: str) -> None:
 
 
 _PACKAGE = {"ip": "iproute2", "iptables-restore": "iptables", "nft": "nftables",
+            "ethtool": "ethtool",
             "tcpdump": "tcpdump", "tshark": "tshark"}
 
 
@@ -131,6 +163,7 @@ class Lab:
     profile_b: str = "home"
     lab_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     prefix: str = PREFIX
+    links: LinkDelays = field(default_factory=lambda: LinkDelays())
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -144,10 +177,11 @@ class Lab:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """NODES, plus c<side> for a side behind a carrier NAT."""
+        """NODES, plus c<side> for a side behind a carrier NAT and a delay node for each
+        delayed link."""
         extra = tuple("c" + side for side, name in (("a", self.profile_a), ("b", self.profile_b))
                       if PROFILES[name].carrier)
-        return NODES + extra
+        return NODES + extra + tuple(DELAY_NODES[link] for link in self.links.delayed())
 
     @property
     def namespaces(self) -> list[str]:
@@ -177,9 +211,34 @@ class Lab:
         self._ip(node1, "link", "set", "dev", if1, "up")
         self._ip(node2, "link", "set", "dev", if2, "up")
 
+    def _wire(self, link: str, node1: str, if1: str, node2: str, if2: str) -> None:
+        """node1's if1 and node2's if2 on one Ethernet segment: a veth pair, or, when the
+        link is delayed, two veths and the user-space delay element (delay.py) between."""
+        delay_s, jitter_s = self.links.of(link)
+        if not delay_s:
+            self._link(node1, if1, node2, if2)
+            return
+        middle = DELAY_NODES[link]
+        self._link(node1, if1, middle, "in")
+        self._link(middle, "out", node2, if2)
+        for node, dev in ((node1, if1), (middle, "in"), (middle, "out"), (node2, if2)):
+            # A packet socket forwards frames as it reads them: the checksums must already
+            # be in them, and no frame may be larger than the MTU.
+            _run(["ip", "netns", "exec", self.ns(node), "ethtool", "-K", dev, "tx", "off",
+                  "tso", "off", "gso", "off", "gro", "off"])
+        proc = self.popen(middle, [sys.executable, "-m", "synprobe.lab.delay", "in", "out",
+                                   repr(delay_s), repr(jitter_s)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)  # `lab up | tee` must not wait for it
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], DELAY_READY_TIMEOUT_S)
+        if not ready or proc.stdout.readline().strip() != b"ready":
+            raise ToolError(ExitStatus.ERROR, f"lab: the delay element of link {link} did "
+                                              f"not start within {DELAY_READY_TIMEOUT_S:.0f} s")
+
     def up(self) -> Lab:
         require_root()
-        tools = ["ip", "sysctl"]
+        tools = ["ip", "sysctl"] + (["ethtool"] if self.links.delayed() else [])
         for name in (self.profile_a, self.profile_b):
             tools.append("nft" if PROFILES[name].nft else "iptables-restore")
         require_tools(*tools)
@@ -196,7 +255,7 @@ class Lab:
             self._ip(node, "link", "set", "dev", "lo", "up")
         for node in ("ga", "gb", "rt"):
             self._sysctl(node, "net.ipv4.ip_forward", "1")
-        self._link("rt", "brk", "br", "eth0")
+        self._wire("broker", "rt", "brk", "br", "eth0")
         self._ip("rt", "addr", "add", "192.0.2.1/24", "dev", "brk")
         for ip in BROKER_IPS:
             self._ip("br", "addr", "add", f"{ip}/24", "dev", "eth0")
@@ -211,7 +270,7 @@ class Lab:
             self._build_carrier_side(side, profile, addr)
             return
         self._link(h, "eth0", g, "lan")
-        self._link(g, "wan", "rt", "w" + side)
+        self._wire(side, g, "wan", "rt", "w" + side)
         self._ip("rt", "addr", "add", f"{addr.router}/25", "dev", "w" + side)
         self._ip(g, "addr", "add", f"{addr.gateway_wan}/25", "dev", "wan")
         self._ip(g, "addr", "add", f"{addr.gateway_lan}/{addr.lan_prefix}", "dev", "lan")
@@ -239,7 +298,7 @@ class Lab:
         self._sysctl(c, "net.ipv4.ip_forward", "1")
         self._link(h, "eth0", g, "lan")
         self._link(g, "wan", c, "lan")
-        self._link(c, "wan", "rt", "w" + side)
+        self._wire(side, c, "wan", "rt", "w" + side)
         self._ip("rt", "addr", "add", f"{addr.router}/25", "dev", "w" + side)
         self._ip(c, "addr", "add", f"{addr.public}/25", "dev", "wan")
         self._ip(c, "addr", "add", f"{inner}.1/24", "dev", "lan")
