@@ -115,7 +115,6 @@ class PunchCapture:
         self.note = note
         self.argv = argv
         self.port = 0
-        self.skipped: str | None = None
         self._socket: PacketSocket | None = None
         self._file: BinaryIO | None = None
         self._pcap: PcapNgWriter | None = None
@@ -132,9 +131,8 @@ class PunchCapture:
         self.port = port
         missing = missing_capabilities(CAP_NET_RAW)
         if missing:
-            self.skipped = (f"needs {' and '.join(missing)} (run it as root, or give python "
-                            "cap_net_raw)")
-            self.note(f"capture skipped: --pcap {self.skipped}; the punch goes on without it")
+            self.note(f"capture skipped: --pcap needs {' and '.join(missing)} (run it as "
+                      "root, or give python cap_net_raw); the punch goes on without it")
             return
         capture = PacketSocket(self._frame, cooked=True, bpf=BPF_IPV4_TCP_ICMP, name="pcap")
         try:

@@ -85,7 +85,6 @@ class IcmpError:
     v6: bool = False
     comment: str = ""
 
-
     @property
     def name(self) -> str:
         """"port-unreachable", "admin-prohibited", ... or "type/code"."""
