@@ -24,9 +24,10 @@ from synprobe.natcheck import (
     unsolicited,
 )
 from synprobe.natcheck import protocol as P
-from synprobe.natcheck.packets import Seen, parse_frame, read_pcap, seen_from_pcap
 from synprobe.natcheck.recommend import recommend, verdict
 from synprobe.natcheck.report import Findings
+from synprobe.packets.reader import read_pcap
+from synprobe.packets.seen import Seen, parse_frame, seen_from_pcap
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
 PROFILES = ["home", "original", "reject-icmp-port", "reject-icmp-admin", "random",

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
 # top-level imports.
 LAZY_COMMANDS: dict[str, str] = {
     "lab": "synprobe.lab.cli:lab",
-    "analyze": "synprobe.analyze:analyze",
+    "analyze": "synprobe.analyze.command:analyze",
     "report": "synprobe.report:report",
     "nat-check": "synprobe.natcheck.cli:nat_check",
 }
@@ -216,7 +216,7 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
 
     capture = None
     if pcap_path is not None:
-        from .capture import PunchCapture
+        from .punch_pcap import PunchCapture
 
         capture = PunchCapture(pcap_path, [e for e in (broker_ep, seed_ep) if e], reporter.say)
     from simulsyn_core.signals import sigterm_as_interrupt

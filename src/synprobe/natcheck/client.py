@@ -21,11 +21,12 @@ from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import ExitStatus, ToolError
 from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
 
-from . import capture as cap
+from .. import rawnet as cap
+from ..packets.live import Capture
+from ..packets.seen import Seen
 from . import craft, filtering, hairpin, hops, host_stack, mapping, reply_syn, timers
 from . import protocol as P
 from .firewall import Firewall, FirewallError, client_rules, client_tag
-from .packets import Seen
 from .recommend import recommend, verdict
 from .report import Findings, NatCheckReport
 
@@ -47,7 +48,7 @@ class CheckConfig:
 class _State:
     sockets: list[socket.socket] = field(default_factory=list)
     reserved: list[socket.socket] = field(default_factory=list)
-    capture: cap.Capture | None = None
+    capture: Capture | None = None
     rules_tag: str | None = None
     preload: threading.Thread | None = None
 
@@ -94,7 +95,7 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
                             f"no route to {cfg.server}: {exc}") from None
         servers = {cfg.server.ip}
         if raw_ok:
-            state.capture = cap.Capture(cap.interface_of(host_ip),
+            state.capture = Capture(cap.interface_of(host_ip),
                                         lambda s: _keep(s, host_ip, servers)).start()
         control, info = _hello(cfg.server)
         servers.update(info.addrs)

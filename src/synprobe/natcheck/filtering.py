@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.seen import Seen
 from . import craft
-from .packets import Seen
 
 EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from simulsyn_core.endpoint import Endpoint
 
+from ..packets.seen import Seen
 from . import craft
-from .packets import Seen
 
 HAIRPIN_SEQ = 0x5359_4E30
 

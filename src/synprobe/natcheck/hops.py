@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.decode import ICMP_TIME_EXCEEDED
+from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
-from .packets import ICMP_TIME_EXCEEDED, Seen
 
 MAX_TTL = P.MAX_REFLECT
 

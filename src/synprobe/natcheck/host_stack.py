@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import connect_nonblocking, errno_name
 
-from .packets import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, Seen
+from ..packets.decode import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED
+from ..packets.seen import Seen
 
 WAIT_S = 0.5  # connect() has this long to end after its answer; the kernel resends at 1 s
 KINDS = ("rst", "icmp", "ttl_exceeded")

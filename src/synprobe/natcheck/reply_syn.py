@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
-from .packets import Seen
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from simulsyn_core.broker import Broker, Log, Service
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.wire import Message, ProtocolError, encode_message
 
-from . import capture as cap
+from .. import rawnet as cap
+from ..packets.live import Capture
+from ..packets.seen import Seen
 from . import protocol as P
 from . import unsolicited
 from .filtering import FilteringProbe
 from .filtering import build as build_filtering
 from .firewall import Firewall, broker_rules, broker_tag
-from .packets import Seen
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Check:
     other_ip: str | None
     started: float
     sent: int = 0
-    capture: cap.Capture | None = None
+    capture: Capture | None = None
     unsolicited: unsolicited.UnsolicitedProbe | None = None
     last_send: float = 0.0
     unsolicited_at: float = 0.0
@@ -191,7 +192,7 @@ class ProbeServer:
             if loop is not None:
                 loop.call_soon_threadsafe(self._client_syn, check, s)
 
-        check.capture = cap.Capture(iface, keep, on_packet).start()
+        check.capture = Capture(iface, keep, on_packet).start()
 
     def _client_syn(self, check: Check, s: Seen) -> None:
         broker = self._broker

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
-from .packets import Seen
 
 WAIT_LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 45, 60, 90, 110, 130, 150, 200, 280)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.decode import ICMP_DEST_UNREACH
+from ..packets.seen import Seen
 from . import craft
-from .packets import ICMP_DEST_UNREACH, Seen
 
 ICMP_NAMES = {(ICMP_DEST_UNREACH, 3): "icmp-port-unreachable",
               (ICMP_DEST_UNREACH, 13): "icmp-admin-prohibited"}
