@@ -89,7 +89,7 @@ def test_unsolicited_classifier_on_the_brokers_captures(profile: str) -> None:
     data = (CAPTURES / f"{profile}-broker.pcap").read_bytes()
     seen = seen_from_pcap(data, BROKER)
     probe = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, public_of(report),
-                                         report["probes"]["unsolicited_port"], P.BROKER_SEQ)
+                                         report["probes"]["unsolicited_port"], P.Seq.UNSOLICITED)
     expected = report["unsolicited_syn"]
     # "pass" is the client's finding (the SYN reached it); the broker saw no answer
     assert unsolicited.classify(probe, seen) == ("drop" if expected == "pass" else expected)
@@ -114,7 +114,7 @@ def frame(pkt: Any, outgoing: bool = False) -> Seen:
     return seen
 
 
-UNSOL = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, CLIENT_PUBLIC, 40000, P.BROKER_SEQ)
+UNSOL = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, CLIENT_PUBLIC, 40000, P.Seq.UNSOLICITED)
 QUOTE = IPerror(src=BROKER[0], dst=CLIENT_PUBLIC) / TCPerror(sport=PROBE_PORT, dport=40000)
 
 
@@ -159,7 +159,7 @@ def test_filtering_classify(arrived: list[str], other: str | None, expected: str
 def test_reply_syn_classify() -> None:
     probe = reply_syn.ReplySynProbe("10.1.0.2", 5000, BROKER[0], PROBE_PORT)
     ours = frame(IP(src="10.1.0.2", dst=BROKER[0]) / TCP(sport=5000, dport=PROBE_PORT,
-                                                         flags="S", seq=P.REPLY_SEQ), True)
+                                                         flags="S", seq=P.Seq.REPLY), True)
     assert reply_syn.classify(probe, [])[0] is None
     assert reply_syn.classify(probe, [ours])[0] == "blocked"
     assert reply_syn.classify(probe, [ours, _syn_in(BROKER[0], 5000)])[0] == "pass"
@@ -186,9 +186,9 @@ def test_hops_behind_a_carrier_nat_and_the_path() -> None:
 def test_hairpin_classify() -> None:
     probe = hairpin.HairpinProbe("10.1.0.2", 7000, Endpoint(CLIENT_PUBLIC, 5000), 5000)
     ours = frame(IP(src="10.1.0.2", dst=CLIENT_PUBLIC) / TCP(sport=7000, dport=5000, flags="S",
-                                                             seq=hairpin.HAIRPIN_SEQ), True)
+                                                             seq=P.Seq.HAIRPIN), True)
     back = frame(IP(src="10.1.0.1", dst="10.1.0.2") / TCP(sport=7000, dport=5000, flags="S",
-                                                          seq=hairpin.HAIRPIN_SEQ))
+                                                          seq=P.Seq.HAIRPIN))
     rst = frame(IP(src=CLIENT_PUBLIC, dst="10.1.0.2") / TCP(sport=5000, dport=7000, flags="RA"))
     assert hairpin.classify(probe, [ours, back])[0] is True
     value, reason = hairpin.classify(probe, [ours, rst])

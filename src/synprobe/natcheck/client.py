@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
+from simulsyn_core.wire import LineDecoder, ProtocolError
 
 from . import capture as cap
 from . import craft, filtering, hairpin, hops, host_stack, mapping, reply_syn, timers
@@ -163,15 +163,9 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
     except (OSError, ConnectionError) as exc:
         raise ToolError(ExitStatus.BROKER_UNREACHABLE, f"broker {server}: {exc}") from None
     try:
-        sock.sendall(encode_message(P.VERB_HELLO))
-        fields = mapping.read_message(sock, LineDecoder(), P.VERB_INFO)
-        info = P.ServerInfo(
-            public=Endpoint.parse(fields["public"]),
-            addrs=tuple(a for a in fields.get("addrs", "").split(",") if a) or (server.ip,),
-            port=int(fields.get("port", server.port)), raw=fields.get("raw") == "yes",
-            raw_reason=fields.get("raw_reason", "").replace("+", " "),
-            budget=int(fields.get("budget", "0")))
-    except (OSError, TimeoutError, ProtocolError, ValueError, KeyError) as exc:
+        sock.sendall(bytes(P.Hello()))
+        info = mapping.read_message(sock, LineDecoder(), P.ServerInfo)
+    except (OSError, TimeoutError, ProtocolError) as exc:
         sock.close()
         raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                         f"broker {server} does not serve nat-check ({exc}); run "
@@ -179,9 +173,10 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
     return sock, info
 
 
-def _request(control: socket.socket, verb: str, answer: str, **fields: object) -> dict[str, str]:
-    control.sendall(encode_message(verb, **fields))
-    return mapping.read_message(control, LineDecoder(), answer)
+def _request(control: socket.socket, request: P.NcMessage, kind: type[mapping.Answer]
+             ) -> mapping.Answer:
+    control.sendall(bytes(request))
+    return mapping.read_message(control, LineDecoder(), kind)
 
 
 def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: socket.socket,
@@ -212,8 +207,8 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
     # The broker's SYNs need nothing crafted here: ask for them while scapy still loads.
     window_s = P.answer_window(cap.tcp_rtt_s(control))
     probes["answer_window_s"] = round(window_s, 3)
-    _request(control, P.VERB_PROBE, P.VERB_ARMED, unsolicited=unsol_port,
-             filter=filter_obs.public.port, window_ms=int(window_s * 1000))
+    _request(control, P.Probe(unsol_port, filter_obs.public.port, int(window_s * 1000)),
+             P.Armed)
     event("the broker sent its unsolicited and filtering SYNs")
     craft.load_scapy()  # waits for the import the background thread started
     event("scapy loaded")
@@ -225,11 +220,9 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
                    hairpin.build(hairpin_probe)])
     predictable = m.port_preservation
     if predictable:
-        _request(control, P.VERB_REFLECT, P.VERB_REFLECTED,
-                 ports=",".join(str(p) for p in hop_ports))
+        _request(control, P.Reflect(hop_ports), P.Reflected)
     if waits:
-        _request(control, P.VERB_TIMERS, P.VERB_TIMERS_ARMED,
-                 waits=",".join(f"{w:g}" for w in waits))
+        _request(control, P.Timers(tuple(waits)), P.TimersArmed)
         timer_probe = timers.TimersProbe(host_ip, server_ip, info.probe_port, timer_ports,
                                          tuple(waits))
         cap.send_ipv4(timers.build(timer_probe))
@@ -249,10 +242,10 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
         reasons.append(("syn_sent_lifetime_s", why))
     event("reply_syn, hops and hairpin SYNs sent; waiting for the answers")
     time.sleep(window_s)
-    result = _request(control, P.VERB_DONE, P.VERB_RESULT)
+    result = _request(control, P.Done(), P.Result)
     time.sleep(SETTLE_S)
     stack_thread.join(host_stack.WAIT_S + 2.5)
-    broker_sent = int(result.get("sent", "0"))
+    broker_sent = result.sent
     seen = capture.snapshot()
     # unsolicited_syn: the broker saw the NAT's answer; our capture shows a SYN that passed.
     if any(s.is_syn and not s.outgoing and s.dport == unsol_port and s.src == server_ip
@@ -261,7 +254,7 @@ def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: soc
         reasons.append(("unsolicited_syn", "the SYN reached this host: the NAT forwards "
                                            "unsolicited SYNs here (DMZ or port forward)"))
     else:
-        unsolicited_syn = result.get("unsolicited")
+        unsolicited_syn = result.unsolicited
         target = f"the server's SYN to {info.public.ip}:{unsol_port} (no mapping)"
         reasons.append(("unsolicited_syn", {
             None: "the server did not say", "drop": f"no answer came back to {target}",

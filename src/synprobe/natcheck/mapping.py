@@ -10,14 +10,14 @@ ports, one after the other, show how the NAT picks ports for new mappings.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import bound_socket, connect_nonblocking, describe_errno
-from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
+from simulsyn_core.wire import LineDecoder, ProtocolError
 
 from . import protocol as P
 
@@ -112,9 +112,13 @@ def classify(control: Observation, same_port: Sequence[Observation],
 
 # --- I/O ----------------------------------------------------------------------------------
 
-def read_message(sock: socket.socket, decoder: LineDecoder, verb: str,
-                 timeout_s: float = OBSERVE_TIMEOUT_S) -> dict[str, str]:
-    """Read until one message with ``verb`` arrives (bounded). ERROR -> ProtocolError."""
+Answer = TypeVar("Answer", bound=P.NcMessage)
+
+
+def read_message(sock: socket.socket, decoder: LineDecoder, kind: type[Answer],
+                 timeout_s: float = OBSERVE_TIMEOUT_S) -> Answer:
+    """Read until one message of ``kind`` arrives (bounded). ERROR -> ProtocolError."""
+    verb = kind.VERB
     end = time.monotonic() + timeout_s
     sock.setblocking(True)
     while True:
@@ -130,10 +134,12 @@ def read_message(sock: socket.socket, decoder: LineDecoder, verb: str,
             raise ConnectionError(f"the broker closed the connection before {verb}")
         for msg in decoder.feed(data):
             if msg.verb == verb:
-                return dict(msg.fields)
+                answer = P.parse_message(msg)
+                if isinstance(answer, kind):
+                    return answer
             if msg.verb == "ERROR":
                 raise ProtocolError(f"the broker answered ERROR {msg.get('code')}: "
-                                    f"{(msg.get('message') or '').replace('_', ' ')}")
+                                    f"{P.unescape_text(msg.get('message') or '')}")
 
 
 def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOUT_S
@@ -150,19 +156,9 @@ def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOU
 
 
 def observe(sock: socket.socket, server: Endpoint) -> Observation:
-    sock.sendall(encode_message(P.VERB_OBSERVE))
-    fields = read_message(sock, LineDecoder(), P.VERB_OBSERVED)
-    return Observation(Endpoint.from_sockaddr(sock.getsockname()), server,
-                       Endpoint.parse(fields["public"]))
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): one packet instead of a FIN exchange."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
+    sock.sendall(bytes(P.Observe()))
+    answer = read_message(sock, LineDecoder(), P.Observed)
+    return Observation(Endpoint.from_sockaddr(sock.getsockname()), server, answer.public)
 
 
 def run(plan: MappingPlan, control_local_port: int, sockets: list[socket.socket]
