@@ -20,8 +20,8 @@ from simulsyn_core.sockets import bound_socket, connect_nonblocking, describe_er
 from simulsyn_core.wire import LineDecoder, ProtocolError
 
 from . import protocol as P
+from .report import Behaviour, PortAllocation
 
-EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
 OBSERVE_TIMEOUT_S = 3.0
 SEQUENTIAL_MAX_STEP = 16  # public ports this close, in order, count as sequential
 
@@ -35,27 +35,27 @@ class Observation:
 
 @dataclass(frozen=True)
 class MappingPlan:
-    """Which (local port slot, server endpoint) pairs to observe, in order (pure)."""
+    """Which server endpoints to observe, in order (pure)."""
 
-    same_port: tuple[tuple[int, Endpoint], ...]  # slot 0: the control connection's port
-    fresh: tuple[tuple[int, Endpoint], ...]  # slots 1.., each a new local port
+    same_port: tuple[Endpoint, ...]  # from the control connection's local port
+    fresh: tuple[Endpoint, ...]  # each from a new local port
 
 
 def build(info: P.ServerInfo, fresh_ports: int = 2) -> MappingPlan:
     first = Endpoint(info.addrs[0], info.port)
-    same = [(0, Endpoint(info.addrs[0], info.alt_port))]
+    same = [Endpoint(info.addrs[0], info.alt_port)]
     if len(info.addrs) > 1:
-        same.append((0, Endpoint(info.addrs[1], info.port)))
-    return MappingPlan(tuple(same), tuple((i + 1, first) for i in range(fresh_ports)))
+        same.append(Endpoint(info.addrs[1], info.port))
+    return MappingPlan(tuple(same), (first,) * fresh_ports)
 
 
 @dataclass(frozen=True)
 class MappingResult:
     public: tuple[Endpoint, ...]
     behind_nat: bool
-    mapping: str | None
+    mapping: Behaviour | None
     port_preservation: bool
-    port_allocation: str | None
+    port_allocation: PortAllocation | None
     reasons: tuple[tuple[str, str], ...]
 
 
@@ -69,12 +69,12 @@ def classify(control: Observation, same_port: Sequence[Observation],
     behind_nat = control.public.ip not in own_ips
     other_port = [o for o in same_port if o.server.ip == control.server.ip]
     other_addr = [o for o in same_port if o.server.ip != control.server.ip]
-    mapping: str | None
+    mapping: Behaviour | None
     if not behind_nat:
-        mapping = "none"
+        mapping = Behaviour.NO_NAT
         reasons.append(("mapping", f"the server sees the host's own address {control.public.ip}"))
     elif other_port and other_port[0].public != control.public:
-        mapping = APD
+        mapping = Behaviour.APD
         reasons.append(("mapping", f"another server port saw {other_port[0].public}, not "
                                    f"{control.public}"))
     elif not other_addr:
@@ -82,18 +82,18 @@ def classify(control: Observation, same_port: Sequence[Observation],
         reasons.append(("mapping", "the server has one address: endpoint-independent or "
                                    "address-dependent cannot be told apart"))
     elif other_addr[0].public != control.public:
-        mapping = AD
+        mapping = Behaviour.AD
         reasons.append(("mapping", f"the server's other address saw {other_addr[0].public}, "
                                    f"another port saw {control.public} as the first"))
     else:
-        mapping = EI
+        mapping = Behaviour.EI
         reasons.append(("mapping", f"every server address and port saw {control.public}"))
     preserving = [o.public.port == o.local.port for o in everything]
     port_preservation = all(preserving)
-    allocation: str | None
+    allocation: PortAllocation | None
     samples = [control, *fresh]
     if all(o.public.port == o.local.port for o in samples):
-        allocation = "preserving"
+        allocation = PortAllocation.PRESERVING
         reasons.append(("port_allocation", f"{len(samples)} local ports kept their number"))
     elif len(samples) < 3:
         allocation = None
@@ -101,9 +101,9 @@ def classify(control: Observation, same_port: Sequence[Observation],
     else:
         steps = [b.public.port - a.public.port for a, b in zip(samples, samples[1:], strict=False)]
         if all(0 < s <= SEQUENTIAL_MAX_STEP for s in steps):
-            allocation = "sequential"
+            allocation = PortAllocation.SEQUENTIAL
         else:
-            allocation = "random"
+            allocation = PortAllocation.RANDOM
         reasons.append(("port_allocation", "public ports in order of use: "
                         + ", ".join(str(o.public.port) for o in samples)))
     return MappingResult(publics, behind_nat, mapping, port_preservation, allocation,
@@ -166,12 +166,12 @@ def run(plan: MappingPlan, control_local_port: int, sockets: list[socket.socket]
     """Make the plan's connections; every socket opened is appended to ``sockets`` (the
     caller closes them, after the raw probes that use the fresh ports' mappings)."""
     same: list[Observation] = []
-    for _slot, server in plan.same_port:
+    for server in plan.same_port:
         sock = connect(control_local_port, server)
         sockets.append(sock)
         same.append(observe(sock, server))
     fresh: list[Observation] = []
-    for _slot, server in plan.fresh:
+    for server in plan.fresh:
         sock = connect(0, server)
         sockets.append(sock)
         fresh.append(observe(sock, server))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import craft
 from . import protocol as P
 from .packets import Seen
+from .report import Outcome
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def build(probe: ReplySynProbe) -> bytes:
                      P.Seq.REPLY)
 
 
-def classify(probe: ReplySynProbe, seen: Sequence[Seen]) -> tuple[str | None, str]:
+def classify(probe: ReplySynProbe, seen: Sequence[Seen]) -> tuple[Outcome | None, str]:
     sent = any(s.outgoing and s.is_syn and s.sport == probe.local_port
                and s.seq == P.Seq.REPLY for s in seen)
     if not sent:
@@ -38,5 +39,5 @@ def classify(probe: ReplySynProbe, seen: Sequence[Seen]) -> tuple[str | None, st
     back = any(not s.outgoing and s.is_syn and s.src == probe.server_ip
                and s.sport == probe.probe_port and s.dport == probe.local_port for s in seen)
     if back:
-        return "pass", "the server's SYN, sent as the reply to ours, reached the host"
-    return "blocked", "the server's reply SYN did not reach the host"
+        return Outcome.PASS, "the server's SYN, sent as the reply to ours, reached the host"
+    return Outcome.BLOCKED, "the server's reply SYN did not reach the host"
