@@ -376,7 +376,6 @@ NcMessage = (Observe | Observed | Hello | ServerInfo | Probe | Armed | Reflect |
 MESSAGES: dict[str, type[NcMessage]] = {
     cls.VERB: cls for cls in (Observe, Observed, Hello, ServerInfo, Probe, Armed, Reflect,
                               Reflected, Timers, TimersArmed, Done, Result)}
-REQUESTS = (Observe, Hello, Probe, Reflect, Timers, Done)  # what the broker serves
 
 
 def parse_message(msg: Message) -> NcMessage:

@@ -41,7 +41,6 @@ class Check:
     sent: int = 0
     capture: cap.Capture | None = None
     unsolicited: unsolicited.UnsolicitedProbe | None = None
-    last_send: float = 0.0
     unsolicited_at: float = 0.0
     window_s: float = P.ANSWER_WINDOW_MAX_S
     reply_seen: list[Endpoint] = field(default_factory=list)
@@ -158,7 +157,6 @@ class ProbeServer:
                 raise ProtocolError(f"refused: probe budget of {P.PROBE_BUDGET} packets spent")
             cap.send_ipv4([pkt])
             check.sent += 1
-            check.last_send = time.monotonic()
 
     # --- capture and the SYNs that ask for an answer ------------------------------------
 
