@@ -73,6 +73,25 @@ def test_decide_on_the_recorded_evidence_meets_expected(profile: str) -> None:
     public_ip = labmod.side_addresses(record["side"], labmod.PROFILES[profile]).public
     assert f.public and all(p.startswith(public_ip + ":") for p in f.public)
     assert list(decision.path) == expected_path(record["side"], profile)
+    assert f.reason("unsolicited_syn").startswith(UNSOLICITED_SAYS[f.unsolicited_syn])
+    if profile in HOPS_NOT_TOLD:  # the rule for when hops are measured
+        assert f.reason("hops").startswith(HOPS_NOT_TOLD[profile])
+
+
+HOPS_NOT_TOLD = {"random": "the NAT does not preserve ports",
+                 "syn-drop-all": "reply SYNs do not pass, so no TTL opens a hole",
+                 "dmz": "any SYN reaches the host: no hole is needed"}
+
+
+# How unsolicited_syn's reason begins for each value (the broker's answer, or the SYN
+# reaching the host).
+UNSOLICITED_SAYS = {
+    "drop": "no answer came back to the server's SYN to ",
+    "rst": "a TCP RST came back to the server's SYN to ",
+    "icmp-port-unreachable": "an ICMP error (icmp-port-unreachable) came back to the server's",
+    "icmp-admin-prohibited": "an ICMP error (icmp-admin-prohibited) came back to the server's",
+    "pass": "the SYN reached this host: the NAT forwards unsolicited SYNs here",
+}
 
 
 def test_the_recorded_host_stack_outcomes_are_what_linux_does() -> None:
