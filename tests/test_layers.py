@@ -1,6 +1,6 @@
 """The import graph of src/: no cycle, and no import from a lower layer to a higher one.
 
-Every import counts, also those inside functions (the lazy ones that keep `synprobe punch`
+Every import that runs counts, also those inside functions (the lazy ones that keep `synprobe punch`
 fast): a lazy import that runs back up is still a cycle waiting for the first caller that
 imports both modules at the top.
 """
@@ -33,11 +33,27 @@ def all_modules() -> dict[str, Path]:
     return {module_name(p): p for p in SRC.rglob("*.py")}
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under ``if TYPE_CHECKING:`` (imports for annotations only,
+    which never run)."""
+    out: list[ast.AST] = []
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) \
+                and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        out.append(node)
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The project modules that ``name`` imports (a package's submodule where it is one)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

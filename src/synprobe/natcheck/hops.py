@@ -33,7 +33,7 @@ class HopsProbe:
 
 def build(probe: HopsProbe) -> list[bytes]:
     return [craft.syn(probe.host_ip, probe.server_ip, port, probe.probe_port,
-                      P.HOPS_SEQ + ttl, ttl=ttl)
+                      P.Seq.HOPS + ttl, ttl=ttl)
             for ttl, port in enumerate(probe.local_ports, start=1)]
 
 
