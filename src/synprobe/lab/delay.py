@@ -26,8 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4  # our own sends, seen again by the socket that sent them
+from ..packets.live import ETH_P_ALL, PACKET_OUTGOING  # our own sends come back as OUTGOING
+
 MAX_QUEUED = 4096  # frames waiting per direction; a longer queue drops, as a router would
 MAX_FRAME = 65535
 IDLE_POLL_S = 0.2  # with nothing queued, look at the stop flag this often

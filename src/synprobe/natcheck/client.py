@@ -80,13 +80,13 @@ def _reserve(state: _State, n: int) -> list[int]:
 
 
 def raw_problem(firewall: Firewall) -> tuple[str, ExitStatus]:
-    missing = rawnet.missing_capabilities(rawnet.CAP_NET_RAW, rawnet.CAP_NET_ADMIN)
+    missing, tool = firewall.raw_probe_problem()
     if missing:
         return (f"raw probes need {' and '.join(missing)} (run as root, or "
                 "setcap cap_net_raw,cap_net_admin+ep on the Python binary)",
                 ExitStatus.NO_PRIVILEGE)
-    if not firewall.available:
-        return (f"raw probes need {firewall.binary} (Debian: apt-get install iptables)",
+    if tool:
+        return (f"raw probes need {tool} (Debian: apt-get install iptables)",
                 ExitStatus.MISSING_TOOL)
     return "", ExitStatus.OK
 

@@ -264,11 +264,11 @@ def _syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
 
 def raw_probe_problem(firewall: Firewall) -> str:
     """Why this process cannot run raw probes ("" if it can)."""
-    missing = rawnet.missing_capabilities(rawnet.CAP_NET_RAW, rawnet.CAP_NET_ADMIN)
+    missing, tool = firewall.raw_probe_problem()
     if missing:
         return f"needs {' and '.join(missing)}"
-    if not firewall.available:
-        return f"needs {firewall.binary} (Debian: apt-get install iptables)"
+    if tool:
+        return f"needs {tool} (Debian: apt-get install iptables)"
     return ""
 
 
