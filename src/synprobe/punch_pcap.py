@@ -32,7 +32,7 @@ from .packets.decode import (
     decode_frame,
     flags_label,
 )
-from .packets.live import ARPHRD_LOOPBACK, BPF_IPV4_TCP_ICMP, LiveFrame, PacketSocket
+from .packets.live import ARPHRD_LOOPBACK, LiveFrame, PacketSocket, bpf_tcp_port_or_icmp
 from .packets.writer import PcapNgWriter, cooked_header
 from .rawnet import CAP_NET_RAW, missing_capabilities
 
@@ -134,7 +134,8 @@ class PunchCapture:
             self.note(f"capture skipped: --pcap needs {' and '.join(missing)} (run it as "
                       "root, or give python cap_net_raw); the punch goes on without it")
             return
-        capture = PacketSocket(self._frame, cooked=True, bpf=BPF_IPV4_TCP_ICMP, name="pcap")
+        capture = PacketSocket(self._frame, cooked=True, bpf=bpf_tcp_port_or_icmp(port),
+                               name="pcap")
         try:
             capture.open()
             self._file = open(self.path, "wb")  # noqa: SIM115 (closed in stop())

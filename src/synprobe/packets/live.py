@@ -41,17 +41,29 @@ _ANCILLARY = socket.CMSG_SPACE(16)  # one struct timespec
 
 BpfInsn = tuple[int, int, int, int]  # (code, jt, jf, k): struct sock_filter
 
-# Classic BPF on a cooked packet: keep IPv4 TCP (6) and ICMP (1), drop the rest in the
-# kernel; ports are checked in Python (ICMP quotes them deeper than a short filter reads).
 SKF_AD_PROTOCOL = 0xFFFFF000  # SKF_AD_OFF + 0: the packet's ethertype (linux/filter.h)
-BPF_IPV4_TCP_ICMP: tuple[BpfInsn, ...] = (
-    (0x28, 0, 0, SKF_AD_PROTOCOL),  # ldh proto
-    (0x15, 0, 4, ETH_IPV4),  # jeq #0x800, else drop
-    (0x30, 0, 0, 9),  # ldb [9]: the IPv4 protocol
-    (0x15, 1, 0, 6),  # jeq #6 -> accept
-    (0x15, 0, 1, 1),  # jeq #1 -> accept, else drop
-    (0x06, 0, 0, SNAPLEN),  # accept
-    (0x06, 0, 0, 0))  # drop
+RCVBUF_BYTES = 4 << 20  # asked for (the kernel caps it at net.core.rmem_max)
+
+
+def bpf_tcp_port_or_icmp(port: int) -> tuple[BpfInsn, ...]:
+    """Classic BPF on a cooked IPv4 packet: keep TCP to or from ``port`` and every ICMP
+    (rare; Python checks which segment an error quotes), drop the rest in the kernel, so
+    that a busy host's other traffic cannot fill the socket's buffer and crowd out ours."""
+    return (
+        (0x28, 0, 0, SKF_AD_PROTOCOL),  # 0: ldh proto
+        (0x15, 0, 11, ETH_IPV4),  # 1: jeq #0x800, else drop
+        (0x30, 0, 0, 9),  # 2: ldb [9]: the IPv4 protocol
+        (0x15, 8, 0, 1),  # 3: jeq #1 (ICMP) -> accept
+        (0x15, 0, 8, 6),  # 4: jeq #6 (TCP), else drop
+        (0x28, 0, 0, 6),  # 5: ldh [6]: flags and fragment offset
+        (0x45, 6, 0, 0x1FFF),  # 6: jset #0x1fff (a later fragment: no ports) -> drop
+        (0xB1, 0, 0, 0),  # 7: ldxb 4*([0]&0xf): the IP header's length
+        (0x48, 0, 0, 0),  # 8: ldh [x+0]: the source port
+        (0x15, 2, 0, port),  # 9: jeq #port -> accept
+        (0x48, 0, 0, 2),  # 10: ldh [x+2]: the destination port
+        (0x15, 0, 1, port),  # 11: jeq #port -> accept, else drop
+        (0x06, 0, 0, SNAPLEN),  # 12: accept
+        (0x06, 0, 0, 0))  # 13: drop
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,7 @@ class PacketSocket:
             if self.bpf:
                 _attach_filter(sock, self.bpf)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
             if self.interface is not None:
                 sock.bind((self.interface, 0))
             sock.setblocking(False)
