@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulsyn_core.signals import sigterm_as_interrupt
 from synprobe import lab as labmod
 
 TCPDUMP_READY_S = 5.0
@@ -312,7 +313,7 @@ def _finish(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[str, str]:
 
 def record_in_new_lab(scenario: Scenario, out_dir: Path, lab_id: str) -> Recording:
     lab = labmod.Lab(scenario.profile_a, scenario.profile_b, lab_id=lab_id)
-    with labmod.terminate_on_sigterm(), lab:
+    with sigterm_as_interrupt(), lab:
         return record(lab, scenario, out_dir)
 
 
@@ -368,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.names or [*SCENARIOS, "punch"]:
             if name == "punch":
                 lab = labmod.Lab("home", "home", lab_id=f"cap{os.getpid() % 10000}")
-                with labmod.terminate_on_sigterm(), lab:
+                with sigterm_as_interrupt(), lab:
                     for side, path in record_punch(lab, work).items():
                         shutil.copyfile(path, out / path.name)
                         print(f"{out / path.name}: synprobe punch --pcap on host {side}")

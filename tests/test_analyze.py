@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from synprobe.analyze import analyze_bytes, analyze_file
-from synprobe.analyze_ladder import arrow_text, draw, ladder_only
-from synprobe.analyze_pcap import (
-    ACK,
-    FIN,
-    PSH,
-    RST,
-    SYN,
-    CaptureContents,
-    IcmpError,
-    Segment,
-    read_capture,
-)
-from synprobe.analyze_tcp import find_attempts
+from synprobe.analyze.command import analyze_bytes, analyze_file
+from synprobe.analyze.ladder import arrow_text, draw, ladder_only
+from synprobe.analyze.tcp import find_attempts
 from synprobe.cli import main
+from synprobe.packets.decode import ACK, FIN, PSH, RST, SYN, IcmpError, Segment
+from synprobe.packets.reader import CaptureContents, read_capture
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 
@@ -277,6 +268,37 @@ def test_damaged_inputs_exit_7_with_one_line(tmp_path: Path,
             assert "Traceback" not in out + err
             if extra:
                 json.loads(out)  # still valid JSON on stdout
+
+
+def _pcapng_blocks(data: bytes) -> list[int]:
+    """The offsets of a little-endian pcapng file's blocks."""
+    offsets, off = [], 0
+    while off < len(data):
+        offsets.append(off)
+        off += struct.unpack_from("<I", data, off + 4)[0]
+    return offsets
+
+
+def test_damaged_pcapng_message_is_one_plain_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = (CAPTURES / "punch.a.pcapng").read_bytes()
+    shb, idb, first_packet, second_packet = _pcapng_blocks(data)[:4]
+    assert (shb, idb, first_packet) == (0, 52, 92)
+    cut = tmp_path / "cut.pcapng"  # ends 6 bytes into the second packet's block header
+    cut.write_bytes(data[:second_packet + 6])
+    no_interface = tmp_path / "no-interface.pcapng"  # a simple packet block before any IDB
+    no_interface.write_bytes(data[:idb] + struct.pack("<IIII", 3, 20, 4, 0)
+                             + struct.pack("<I", 20))
+    expected = {
+        cut: f"truncated: the file ends inside a block header at byte {second_packet} "
+             "(the 1 packet(s) before it were analysed)",
+        no_interface: f"damaged: packet block at byte {idb} before any interface",
+    }
+    for path, message in expected.items():
+        code, _out, err = run_cli(capsys, "--brief", str(path))
+        assert (code, err) == (7, f"synprobe: {path}: {message}\n")
+        code, out, _err = run_cli(capsys, "--json", str(path))
+        assert (code, json.loads(out)["files"][0]["error"]) == (7, message)
 
 
 def test_truncated_capture_still_shows_what_it_could_read(

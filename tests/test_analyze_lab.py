@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from synprobe import lab as labmod
-from synprobe.analyze import analyze_file
-from synprobe.analyze_ladder import draw, ladder_only
+from synprobe.analyze.command import analyze_file
+from synprobe.analyze.ladder import draw, ladder_only
 from tests.make_captures import SCENARIOS, Recording, record
 from tests.test_analyze import README_DRAWINGS
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from synprobe.analyze import analyze_file
-from synprobe.analyze_pcap import ACK, FIN, RST, SYN, read_capture
-from synprobe.capture import PcapNgFile, Roles, Seen, cooked_header, packet_role
+from synprobe.analyze.command import analyze_file
+from synprobe.packets.decode import ACK, FIN, RST, SYN
+from synprobe.packets.reader import read_capture
+from synprobe.packets.writer import PcapNgWriter, cooked_header
+from synprobe.punch_pcap import Roles, RunPacket, packet_role
 
 from .helpers import SYNPROBE, loopback_broker, wait_for_stderr
 
@@ -28,10 +30,11 @@ BROKER = "192.0.2.10:8086"
 def test_roles_name_each_stage_of_a_run() -> None:
     roles = Roles([BROKER])
     names = [roles.name(s) for s in [
-        Seen(True, BROKER, SYN), Seen(False, BROKER, SYN | ACK), Seen(True, BROKER, ACK),
-        Seen(True, BROKER, ACK, 40),
-        Seen(True, PEER, SYN), Seen(False, PEER, SYN), Seen(True, PEER, SYN | ACK),
-        Seen(False, PEER, ACK), Seen(True, PEER, ACK, 6), Seen(False, PEER, FIN | ACK),
+        RunPacket(True, BROKER, SYN), RunPacket(False, BROKER, SYN | ACK),
+        RunPacket(True, BROKER, ACK), RunPacket(True, BROKER, ACK, 40),
+        RunPacket(True, PEER, SYN), RunPacket(False, PEER, SYN),
+        RunPacket(True, PEER, SYN | ACK), RunPacket(False, PEER, ACK),
+        RunPacket(True, PEER, ACK, 6), RunPacket(False, PEER, FIN | ACK),
     ]]
     assert names == [
         "broker: SYN from us to 192.0.2.10:8086", "broker: SYN+ACK from 192.0.2.10:8086",
@@ -45,13 +48,13 @@ def test_roles_name_each_stage_of_a_run() -> None:
 
 def test_simultaneous_open_is_opened_by_the_two_syn_acks_and_rst_starts_over() -> None:
     roles = Roles([])
-    for seen in (Seen(True, PEER, SYN), Seen(False, PEER, SYN), Seen(True, PEER, SYN | ACK),
-                 Seen(False, PEER, SYN | ACK)):
-        assert roles.name(seen).startswith("punch:")
-    assert roles.name(Seen(True, PEER, ACK, 3)).startswith("chat:")
-    assert roles.name(Seen(False, PEER, RST | ACK)) == "chat: RST from 203.0.113.2:40100"
-    assert roles.name(Seen(True, PEER, SYN)).startswith("punch:")
-    assert packet_role(Seen(False, PEER, icmp="port-unreachable", reporter="203.0.113.2"),
+    for packet in (RunPacket(True, PEER, SYN), RunPacket(False, PEER, SYN),
+                   RunPacket(True, PEER, SYN | ACK), RunPacket(False, PEER, SYN | ACK)):
+        assert roles.name(packet).startswith("punch:")
+    assert roles.name(RunPacket(True, PEER, ACK, 3)).startswith("chat:")
+    assert roles.name(RunPacket(False, PEER, RST | ACK)) == "chat: RST from 203.0.113.2:40100"
+    assert roles.name(RunPacket(True, PEER, SYN)).startswith("punch:")
+    assert packet_role(RunPacket(False, PEER, icmp="port-unreachable", reporter="203.0.113.2"),
                        []) == ("punch: ICMP port-unreachable from 203.0.113.2 about our "
                                "segment to 203.0.113.2:40100")
 
@@ -64,7 +67,7 @@ def _ipv4_tcp(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: i
 
 def test_pcapng_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
     out = io.BytesIO()
-    pcap = PcapNgFile(out)
+    pcap = PcapNgWriter(out)
     a, b = bytes([10, 1, 0, 2]), bytes([203, 0, 113, 2])
     pcap.write("eth0", 1700000000.123456789,
                cooked_header(4, 1, b"\x02" * 6, 0x0800) + _ipv4_tcp(a, b, 40100, 40100, SYN, 7),

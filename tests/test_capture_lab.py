@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from synprobe import lab as labmod
-from synprobe.analyze import analyze_file
+from synprobe.analyze.command import analyze_file
 
 from .test_capture import _tshark
 

@@ -1,6 +1,7 @@
 """Every nat-check classifier as a pure function: on the captures recorded in the lab
-(captures/natcheck/, see tests/natcheck_record.py) and on packets built with scapy and
-rebuilt from bytes. No network."""
+(captures/natcheck/, see tests/natcheck_record.py) against the hand-written expectations
+of natcheck_expected.py, and on packets built with scapy and rebuilt from bytes. No
+network."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
 from scapy.layers.l2 import Ether
 
 from simulsyn_core.endpoint import Endpoint
+from synprobe import lab as labmod
 from synprobe.natcheck import (
     filtering,
     hairpin,
@@ -24,9 +26,20 @@ from synprobe.natcheck import (
     unsolicited,
 )
 from synprobe.natcheck import protocol as P
-from synprobe.natcheck.packets import Seen, parse_frame, read_pcap, seen_from_pcap
+from synprobe.natcheck.evidence import Evidence, decide
 from synprobe.natcheck.recommend import recommend, verdict
-from synprobe.natcheck.report import Findings
+from synprobe.natcheck.report import (
+    Behaviour,
+    Findings,
+    NatCheckReport,
+    Outcome,
+    PortAllocation,
+    StackKind,
+    StackReaction,
+)
+from synprobe.packets.reader import read_pcap
+from synprobe.packets.seen import Seen, parse_frame, seen_from_pcap
+from tests.natcheck_expected import EXPECTED, expected_path, mismatches
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
 PROFILES = ["home", "original", "reject-icmp-port", "reject-icmp-admin", "random",
@@ -35,62 +48,76 @@ BROKER = ("192.0.2.10", "192.0.2.11")
 PROBE_PORT = 8088
 
 
-def load(profile: str) -> tuple[dict[str, Any], list[Seen]]:
-    report = json.loads((CAPTURES / f"{profile}.json").read_text())
+def load(profile: str) -> tuple[dict[str, Any], Evidence]:
+    """The recording's record (side, exit code) and its evidence, with the capture read
+    back from the client's pcap."""
+    record = json.loads((CAPTURES / f"{profile}-evidence.json").read_text())
     data = (CAPTURES / f"{profile}-client.pcap").read_bytes()
-    return report, seen_from_pcap(data, [report["probes"]["host"]])
+    seen = seen_from_pcap(data, [record["evidence"]["host_ip"]])
+    return record, Evidence.from_json(record["evidence"], seen)
 
 
-def public_of(report: dict[str, Any]) -> str:
-    return report["public"][0].rsplit(":", 1)[0]
-
-
-# --- on the recorded captures: each classifier gives what the live run reported -----------
+# --- on the recorded captures: the decision meets the hand-written expectations -----------
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_client_side_classifiers_on_recorded_captures(profile: str) -> None:
-    report, seen = load(profile)
-    pr = report["probes"]
-    host = pr["host"]
-    value, _ = filtering.classify(seen, pr["filter_local_port"], BROKER[0], BROKER[1],
-                                  PROBE_PORT)
-    assert value == report["filtering"]
-    probe = reply_syn.ReplySynProbe(host, pr["reply_port"], BROKER[0], PROBE_PORT)
-    assert reply_syn.classify(probe, seen)[0] == report["reply_syn"]
-    hp_target = next(Endpoint.parse(p) for p in report["public"]
-                     if int(p.rsplit(":", 1)[1]) == pr["filter_local_port"]
-                     or not report["port_preservation"])
-    if report["behind_nat"] and report["port_preservation"]:
-        hp = hairpin.HairpinProbe(host, pr["hairpin_port"], hp_target, pr["filter_local_port"])
-        assert hairpin.classify(hp, seen)[0] == report["hairpin"]
-    hops_probe = hops.HopsProbe(host, BROKER[0], PROBE_PORT, tuple(pr["hop_ports"]))
-    if report["hops"] is not None:
-        assert hops.classify(hops_probe, seen)[0] == report["hops"]
-    assert hops.path(hops_probe, seen) == report["path"]
-    outcomes = [host_stack.StackOutcome(kind, port, "ECONNREFUSED", 0.001)
-                for kind, port in _stack_ports(seen, host)]
-    stack, _ = host_stack.classify(outcomes, seen)
-    assert stack == report["host_stack"]
+def test_decide_on_the_recorded_evidence_meets_expected(profile: str) -> None:
+    record, evidence = load(profile)
+    assert record["exit_code"] == 0 and record["profile"] == profile
+    decision = decide(evidence)
+    f = decision.findings
+    report = NatCheckReport("", f, recommend(f), verdict(f), 0.0, path=decision.path)
+    data = json.loads(json.dumps(report.to_json()))  # as nat-check --json prints it
+    assert mismatches(profile, data) == [], data["reasons"]
+    for key, value in EXPECTED[profile].items():
+        if value is None:
+            assert f.reason(key), f"{key} is null without a reason"
+    public_ip = labmod.side_addresses(record["side"], labmod.PROFILES[profile]).public
+    assert f.public and all(p.startswith(public_ip + ":") for p in f.public)
+    assert list(decision.path) == expected_path(record["side"], profile)
+    assert f.reason("unsolicited_syn").startswith(UNSOLICITED_SAYS[f.unsolicited_syn])
+    if profile in HOPS_NOT_TOLD:  # the rule for when hops are measured
+        assert f.reason("hops").startswith(HOPS_NOT_TOLD[profile])
 
 
-def _stack_ports(seen: list[Seen], host: str) -> list[tuple[str, int]]:
-    """The host_stack connects in a capture: kernel SYNs to the RST and ICMP ports."""
-    out = []
-    for s in seen:
-        if s.outgoing and s.is_syn and s.src == host and s.dport in (8089, 8090):
-            kind = "icmp" if s.dport == 8089 else ("ttl_exceeded" if s.ttl == 1 else "rst")
-            out.append((kind, s.sport))
-    return out
+HOPS_NOT_TOLD = {"random": "the NAT does not preserve ports",
+                 "syn-drop-all": "reply SYNs do not pass, so no TTL opens a hole",
+                 "dmz": "any SYN reaches the host: no hole is needed"}
+
+
+# How unsolicited_syn's reason begins for each value (the broker's answer, or the SYN
+# reaching the host).
+UNSOLICITED_SAYS = {
+    "drop": "no answer came back to the server's SYN to ",
+    "rst": "a TCP RST came back to the server's SYN to ",
+    "icmp-port-unreachable": "an ICMP error (icmp-port-unreachable) came back to the server's",
+    "icmp-admin-prohibited": "an ICMP error (icmp-admin-prohibited) came back to the server's",
+    "pass": "the SYN reached this host: the NAT forwards unsolicited SYNs here",
+}
+
+
+def test_the_recorded_host_stack_outcomes_are_what_linux_does() -> None:
+    # recorded, not made up: an RST and an ICMP port-unreachable refuse the connect(), a
+    # time-exceeded makes it unreachable (tcp_v4_err)
+    for profile in PROFILES:
+        _, evidence = load(profile)
+        assert evidence.raw is not None
+        ends = {o.kind: o.outcome for o in evidence.raw.stack}
+        assert ends == {"rst": "ECONNREFUSED", "icmp": "ECONNREFUSED",
+                        "ttl_exceeded": "EHOSTUNREACH"}, profile
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_unsolicited_classifier_on_the_brokers_captures(profile: str) -> None:
-    report, _ = load(profile)
+    record, evidence = load(profile)
     data = (CAPTURES / f"{profile}-broker.pcap").read_bytes()
     seen = seen_from_pcap(data, BROKER)
-    probe = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, public_of(report),
-                                         report["probes"]["unsolicited_port"], P.BROKER_SEQ)
-    expected = report["unsolicited_syn"]
+    assert evidence.raw is not None
+    public_ip = labmod.side_addresses(record["side"], labmod.PROFILES[profile]).public
+    probe = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, public_ip,
+                                         evidence.raw.unsolicited_port, P.Seq.UNSOLICITED)
+    assert any(s.is_syn and s.src == BROKER[0] and s.dport == probe.client_port
+               and s.seq == P.Seq.UNSOLICITED for s in seen), "the probe is not in the capture"
+    expected = EXPECTED[profile]["unsolicited_syn"]
     # "pass" is the client's finding (the SYN reached it); the broker saw no answer
     assert unsolicited.classify(probe, seen) == ("drop" if expected == "pass" else expected)
 
@@ -99,6 +126,14 @@ def test_recorded_pcaps_are_classic_ethernet_pcaps() -> None:
     for profile in PROFILES:
         linktype, frames = read_pcap((CAPTURES / f"{profile}-client.pcap").read_bytes())
         assert linktype == 1 and sum(1 for _ in frames) > 20
+
+
+def test_evidence_comes_back_from_its_json() -> None:
+    for profile in PROFILES:
+        record, evidence = load(profile)
+        assert evidence.to_json() == record["evidence"]
+        assert Evidence.from_json(evidence.to_json(), evidence.raw.seen if evidence.raw
+                                  else ()) == evidence
 
 
 # --- on packets built with scapy and rebuilt from bytes -----------------------------------
@@ -114,7 +149,7 @@ def frame(pkt: Any, outgoing: bool = False) -> Seen:
     return seen
 
 
-UNSOL = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, CLIENT_PUBLIC, 40000, P.BROKER_SEQ)
+UNSOL = unsolicited.UnsolicitedProbe(BROKER[0], PROBE_PORT, CLIENT_PUBLIC, 40000, P.Seq.UNSOLICITED)
 QUOTE = IPerror(src=BROKER[0], dst=CLIENT_PUBLIC) / TCPerror(sport=PROBE_PORT, dport=40000)
 
 
@@ -143,10 +178,10 @@ def _syn_in(src: str, dport: int, sport: int = PROBE_PORT) -> Seen:
 
 
 @pytest.mark.parametrize(("arrived", "other", "expected"), [
-    ([BROKER[0], BROKER[1]], BROKER[1], filtering.EI),
-    ([BROKER[0]], BROKER[1], filtering.AD),
-    ([], BROKER[1], filtering.APD),
-    ([], None, filtering.APD),
+    ([BROKER[0], BROKER[1]], BROKER[1], Behaviour.EI),
+    ([BROKER[0]], BROKER[1], Behaviour.AD),
+    ([], BROKER[1], Behaviour.APD),
+    ([], None, Behaviour.APD),
     ([BROKER[0]], None, None),
 ])
 def test_filtering_classify(arrived: list[str], other: str | None, expected: str | None
@@ -159,7 +194,7 @@ def test_filtering_classify(arrived: list[str], other: str | None, expected: str
 def test_reply_syn_classify() -> None:
     probe = reply_syn.ReplySynProbe("10.1.0.2", 5000, BROKER[0], PROBE_PORT)
     ours = frame(IP(src="10.1.0.2", dst=BROKER[0]) / TCP(sport=5000, dport=PROBE_PORT,
-                                                         flags="S", seq=P.REPLY_SEQ), True)
+                                                         flags="S", seq=P.Seq.REPLY), True)
     assert reply_syn.classify(probe, [])[0] is None
     assert reply_syn.classify(probe, [ours])[0] == "blocked"
     assert reply_syn.classify(probe, [ours, _syn_in(BROKER[0], 5000)])[0] == "pass"
@@ -186,9 +221,9 @@ def test_hops_behind_a_carrier_nat_and_the_path() -> None:
 def test_hairpin_classify() -> None:
     probe = hairpin.HairpinProbe("10.1.0.2", 7000, Endpoint(CLIENT_PUBLIC, 5000), 5000)
     ours = frame(IP(src="10.1.0.2", dst=CLIENT_PUBLIC) / TCP(sport=7000, dport=5000, flags="S",
-                                                             seq=hairpin.HAIRPIN_SEQ), True)
+                                                             seq=P.Seq.HAIRPIN), True)
     back = frame(IP(src="10.1.0.1", dst="10.1.0.2") / TCP(sport=7000, dport=5000, flags="S",
-                                                          seq=hairpin.HAIRPIN_SEQ))
+                                                          seq=P.Seq.HAIRPIN))
     rst = frame(IP(src=CLIENT_PUBLIC, dst="10.1.0.2") / TCP(sport=5000, dport=7000, flags="RA"))
     assert hairpin.classify(probe, [ours, back])[0] is True
     value, reason = hairpin.classify(probe, [ours, rst])
@@ -231,11 +266,13 @@ S1, S1ALT, S2 = (BROKER[0], 8086), (BROKER[0], 8087), (BROKER[1], 8086)
 
 @pytest.mark.parametrize(("publics", "fresh", "expected"), [
     ((5000, 5000, 5000), ((6000, 6000), (7000, 7000)),
-     (mapping.EI, True, "preserving")),
-    ((5000, 5000, 5001), ((6000, 6000), (7000, 7000)), (mapping.AD, False, "preserving")),
+     (Behaviour.EI, True, PortAllocation.PRESERVING)),
+    ((5000, 5000, 5001), ((6000, 6000), (7000, 7000)),
+     (Behaviour.AD, False, PortAllocation.PRESERVING)),
     ((30000, 30001, 30002), ((6000, 30003), (7000, 30004)),
-     (mapping.APD, False, "sequential")),
-    ((41234, 1234, 55555), ((6000, 20001), (7000, 9876)), (mapping.APD, False, "random")),
+     (Behaviour.APD, False, PortAllocation.SEQUENTIAL)),
+    ((41234, 1234, 55555), ((6000, 20001), (7000, 9876)),
+     (Behaviour.APD, False, PortAllocation.RANDOM)),
 ])
 def test_mapping_classify(publics: tuple[int, int, int], fresh: tuple[tuple[int, int], ...],
                           expected: tuple[str, bool, str]) -> None:
@@ -259,9 +296,10 @@ def test_mapping_classify_no_nat_and_one_address() -> None:
 
 
 def _findings(**kw: Any) -> Findings:
-    base = dict(behind_nat=True, mapping=mapping.EI, port_preservation=True,
-                port_allocation="preserving", filtering=filtering.APD, unsolicited_syn="drop",
-                reply_syn="pass", hops=1, host_stack=dict.fromkeys(host_stack.KINDS, "aborts"))
+    base = dict(behind_nat=True, mapping=Behaviour.EI, port_preservation=True,
+                port_allocation=PortAllocation.PRESERVING, filtering=Behaviour.APD,
+                unsolicited_syn=Outcome.DROP, reply_syn=Outcome.PASS, hops=1,
+                host_stack=dict.fromkeys(StackKind, StackReaction.ABORTS))
     return Findings(**{**base, **kw})
 
 
@@ -273,9 +311,9 @@ def test_recommendation_and_verdicts() -> None:
     assert rec.timeout_s.value == 4.0 and rec.order.value == "either"
     assert verdict(_findings()).startswith("Punch-friendly NAT")
     assert verdict(_findings(reply_syn="blocked")).startswith("Blocking NAT")
-    assert verdict(_findings(mapping=mapping.APD, port_preservation=False,
+    assert verdict(_findings(mapping=Behaviour.APD, port_preservation=False,
                              port_allocation="random")).startswith("Hard NAT")
     assert verdict(_findings(unsolicited_syn="icmp-port-unreachable")).startswith("Punchable")
     assert verdict(_findings(behind_nat=False, mapping="none")).startswith("No NAT")
-    assert verdict(_findings(filtering=filtering.EI, unsolicited_syn="pass")).startswith("Open")
+    assert verdict(_findings(filtering=Behaviour.EI, unsolicited_syn="pass")).startswith("Open")
     assert verdict(_findings(reply_syn=None)).startswith("Incomplete check")

@@ -71,7 +71,7 @@ def test_broker_verbs_on_loopback() -> None:
 
     observed, info, refused = asyncio.run(scenario())
     assert observed.startswith("SSYN1 OBSERVED public=127.0.0.1:")
-    assert "raw=no" in info and "raw_reason=raw+probes+off+for+this+test" in info
+    assert "raw=no" in info and "raw_reason=raw_probes_off_for_this_test" in info
     assert "addrs=127.0.0.1" in info
     assert refused.startswith("SSYN1 ERROR") and "refused" in refused
 

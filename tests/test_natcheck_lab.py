@@ -18,57 +18,15 @@ import pytest
 
 from synprobe import lab as labmod
 from tests.conftest import require_lab, take_down_and_check
+from tests.natcheck_expected import ADVICE, DEFAULT_ADVICE, EXPECTED, EXTRA, SERVER, VERDICT
 
 # One worker runs this module: its fixture builds each pair's lab once for all the tests.
 pytestmark = [pytest.mark.lab, pytest.mark.xdist_group("natcheck-lab")]
 
-EI, APD = "endpoint-independent", "address-and-port-dependent"
-ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
-SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
-
-
 CHECK_TIMEOUT_S = 40.0
-
-# Extra nat-check options per profile (the lifetime is measured where it is short).
-EXTRA: dict[str, list[str]] = {
-    "home": ["--timers", "--max-wait", "2"],
-    "syn-sent-5s": ["--timers", "--max-wait", "8"],
-}
 PAIRS = [("home", "original"), ("home-nft", "reject-rst"),
          ("reject-icmp-port", "reject-icmp-admin"), ("random", "syn-drop-all"),
          ("syn-sent-5s", "firewall"), ("dmz", "carrier")]
-
-_HOME = dict(behind_nat=True, mapping=EI, port_preservation=True, port_allocation="preserving",
-             filtering=APD, unsolicited_syn="drop", reply_syn="pass",
-             syn_sent_lifetime_s=None, hairpin=False, hops=1, host_stack=ABORTS)
-EXPECTED: dict[str, dict[str, Any]] = {
-    "home": {**_HOME, "syn_sent_lifetime_s": 2.0},
-    "home-nft": _HOME,
-    "original": {**_HOME, "unsolicited_syn": "rst"},
-    "reject-rst": {**_HOME, "unsolicited_syn": "rst"},
-    "reject-icmp-port": {**_HOME, "unsolicited_syn": "icmp-port-unreachable"},
-    "reject-icmp-admin": {**_HOME, "unsolicited_syn": "icmp-admin-prohibited"},
-    "random": {**_HOME, "mapping": APD, "port_preservation": False,
-               "port_allocation": "random", "hops": None},
-    "syn-drop-all": {**_HOME, "reply_syn": "blocked", "hops": None},
-    "syn-sent-5s": {**_HOME, "syn_sent_lifetime_s": 4.0},
-    "firewall": {**_HOME, "behind_nat": False, "mapping": "none", "hairpin": True},
-    "dmz": {**_HOME, "filtering": EI, "unsolicited_syn": "pass", "hairpin": True,
-            "hops": None},
-    "carrier": {**_HOME, "hops": 2},
-}
-VERDICT = {"home": "Punch-friendly NAT", "home-nft": "Punch-friendly NAT",
-           "original": "Punchable NAT that rejects", "reject-rst": "Punchable NAT that rejects",
-           "reject-icmp-port": "Punchable NAT that rejects",
-           "reject-icmp-admin": "Punchable NAT that rejects", "random": "Hard NAT",
-           "syn-drop-all": "Blocking NAT", "syn-sent-5s": "Punch-friendly NAT",
-           "firewall": "No NAT", "dmz": "Open NAT", "carrier": "Punch-friendly NAT"}
-# (order, ttl_limited_first_syn, ttl) of the recommendation
-ADVICE = {"original": ("first", True, 2), "reject-rst": ("first", True, 2),
-          "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2),
-          "random": ("either", False, None), "syn-drop-all": ("either", False, None),
-          "dmz": ("either", False, None), "carrier": ("either", False, 3)}
-DEFAULT_ADVICE = ("either", False, 2)  # the TTL a hole-opening SYN would need: hops + 1
 
 
 def _check(lab: labmod.Lab, side: str, pcap: str | None) -> subprocess.Popen[bytes]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
 from .rendezvous import Reply, SeedList, SessionTable
+from .sockets import enable_keepalive
 from .wire import (
     LINE_MAX,
     LineDecoder,
@@ -184,7 +185,7 @@ class Broker:
             return
         self._per_ip[public.ip] = self._per_ip.get(public.ip, 0) + 1
         with contextlib.suppress(OSError):
-            _keepalive(sock)
+            enable_keepalive(sock, *KEEPALIVE)
         conn = self._next_conn
         self._next_conn += 1
         self._writers[conn] = writer
@@ -268,14 +269,6 @@ class Broker:
                 self.log(f"session {session}: {public} waits for its peer")
             else:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
-
-
-def _keepalive(sock: socket.socket) -> None:
-    idle, interval, count = KEEPALIVE
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,

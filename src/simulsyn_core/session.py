@@ -12,7 +12,14 @@ from .chat import chat, close_cleanly, confirm_path, hello_exchange
 from .client import Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
-from .punch import PunchSchedule, punch
+from .punch import (
+    ATTEMPT_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    PUNCH_TIMEOUT_S,
+    RETRY_INTERVAL_S,
+    PunchSchedule,
+    punch,
+)
 from .sockets import bound_socket
 
 
@@ -23,10 +30,10 @@ class PunchConfig:
     session: str | None = None
     seed_broker: Endpoint | None = None
     peer: Endpoint | None = None
-    retries: int = 50
-    timeout_s: float = 30.0
-    retry_interval_s: float = 0.01
-    attempt_timeout_s: float = 10.0
+    retries: int = DEFAULT_RETRIES
+    timeout_s: float = PUNCH_TIMEOUT_S
+    retry_interval_s: float = RETRY_INTERVAL_S
+    attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
 
     @property
     def mode(self) -> str:

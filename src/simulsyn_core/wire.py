@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
 
+DEFAULT_BROKER_PORT = 8086  # the original example's broker port
+
 
 class ProtocolError(ValueError):
     """The remote side sent bytes that do not follow the protocol."""

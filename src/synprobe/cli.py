@@ -6,94 +6,31 @@ the commands that craft or capture packets.
 from __future__ import annotations
 
 import sys
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from simulsyn_core import __version__
-from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
+from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core.punch import (
+    ATTEMPT_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    PUNCH_TIMEOUT_S,
+    RETRY_INTERVAL_S,
+)
+from simulsyn_core.wire import DEFAULT_BROKER_PORT
+
+from .cliutil import EPILOG, EndpointType, Reporter
 
 if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
     from simulsyn_core.endpoint import Endpoint
-
-DEFAULT_BROKER_PORT = 8086
-
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
-
-
-def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
-    """HOST[:PORT] where HOST is an IPv4 address or a name that resolves to one."""
-    import socket
-
-    from simulsyn_core.endpoint import Endpoint
-
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise click.BadParameter(f"{text!r}: port must be 1-65535")
-    try:
-        return Endpoint.parse(f"{host}:{port_text}")
-    except ValueError:
-        pass
-    try:
-        port = int(port_text)
-        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-    except (ValueError, OSError):
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
-    ip, resolved_port = infos[0][4][:2]
-    return Endpoint(str(ip), int(resolved_port))
-
-
-class EndpointType(click.ParamType):
-    name = "IP:PORT"
-
-    def __init__(self, default_port: int | None = None, server: bool = False,
-                 allow_zero_port: bool = False) -> None:
-        self.default_port = default_port
-        self.server = server
-        self.allow_zero_port = allow_zero_port
-        if server:
-            self.name = "HOST:PORT"
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Endpoint:
-        from simulsyn_core.endpoint import Endpoint
-
-        if isinstance(value, Endpoint):
-            return value
-        if self.server:
-            return parse_server(str(value), self.default_port or DEFAULT_BROKER_PORT)
-        try:
-            return Endpoint.parse(str(value), default_port=self.default_port,
-                                  allow_zero_port=self.allow_zero_port)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class Reporter:
-    """Diagnostics on stderr, stamped relative to the start of the command."""
-
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.start = time.monotonic()
-
-    def step(self, message: str) -> None:
-        if self.verbose:
-            self.say(message)
-
-    def say(self, message: str) -> None:
-        print(f"synprobe: [{time.monotonic() - self.start:7.3f}s] {message}", file=sys.stderr,
-              flush=True)
-
 
 # Subcommands that live in their own modules, imported only when named (or for --help),
 # so that `synprobe punch` never pays for them. Each module must keep scapy out of its
 # top-level imports.
 LAZY_COMMANDS: dict[str, str] = {
-    "lab": "synprobe.labcli:lab",
-    "analyze": "synprobe.analyze:analyze",
+    "lab": "synprobe.lab.cli:lab",
+    "analyze": "synprobe.analyze.command:analyze",
     "report": "synprobe.report:report",
     "nat-check": "synprobe.natcheck.cli:nat_check",
 }
@@ -156,7 +93,7 @@ def cli(ctx: click.Context, traceback: bool) -> None:
 @cli.command(epilog=EPILOG)
 @click.option("--bind", "binds", multiple=True,
               type=EndpointType(DEFAULT_BROKER_PORT, allow_zero_port=True),
-              default=["0.0.0.0:8086"], show_default=True, metavar="HOST:PORT",
+              default=[f"0.0.0.0:{DEFAULT_BROKER_PORT}"], show_default=True, metavar="HOST:PORT",
               help="Address to listen on; repeat for several (a second address or port "
                    "serves the probes of nat-check).")
 @click.option("-q", "--quiet", is_flag=True, help="Log nothing but errors.")
@@ -206,16 +143,19 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
               help="Connect straight to this public endpoint (no broker; needs --local-port).")
 @click.option("--local-port", type=click.IntRange(0, 65535), default=0,
               help="Local port for every socket of the run [default: allocated once].")
-@click.option("--retries", type=click.IntRange(1, 100000), default=50, show_default=True,
+@click.option("--retries", type=click.IntRange(1, 100000), default=DEFAULT_RETRIES,
+              show_default=True,
               help="connect() attempts at most.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86400), default=30.0,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86400),
+              default=PUNCH_TIMEOUT_S,
               show_default=True, help="Seconds for the whole run up to connected "
                                       "(waiting for the peer included).")
-@click.option("--retry-interval", "retry_interval_s", type=click.FloatRange(0, 60), default=0.01,
+@click.option("--retry-interval", "retry_interval_s", type=click.FloatRange(0, 60),
+              default=RETRY_INTERVAL_S,
               show_default=True, help="Seconds to pause after an attempt refused at once "
                                       "(RST or ICMP).")
 @click.option("--attempt-timeout", "attempt_timeout_s", type=click.FloatRange(0.05, 3600),
-              default=10.0, show_default=True,
+              default=ATTEMPT_TIMEOUT_S, show_default=True,
               help="Seconds one connect() may wait while the kernel resends the SYN.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
@@ -276,7 +216,7 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
 
     capture = None
     if pcap_path is not None:
-        from .capture import PunchCapture
+        from .punch_pcap import PunchCapture
 
         capture = PunchCapture(pcap_path, [e for e in (broker_ep, seed_ep) if e], reporter.say)
     from simulsyn_core.signals import sigterm_as_interrupt

@@ -25,12 +25,12 @@ from typing import Any
 import click
 
 from simulsyn_core import __version__
-from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
+from simulsyn_core.exitcodes import ExitStatus, ToolError
 
 from . import state
+from .cliutil import EPILOG
 
 UTC = datetime.timezone.utc  # noqa: UP017 (datetime.UTC needs Python 3.11)
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 MANIFEST = "manifest.json"
 
 

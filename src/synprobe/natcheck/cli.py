@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
 from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import EXIT_CODES_HELP
+from simulsyn_core.signals import sigterm_as_interrupt
 
-from ..cli import EndpointType, Reporter
+from .. import state
+from ..cliutil import EPILOG, EndpointType, Reporter
 from . import protocol as P
-
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _progress_bar(done: float, total: float) -> None:
@@ -60,25 +54,17 @@ def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
     from .render import table
 
     reporter = Reporter(verbose)
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    with sigterm_as_interrupt():
         report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap), reporter.step,
                               progress=_progress_bar if timers else None)
-    finally:
-        signal.signal(signal.SIGTERM, old)
     data = report.to_json()
     click.echo(render_json(report) if as_json else table(report))
     try:
-        from .. import state
-    except ImportError:
-        state = None  # type: ignore[assignment]
-    if state is not None:
-        try:
-            state.save_last_natcheck(data)
-            if pcap:
-                state.record_pcap(pcap)
-        except OSError as exc:
-            reporter.say(f"could not save the result for `synprobe report`: {exc}")
+        state.save_last_natcheck(data)
+        if pcap:
+            state.record_pcap(pcap)
+    except OSError as exc:
+        reporter.say(f"could not save the result for `synprobe report`: {exc}")
     if report.error:
         click.echo(f"synprobe: nat-check: {report.error}", err=True)
     sys.exit(report.exit_code)

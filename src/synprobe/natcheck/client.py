@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
+from simulsyn_core.wire import LineDecoder, ProtocolError
 
-from . import capture as cap
-from . import craft, filtering, hairpin, hops, host_stack, mapping, reply_syn, timers
+from .. import rawnet
+from ..packets.live import Capture
+from ..packets.seen import Seen
+from . import craft, hairpin, hops, host_stack, mapping, reply_syn, timers
 from . import protocol as P
+from .evidence import Evidence, RawEvidence, decide, plan, probes_of, reflects
 from .firewall import Firewall, FirewallError, client_rules, client_tag
-from .packets import Seen
 from .recommend import recommend, verdict
-from .report import Findings, NatCheckReport
+from .report import NatCheckReport
 
 Event = Callable[[str], None]
 SETTLE_S = 0.05  # after the broker's result, for its last SYNs to reach our capture
@@ -43,13 +45,27 @@ class CheckConfig:
     pcap: str | None = None
 
 
+Progress = Callable[[float, float], None]
+
+
 @dataclass
 class _State:
     sockets: list[socket.socket] = field(default_factory=list)
     reserved: list[socket.socket] = field(default_factory=list)
-    capture: cap.Capture | None = None
+    capture: Capture | None = None
     rules_tag: str | None = None
     preload: threading.Thread | None = None
+
+
+@dataclass
+class _Run:
+    """One check's I/O context: what it was asked, where it reports, what it holds."""
+
+    cfg: CheckConfig
+    firewall: Firewall
+    event: Event
+    progress: Progress | None
+    state: _State = field(default_factory=_State)
 
 
 def _reserve(state: _State, n: int) -> list[int]:
@@ -64,89 +80,82 @@ def _reserve(state: _State, n: int) -> list[int]:
 
 
 def raw_problem(firewall: Firewall) -> tuple[str, ExitStatus]:
-    missing = cap.missing_capabilities(cap.CAP_NET_RAW, cap.CAP_NET_ADMIN)
+    missing, tool = firewall.raw_probe_problem()
     if missing:
         return (f"raw probes need {' and '.join(missing)} (run as root, or "
                 "setcap cap_net_raw,cap_net_admin+ep on the Python binary)",
                 ExitStatus.NO_PRIVILEGE)
-    if not firewall.available:
-        return (f"raw probes need {firewall.binary} (Debian: apt-get install iptables)",
+    if tool:
+        return (f"raw probes need {tool} (Debian: apt-get install iptables)",
                 ExitStatus.MISSING_TOOL)
     return "", ExitStatus.OK
 
 
 def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
-                 progress: Callable[[float, float], None] | None = None,
+                 progress: Progress | None = None,
                  firewall: Firewall | None = None) -> NatCheckReport:
-    firewall = firewall or Firewall()
+    run = _Run(cfg, firewall or Firewall(), event, progress)
     start = time.monotonic()
-    problem, problem_status = raw_problem(firewall)
-    raw_ok = not problem
-    state = _State()
-    if raw_ok:
-        state.preload = craft.preload_in_background()  # ~0.7 s, while plain sockets work
-    reasons: list[tuple[str, str]] = []
+    problem, problem_status = raw_problem(run.firewall)
+    if not problem:
+        run.state.preload = craft.preload_in_background()  # ~0.7 s, while plain sockets work
     try:
-        try:
-            host_ip = cap.local_ip_towards(cfg.server.ip)
-        except OSError as exc:
-            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                            f"no route to {cfg.server}: {exc}") from None
-        servers = {cfg.server.ip}
-        if raw_ok:
-            state.capture = cap.Capture(cap.interface_of(host_ip),
-                                        lambda s: _keep(s, host_ip, servers)).start()
-        control, info = _hello(cfg.server)
-        servers.update(info.addrs)
-        state.sockets.append(control)
-        event(f"broker {cfg.server}: public {info.public}, addresses {','.join(info.addrs)}, "
-              f"raw probes {'on' if info.raw else 'off: ' + info.raw_reason}")
-        control_obs = mapping.Observation(Endpoint.from_sockaddr(control.getsockname()),
-                                          cfg.server, info.public)
-        try:
-            same, fresh = mapping.run(mapping.build(info), control_obs.local.port,
-                                      state.sockets)
-        except (OSError, TimeoutError, ProtocolError) as exc:
-            raise ToolError(ExitStatus.BROKER_UNREACHABLE, f"mapping probe: {exc}") from None
-        m = mapping.classify(control_obs, same, fresh, [host_ip])
-        reasons += m.reasons
-        event(f"mapping {m.mapping}, preservation {m.port_preservation}, "
-              f"allocation {m.port_allocation}")
-        base = Findings(public=tuple(str(p) for p in m.public), behind_nat=m.behind_nat,
-                        mapping=m.mapping, port_preservation=m.port_preservation,
-                        port_allocation=m.port_allocation)
-        raw_keys = ("filtering", "unsolicited_syn", "reply_syn", "hairpin", "hops",
-                    "host_stack")
-        findings = base
-        path: tuple[str | None, ...] = ()
-        broker_sent = 0
-        probes: dict[str, object] = {"host": host_ip, "server_port": info.port,
-                                     "filter_local_port": fresh[0].local.port}
-        if not raw_ok:
-            reasons += [(k, f"not measured: {problem}") for k in raw_keys]
-        elif not info.raw:
-            reasons += [(k, f"not measured: {info.raw_reason}") for k in raw_keys]
-        else:
-            findings, path, broker_sent, more = _raw_phase(
-                cfg, state, firewall, control, info, host_ip, m, fresh[0], base, event,
-                progress, probes)
-            reasons += more
-        if not cfg.timers:
-            reasons.append(("syn_sent_lifetime_s", "not measured: needs --timers"))
-        findings = Findings(**{**findings.__dict__, "reasons": tuple(reasons)})
-        _close_sockets(state)  # the closing segments count among the check's packets
-        seen = state.capture.snapshot() if state.capture else []
+        evidence = _gather(run, problem)
+        decision = decide(evidence)
+        f = decision.findings
+        if evidence.raw is not None:
+            event(f"raw probes: filtering {f.filtering}, unsolicited {f.unsolicited_syn}, "
+                  f"reply {f.reply_syn}, hairpin {f.hairpin}, hops {f.hops}")
+        _close_sockets(run.state)  # the closing segments count among the check's packets
+        capture = run.state.capture
+        seen = capture.snapshot() if capture else []
         packets = {"sent_by_client": sum(1 for s in seen if s.outgoing),
                    "received_by_client": sum(1 for s in seen if not s.outgoing),
-                   "sent_by_server_raw": broker_sent}
-        status = problem_status if not raw_ok else ExitStatus.OK
+                   "sent_by_server_raw": evidence.raw.broker.sent if evidence.raw else 0}
+        status = problem_status if problem else ExitStatus.OK
         return NatCheckReport(
-            server=str(cfg.server), findings=findings, recommendation=recommend(findings),
-            verdict=verdict(findings), duration_s=time.monotonic() - start,
-            packets=packets if state.capture else {}, path=path, pcap=cfg.pcap, probes=probes,
-            exit_code=int(status), error=problem or None)
+            server=str(cfg.server), findings=f, recommendation=recommend(f),
+            verdict=verdict(f), duration_s=time.monotonic() - start,
+            packets=packets if capture else {}, path=decision.path, pcap=cfg.pcap,
+            probes=probes_of(evidence), exit_code=int(status), error=problem or None,
+            evidence=evidence)
     finally:
-        _cleanup(state, firewall, cfg.pcap)
+        _cleanup(run.state, run.firewall, cfg.pcap)
+
+
+def _gather(run: _Run, problem: str) -> Evidence:
+    """The I/O: the mapping probes, then (when this host and the broker can) the raw
+    probes; what was sent and seen, nothing decided but what to send."""
+    cfg, state, event = run.cfg, run.state, run.event
+    try:
+        host_ip = rawnet.local_ip_towards(cfg.server.ip)
+    except OSError as exc:
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"no route to {cfg.server}: {exc}") from None
+    servers = {cfg.server.ip}
+    if not problem:
+        state.capture = Capture(rawnet.interface_of(host_ip),
+                                    lambda s: _keep(s, host_ip, servers)).start()
+    control, info = _hello(cfg.server)
+    servers.update(info.addrs)
+    state.sockets.append(control)
+    event(f"broker {cfg.server}: public {info.public}, addresses {','.join(info.addrs)}, "
+          f"raw probes {'on' if info.raw else 'off: ' + info.raw_reason}")
+    control_obs = mapping.Observation(Endpoint.from_sockaddr(control.getsockname()),
+                                      cfg.server, info.public)
+    try:
+        same, fresh = mapping.run(mapping.build(info), control_obs.local.port, state.sockets)
+    except (OSError, TimeoutError, ProtocolError) as exc:
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE, f"mapping probe: {exc}") from None
+    m = mapping.classify(control_obs, same, fresh, [host_ip])
+    event(f"mapping {m.mapping}, preservation {m.port_preservation}, "
+          f"allocation {m.port_allocation}")
+    raw_off = problem or ("" if info.raw else info.raw_reason)
+    raw = None
+    if not problem and info.raw:
+        raw = _raw_probes(run, control, info, host_ip, fresh[0], reflects(m))
+    return Evidence(host_ip, info, control_obs, tuple(same), tuple(fresh), cfg.timers,
+                    raw_off, raw)
 
 
 def _keep(s: Seen, host_ip: str, servers: set[str]) -> bool:
@@ -163,15 +172,9 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
     except (OSError, ConnectionError) as exc:
         raise ToolError(ExitStatus.BROKER_UNREACHABLE, f"broker {server}: {exc}") from None
     try:
-        sock.sendall(encode_message(P.VERB_HELLO))
-        fields = mapping.read_message(sock, LineDecoder(), P.VERB_INFO)
-        info = P.ServerInfo(
-            public=Endpoint.parse(fields["public"]),
-            addrs=tuple(a for a in fields.get("addrs", "").split(",") if a) or (server.ip,),
-            port=int(fields.get("port", server.port)), raw=fields.get("raw") == "yes",
-            raw_reason=fields.get("raw_reason", "").replace("+", " "),
-            budget=int(fields.get("budget", "0")))
-    except (OSError, TimeoutError, ProtocolError, ValueError, KeyError) as exc:
+        sock.sendall(bytes(P.Hello()))
+        info = mapping.read_message(sock, LineDecoder(), P.ServerInfo)
+    except (OSError, TimeoutError, ProtocolError) as exc:
         sock.close()
         raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                         f"broker {server} does not serve nat-check ({exc}); run "
@@ -179,124 +182,74 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
     return sock, info
 
 
-def _request(control: socket.socket, verb: str, answer: str, **fields: object) -> dict[str, str]:
-    control.sendall(encode_message(verb, **fields))
-    return mapping.read_message(control, LineDecoder(), answer)
+def _request(control: socket.socket, request: P.NcMessage, kind: type[mapping.Answer]
+             ) -> mapping.Answer:
+    control.sendall(bytes(request))
+    return mapping.read_message(control, LineDecoder(), kind)
 
 
-def _raw_phase(cfg: CheckConfig, state: _State, firewall: Firewall, control: socket.socket,
-               info: P.ServerInfo, host_ip: str, m: mapping.MappingResult,
-               filter_obs: mapping.Observation, base: Findings, event: Event,
-               progress: Callable[[float, float], None] | None, probes: dict[str, object]
-               ) -> tuple[Findings, tuple[str | None, ...], int, list[tuple[str, str]]]:
+def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: str,
+                filter_obs: mapping.Observation, reflect: bool) -> RawEvidence:
+    """Send every raw probe, wait for the answers, return what was sent and seen."""
+    cfg, state, event = run.cfg, run.state, run.event
     assert state.capture is not None
     capture = state.capture
-    reasons: list[tuple[str, str]] = []
-    server_ip = info.addrs[0]
-    other_ip = info.addrs[1] if len(info.addrs) > 1 else None
-    waits = timers.waits_for(cfg.max_wait_s) if cfg.timers else []
+    waits = tuple(timers.waits_for(cfg.max_wait_s)) if cfg.timers else ()
     unsol_port, reply_port, hairpin_port, *rest = _reserve(state, 3 + hops.MAX_TTL + len(waits))
     hop_ports, timer_ports = tuple(rest[:hops.MAX_TTL]), tuple(rest[hops.MAX_TTL:])
-    probes.update(unsolicited_port=unsol_port, reply_port=reply_port,
-                  hairpin_port=hairpin_port, hop_ports=list(hop_ports),
-                  timer_ports=list(timer_ports), timer_waits=waits)
-    firewall.sweep_stale_clients()
+    reply_probe, hops_probe, hairpin_probe, timer_probe = plan(
+        host_ip, info, filter_obs, reply_port, hairpin_port, hop_ports, timer_ports, waits)
+    run.firewall.sweep_stale_clients()
     state.rules_tag = client_tag(os.getpid())
-    firewall.install(client_rules([filter_obs.local.port, unsol_port, reply_port, hairpin_port,
-                                   *hop_ports, *timer_ports]), state.rules_tag)
-    stack_trials = host_stack.build(server_ip, info.rst_port, info.icmp_port)
+    run.firewall.install(client_rules([filter_obs.local.port, unsol_port, reply_port,
+                                       hairpin_port, *hop_ports, *timer_ports]),
+                         state.rules_tag)
+    stack_trials = host_stack.build(info.addrs[0], info.rst_port, info.icmp_port)
     stack_out: list[host_stack.StackOutcome] = []
     stack_thread = threading.Thread(
         target=lambda: stack_out.extend(host_stack.run(stack_trials)), daemon=True)
     stack_thread.start()
     # The broker's SYNs need nothing crafted here: ask for them while scapy still loads.
-    window_s = P.answer_window(cap.tcp_rtt_s(control))
-    probes["answer_window_s"] = round(window_s, 3)
-    _request(control, P.VERB_PROBE, P.VERB_ARMED, unsolicited=unsol_port,
-             filter=filter_obs.public.port, window_ms=int(window_s * 1000))
+    window_s = P.answer_window(rawnet.tcp_rtt_s(control))
+    _request(control, P.Probe(unsol_port, filter_obs.public.port, int(window_s * 1000)),
+             P.Armed)
     event("the broker sent its unsolicited and filtering SYNs")
     craft.load_scapy()  # waits for the import the background thread started
     event("scapy loaded")
-    reply_probe = reply_syn.ReplySynProbe(host_ip, reply_port, server_ip, info.probe_port)
-    hops_probe = hops.HopsProbe(host_ip, server_ip, info.probe_port, hop_ports)
-    hairpin_probe = hairpin.HairpinProbe(host_ip, hairpin_port, filter_obs.public,
-                                         filter_obs.local.port)
-    cap.send_ipv4([reply_syn.build(reply_probe), *hops.build(hops_probe),
+    rawnet.send_ipv4([reply_syn.build(reply_probe), *hops.build(hops_probe),
                    hairpin.build(hairpin_probe)])
-    predictable = m.port_preservation
-    if predictable:
-        _request(control, P.VERB_REFLECT, P.VERB_REFLECTED,
-                 ports=",".join(str(p) for p in hop_ports))
-    if waits:
-        _request(control, P.VERB_TIMERS, P.VERB_TIMERS_ARMED,
-                 waits=",".join(f"{w:g}" for w in waits))
-        timer_probe = timers.TimersProbe(host_ip, server_ip, info.probe_port, timer_ports,
-                                         tuple(waits))
-        cap.send_ipv4(timers.build(timer_probe))
-    lifetime: float | None = None
-    if waits:
-        end = time.monotonic() + max(waits) + TIMERS_MARGIN_S
-        begin = time.monotonic()
-        while time.monotonic() < end:
-            if progress is not None:
-                progress(time.monotonic() - begin, end - begin)
-            if all(timers.passed(timer_probe, capture.snapshot())):
-                break
-            time.sleep(0.2)
-        if progress is not None:
-            progress(end - begin, end - begin)
-        lifetime, why = timers.classify(timer_probe, capture.snapshot())
-        reasons.append(("syn_sent_lifetime_s", why))
+    if reflect:
+        _request(control, P.Reflect(hop_ports), P.Reflected)
+    timers_deadline = None
+    if timer_probe is not None:
+        _request(control, P.Timers(waits), P.TimersArmed)
+        rawnet.send_ipv4(timers.build(timer_probe))
+        _wait_for_holes(run, timer_probe)
+        timers_deadline = time.time()  # the capture's clock: later answers do not count
     event("reply_syn, hops and hairpin SYNs sent; waiting for the answers")
     time.sleep(window_s)
-    result = _request(control, P.VERB_DONE, P.VERB_RESULT)
+    result = _request(control, P.Done(), P.Result)
     time.sleep(SETTLE_S)
     stack_thread.join(host_stack.WAIT_S + 2.5)
-    broker_sent = int(result.get("sent", "0"))
-    seen = capture.snapshot()
-    # unsolicited_syn: the broker saw the NAT's answer; our capture shows a SYN that passed.
-    if any(s.is_syn and not s.outgoing and s.dport == unsol_port and s.src == server_ip
-           for s in seen):
-        unsolicited_syn: str | None = "pass"
-        reasons.append(("unsolicited_syn", "the SYN reached this host: the NAT forwards "
-                                           "unsolicited SYNs here (DMZ or port forward)"))
-    else:
-        unsolicited_syn = result.get("unsolicited")
-        target = f"the server's SYN to {info.public.ip}:{unsol_port} (no mapping)"
-        reasons.append(("unsolicited_syn", {
-            None: "the server did not say", "drop": f"no answer came back to {target}",
-            "rst": f"a TCP RST came back to {target}",
-            "syn-ack": f"a SYN+ACK came back to {target}: a host answered it"}.get(
-                unsolicited_syn, f"an ICMP error ({unsolicited_syn}) came back to {target}")))
-    filt, why = filtering.classify(seen, filter_obs.local.port, server_ip, other_ip,
-                                   info.probe_port)
-    reasons.append(("filtering", why))
-    reply, why = reply_syn.classify(reply_probe, seen)
-    reasons.append(("reply_syn", why))
-    hp, why = hairpin.classify(hairpin_probe, seen)
-    if not m.behind_nat:
-        hp, why = True, "not behind a NAT: the public endpoint is the host's own address"
-    reasons.append(("hairpin", why))
-    hop_count: int | None
-    if not predictable:
-        hop_count, why = None, ("the NAT does not preserve ports, so the public port of a "
-                                "TTL-limited SYN cannot be known")
-    elif reply != "pass":
-        hop_count, why = None, "reply SYNs do not pass, so no TTL opens a hole"
-    elif filt == filtering.EI or unsolicited_syn == "pass":
-        hop_count, why = None, "any SYN reaches the host: no hole is needed, hops not told"
-    else:
-        hop_count, why = hops.classify(hops_probe, seen)
-    reasons.append(("hops", why))
-    stack, why = host_stack.classify(stack_out, seen)
-    reasons.append(("host_stack", why))
-    event(f"raw probes: filtering {filt}, unsolicited {unsolicited_syn}, reply {reply}, "
-          f"hairpin {hp}, hops {hop_count}")
-    findings = Findings(**{**base.__dict__, "filtering": filt,
-                           "unsolicited_syn": unsolicited_syn, "reply_syn": reply,
-                           "hairpin": hp, "hops": hop_count, "host_stack": stack,
-                           "syn_sent_lifetime_s": lifetime})
-    return findings, tuple(hops.path(hops_probe, seen)), broker_sent, reasons
+    return RawEvidence(unsol_port, reply_probe, hops_probe, hairpin_probe, timer_probe,
+                       timers_deadline, window_s, result, tuple(stack_out),
+                       tuple(capture.snapshot()))
+
+
+def _wait_for_holes(run: _Run, probe: timers.TimersProbe) -> None:
+    """Until every hole has had its answer, or the longest wait is over."""
+    assert run.state.capture is not None
+    progress = run.progress
+    begin = time.monotonic()
+    end = begin + max(probe.waits) + TIMERS_MARGIN_S
+    while time.monotonic() < end:
+        if progress is not None:
+            progress(time.monotonic() - begin, end - begin)
+        if all(timers.passed(probe, run.state.capture.snapshot())):
+            break
+        time.sleep(0.2)
+    if progress is not None:
+        progress(end - begin, end - begin)
 
 
 def _close_sockets(state: _State) -> None:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.seen import Seen
 from . import craft
-from .packets import Seen
-
-EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
+from .report import Behaviour
 
 
 @dataclass(frozen=True)
@@ -46,18 +45,18 @@ def arrived(seen: Sequence[Seen], src: str, sport: int, local_port: int) -> bool
 
 
 def classify(seen: Sequence[Seen], local_port: int, same_ip: str, other_ip: str | None,
-             probe_port: int) -> tuple[str | None, str]:
+             probe_port: int) -> tuple[Behaviour | None, str]:
     """(value, reason) from the client's capture; value None when it cannot be told."""
     from_other = other_ip is not None and arrived(seen, other_ip, probe_port, local_port)
     from_same = arrived(seen, same_ip, probe_port, local_port)
     if from_other:
-        return EI, f"a SYN from the server's other address {other_ip} reached the host"
+        return Behaviour.EI, f"a SYN from the server's other address {other_ip} reached the host"
     if other_ip is None:
         if from_same:
             return None, ("a SYN from another server port reached the host, but the server "
                           "has one address: endpoint-independent or address-dependent")
-        return APD, "a SYN from another server port did not reach the host"
+        return Behaviour.APD, "a SYN from another server port did not reach the host"
     if from_same:
-        return AD, (f"a SYN from {same_ip} (another port) reached the host, one from "
+        return Behaviour.AD, (f"a SYN from {same_ip} (another port) reached the host, one from "
                     f"{other_ip} did not")
-    return APD, "SYNs from another server port and from another address were both dropped"
+    return Behaviour.APD, "SYNs from another server port and from another address were both dropped"

@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .. import rawnet
+
 TAG_PREFIX = "synprobe-natcheck"
 IPTABLES_TIMEOUT_S = 5.0
 CHAINS = ("INPUT", "OUTPUT")
@@ -117,6 +119,14 @@ class Firewall:
     def available(self) -> bool:
         return shutil.which(self.binary) is not None and \
             shutil.which(self.binary + "-restore") is not None
+
+    def raw_probe_problem(self) -> tuple[list[str], str]:
+        """The one check before raw probes, on either side: (the capabilities this
+        process lacks, the tool that is missing); both empty when probes can run."""
+        missing = rawnet.missing_capabilities(rawnet.CAP_NET_RAW, rawnet.CAP_NET_ADMIN)
+        if missing:
+            return missing, ""
+        return [], "" if self.available else self.binary
 
     def listing(self) -> str:
         proc = self.run([self.binary, "-w", "2", "-S"], None)

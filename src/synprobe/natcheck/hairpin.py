@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from simulsyn_core.endpoint import Endpoint
 
+from ..packets.seen import Seen
 from . import craft
-from .packets import Seen
-
-HAIRPIN_SEQ = 0x5359_4E30
+from . import protocol as P
 
 
 @dataclass(frozen=True)
@@ -28,15 +27,15 @@ class HairpinProbe:
 
 def build(probe: HairpinProbe) -> bytes:
     return craft.syn(probe.host_ip, probe.target.ip, probe.local_port, probe.target.port,
-                     HAIRPIN_SEQ)
+                     P.Seq.HAIRPIN)
 
 
 def classify(probe: HairpinProbe, seen: Sequence[Seen]) -> tuple[bool | None, str]:
     sent = any(s.outgoing and s.is_syn and s.sport == probe.local_port
-               and s.seq == HAIRPIN_SEQ for s in seen)
+               and s.seq == P.Seq.HAIRPIN for s in seen)
     if not sent:
         return None, "the hairpin SYN did not show in the capture"
-    if any(not s.outgoing and s.is_syn and s.seq == HAIRPIN_SEQ
+    if any(not s.outgoing and s.is_syn and s.seq == P.Seq.HAIRPIN
            and s.dport == probe.mapped_local_port for s in seen):
         return True, f"a SYN to {probe.target} came back in to the host"
     rst = any(not s.outgoing and s.is_rst and s.src == probe.target.ip

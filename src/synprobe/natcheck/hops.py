@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.decode import ICMP_TIME_EXCEEDED
+from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
-from .packets import ICMP_TIME_EXCEEDED, Seen
 
 MAX_TTL = P.MAX_REFLECT
 
@@ -32,7 +33,7 @@ class HopsProbe:
 
 def build(probe: HopsProbe) -> list[bytes]:
     return [craft.syn(probe.host_ip, probe.server_ip, port, probe.probe_port,
-                      P.HOPS_SEQ + ttl, ttl=ttl)
+                      P.Seq.HOPS + ttl, ttl=ttl)
             for ttl, port in enumerate(probe.local_ports, start=1)]
 
 

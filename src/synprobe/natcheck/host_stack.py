@@ -23,31 +23,33 @@ from dataclasses import dataclass
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import connect_nonblocking, errno_name
 
-from .packets import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, Seen
+from ..packets.decode import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED
+from ..packets.seen import Seen
+from .report import ConnectState, StackKind, StackReaction
 
 WAIT_S = 0.5  # connect() has this long to end after its answer; the kernel resends at 1 s
-KINDS = ("rst", "icmp", "ttl_exceeded")
+KINDS = tuple(StackKind)
 
 
 @dataclass(frozen=True)
 class StackTrial:
-    kind: str  # rst | icmp | ttl_exceeded
+    kind: StackKind
     target: Endpoint
     ttl: int | None
 
 
 @dataclass(frozen=True)
 class StackOutcome:
-    kind: str
+    kind: StackKind
     local_port: int
-    outcome: str  # an errno name, or "pending" (connect() still waiting at WAIT_S)
+    outcome: str  # an errno name, or a ConnectState (PENDING: still waiting at WAIT_S)
     elapsed_s: float
 
 
 def build(server_ip: str, rst_port: int, icmp_port: int) -> list[StackTrial]:
-    return [StackTrial("rst", Endpoint(server_ip, rst_port), None),
-            StackTrial("icmp", Endpoint(server_ip, icmp_port), None),
-            StackTrial("ttl_exceeded", Endpoint(server_ip, rst_port), 1)]
+    return [StackTrial(StackKind.RST, Endpoint(server_ip, rst_port), None),
+            StackTrial(StackKind.ICMP, Endpoint(server_ip, icmp_port), None),
+            StackTrial(StackKind.TTL_EXCEEDED, Endpoint(server_ip, rst_port), 1)]
 
 
 def _one(trial: StackTrial, out: list[StackOutcome]) -> None:
@@ -60,8 +62,8 @@ def _one(trial: StackTrial, out: list[StackOutcome]) -> None:
         start = time.monotonic()
         code = connect_nonblocking(sock, trial.target, WAIT_S)
         elapsed = time.monotonic() - start
-        name = "connected" if code == 0 else (
-            "pending" if code == errno.ETIMEDOUT and elapsed >= WAIT_S * 0.95
+        name = ConnectState.CONNECTED if code == 0 else (
+            ConnectState.PENDING if code == errno.ETIMEDOUT and elapsed >= WAIT_S * 0.95
             else errno_name(code))
         out.append(StackOutcome(trial.kind, port, name, elapsed))
     finally:
@@ -78,36 +80,36 @@ def run(trials: Sequence[StackTrial]) -> list[StackOutcome]:
     return list(out)
 
 
-def _answered(kind: str, o: StackOutcome, seen: Sequence[Seen]) -> bool:
+def _answered(kind: StackKind, o: StackOutcome, seen: Sequence[Seen]) -> bool:
     for s in seen:
         if s.outgoing:
             continue
-        if kind == "rst" and s.is_rst and s.dport == o.local_port:
+        if kind == StackKind.RST and s.is_rst and s.dport == o.local_port:
             return True
-        if kind == "icmp" and s.proto == 1 and s.icmp_type == ICMP_DEST_UNREACH \
+        if kind == StackKind.ICMP and s.proto == 1 and s.icmp_type == ICMP_DEST_UNREACH \
                 and s.inner_sport == o.local_port:
             return True
-        if kind == "ttl_exceeded" and s.proto == 1 and s.icmp_type == ICMP_TIME_EXCEEDED \
+        if kind == StackKind.TTL_EXCEEDED and s.proto == 1 and s.icmp_type == ICMP_TIME_EXCEEDED \
                 and s.inner_sport == o.local_port:
             return True
     return False
 
 
 def classify(outcomes: Sequence[StackOutcome], seen: Sequence[Seen]
-             ) -> tuple[dict[str, str] | None, str]:
+             ) -> tuple[dict[StackKind, StackReaction] | None, str]:
     """{"rst": "aborts"|"retries", "icmp": ..., "ttl_exceeded": ...}; a kind whose answer
     never came back is left out (the reason says so)."""
-    result: dict[str, str] = {}
+    result: dict[StackKind, StackReaction] = {}
     notes = []
     for o in sorted(outcomes, key=lambda o: KINDS.index(o.kind)):
         if not _answered(o.kind, o, seen):
             notes.append(f"{o.kind}: no answer came back ({o.outcome})")
             continue
-        if o.outcome == "pending":
-            result[o.kind] = "retries"
+        if o.outcome == ConnectState.PENDING:
+            result[o.kind] = StackReaction.RETRIES
             notes.append(f"{o.kind}: connect() still waiting after {WAIT_S:g} s")
         else:
-            result[o.kind] = "aborts"
+            result[o.kind] = StackReaction.ABORTS
             notes.append(f"{o.kind}: connect() failed with {o.outcome} after "
                          f"{o.elapsed_s * 1000:.0f} ms")
     return (result or None), "; ".join(notes)

@@ -10,18 +10,18 @@ ports, one after the other, show how the NAT picks ports for new mappings.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import bound_socket, connect_nonblocking, describe_errno
-from simulsyn_core.wire import LineDecoder, ProtocolError, encode_message
+from simulsyn_core.wire import LineDecoder, ProtocolError
 
 from . import protocol as P
+from .report import Behaviour, PortAllocation
 
-EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
 OBSERVE_TIMEOUT_S = 3.0
 SEQUENTIAL_MAX_STEP = 16  # public ports this close, in order, count as sequential
 
@@ -35,27 +35,27 @@ class Observation:
 
 @dataclass(frozen=True)
 class MappingPlan:
-    """Which (local port slot, server endpoint) pairs to observe, in order (pure)."""
+    """Which server endpoints to observe, in order (pure)."""
 
-    same_port: tuple[tuple[int, Endpoint], ...]  # slot 0: the control connection's port
-    fresh: tuple[tuple[int, Endpoint], ...]  # slots 1.., each a new local port
+    same_port: tuple[Endpoint, ...]  # from the control connection's local port
+    fresh: tuple[Endpoint, ...]  # each from a new local port
 
 
 def build(info: P.ServerInfo, fresh_ports: int = 2) -> MappingPlan:
     first = Endpoint(info.addrs[0], info.port)
-    same = [(0, Endpoint(info.addrs[0], info.alt_port))]
+    same = [Endpoint(info.addrs[0], info.alt_port)]
     if len(info.addrs) > 1:
-        same.append((0, Endpoint(info.addrs[1], info.port)))
-    return MappingPlan(tuple(same), tuple((i + 1, first) for i in range(fresh_ports)))
+        same.append(Endpoint(info.addrs[1], info.port))
+    return MappingPlan(tuple(same), (first,) * fresh_ports)
 
 
 @dataclass(frozen=True)
 class MappingResult:
     public: tuple[Endpoint, ...]
     behind_nat: bool
-    mapping: str | None
+    mapping: Behaviour | None
     port_preservation: bool
-    port_allocation: str | None
+    port_allocation: PortAllocation | None
     reasons: tuple[tuple[str, str], ...]
 
 
@@ -69,12 +69,12 @@ def classify(control: Observation, same_port: Sequence[Observation],
     behind_nat = control.public.ip not in own_ips
     other_port = [o for o in same_port if o.server.ip == control.server.ip]
     other_addr = [o for o in same_port if o.server.ip != control.server.ip]
-    mapping: str | None
+    mapping: Behaviour | None
     if not behind_nat:
-        mapping = "none"
+        mapping = Behaviour.NO_NAT
         reasons.append(("mapping", f"the server sees the host's own address {control.public.ip}"))
     elif other_port and other_port[0].public != control.public:
-        mapping = APD
+        mapping = Behaviour.APD
         reasons.append(("mapping", f"another server port saw {other_port[0].public}, not "
                                    f"{control.public}"))
     elif not other_addr:
@@ -82,18 +82,18 @@ def classify(control: Observation, same_port: Sequence[Observation],
         reasons.append(("mapping", "the server has one address: endpoint-independent or "
                                    "address-dependent cannot be told apart"))
     elif other_addr[0].public != control.public:
-        mapping = AD
+        mapping = Behaviour.AD
         reasons.append(("mapping", f"the server's other address saw {other_addr[0].public}, "
                                    f"another port saw {control.public} as the first"))
     else:
-        mapping = EI
+        mapping = Behaviour.EI
         reasons.append(("mapping", f"every server address and port saw {control.public}"))
     preserving = [o.public.port == o.local.port for o in everything]
     port_preservation = all(preserving)
-    allocation: str | None
+    allocation: PortAllocation | None
     samples = [control, *fresh]
     if all(o.public.port == o.local.port for o in samples):
-        allocation = "preserving"
+        allocation = PortAllocation.PRESERVING
         reasons.append(("port_allocation", f"{len(samples)} local ports kept their number"))
     elif len(samples) < 3:
         allocation = None
@@ -101,9 +101,9 @@ def classify(control: Observation, same_port: Sequence[Observation],
     else:
         steps = [b.public.port - a.public.port for a, b in zip(samples, samples[1:], strict=False)]
         if all(0 < s <= SEQUENTIAL_MAX_STEP for s in steps):
-            allocation = "sequential"
+            allocation = PortAllocation.SEQUENTIAL
         else:
-            allocation = "random"
+            allocation = PortAllocation.RANDOM
         reasons.append(("port_allocation", "public ports in order of use: "
                         + ", ".join(str(o.public.port) for o in samples)))
     return MappingResult(publics, behind_nat, mapping, port_preservation, allocation,
@@ -112,9 +112,13 @@ def classify(control: Observation, same_port: Sequence[Observation],
 
 # --- I/O ----------------------------------------------------------------------------------
 
-def read_message(sock: socket.socket, decoder: LineDecoder, verb: str,
-                 timeout_s: float = OBSERVE_TIMEOUT_S) -> dict[str, str]:
-    """Read until one message with ``verb`` arrives (bounded). ERROR -> ProtocolError."""
+Answer = TypeVar("Answer", bound=P.NcMessage)
+
+
+def read_message(sock: socket.socket, decoder: LineDecoder, kind: type[Answer],
+                 timeout_s: float = OBSERVE_TIMEOUT_S) -> Answer:
+    """Read until one message of ``kind`` arrives (bounded). ERROR -> ProtocolError."""
+    verb = kind.VERB
     end = time.monotonic() + timeout_s
     sock.setblocking(True)
     while True:
@@ -130,10 +134,12 @@ def read_message(sock: socket.socket, decoder: LineDecoder, verb: str,
             raise ConnectionError(f"the broker closed the connection before {verb}")
         for msg in decoder.feed(data):
             if msg.verb == verb:
-                return dict(msg.fields)
+                answer = P.parse_message(msg)
+                if isinstance(answer, kind):
+                    return answer
             if msg.verb == "ERROR":
                 raise ProtocolError(f"the broker answered ERROR {msg.get('code')}: "
-                                    f"{(msg.get('message') or '').replace('_', ' ')}")
+                                    f"{P.unescape_text(msg.get('message') or '')}")
 
 
 def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOUT_S
@@ -150,19 +156,9 @@ def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOU
 
 
 def observe(sock: socket.socket, server: Endpoint) -> Observation:
-    sock.sendall(encode_message(P.VERB_OBSERVE))
-    fields = read_message(sock, LineDecoder(), P.VERB_OBSERVED)
-    return Observation(Endpoint.from_sockaddr(sock.getsockname()), server,
-                       Endpoint.parse(fields["public"]))
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): one packet instead of a FIN exchange."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
+    sock.sendall(bytes(P.Observe()))
+    answer = read_message(sock, LineDecoder(), P.Observed)
+    return Observation(Endpoint.from_sockaddr(sock.getsockname()), server, answer.public)
 
 
 def run(plan: MappingPlan, control_local_port: int, sockets: list[socket.socket]
@@ -170,12 +166,12 @@ def run(plan: MappingPlan, control_local_port: int, sockets: list[socket.socket]
     """Make the plan's connections; every socket opened is appended to ``sockets`` (the
     caller closes them, after the raw probes that use the fresh ports' mappings)."""
     same: list[Observation] = []
-    for _slot, server in plan.same_port:
+    for server in plan.same_port:
         sock = connect(control_local_port, server)
         sockets.append(sock)
         same.append(observe(sock, server))
     fresh: list[Observation] = []
-    for _slot, server in plan.fresh:
+    for server in plan.fresh:
         sock = connect(0, server)
         sockets.append(sock)
         fresh.append(observe(sock, server))

@@ -3,22 +3,30 @@
 
 from __future__ import annotations
 
-from .report import Advice, Findings, Recommendation
+from .report import (
+    Advice,
+    Behaviour,
+    Findings,
+    Order,
+    Outcome,
+    Recommendation,
+    StackKind,
+    StackReaction,
+)
 
-EI = "endpoint-independent"
-REJECTING = ("rst", "icmp-port-unreachable", "icmp-admin-prohibited")
 DEFAULT_TIMEOUT_S = 30.0
 
 
 def _rejects(f: Findings) -> bool:
-    return f.unsolicited_syn is not None and f.unsolicited_syn != "drop" \
-        and f.unsolicited_syn != "pass"
+    return f.unsolicited_syn is not None and f.unsolicited_syn != Outcome.DROP \
+        and f.unsolicited_syn != Outcome.PASS
 
 
 def recommend(f: Findings) -> Recommendation:
-    aborts = bool(f.host_stack) and all(v == "aborts" for v in (f.host_stack or {}).values())
+    aborts = bool(f.host_stack) and all(v == StackReaction.ABORTS
+                                        for v in (f.host_stack or {}).values())
     rejects = _rejects(f)
-    blocked = f.reply_syn == "blocked"
+    blocked = f.reply_syn == Outcome.BLOCKED
     # Timeout: the peer's SYN must arrive while our hole is open.
     if f.syn_sent_lifetime_s is not None and f.syn_sent_lifetime_s < DEFAULT_TIMEOUT_S:
         timeout = Advice(max(1.0, f.syn_sent_lifetime_s),
@@ -28,7 +36,7 @@ def recommend(f: Findings) -> Recommendation:
         timeout = Advice(DEFAULT_TIMEOUT_S, "both peers start within this; holes live longer"
                          if f.syn_sent_lifetime_s is not None else
                          "hole lifetime not measured (--timers): the punch default")
-    hard = bool(f.behind_nat) and f.mapping not in (None, EI, "none") \
+    hard = bool(f.behind_nat) and f.mapping not in (None, Behaviour.EI, Behaviour.NO_NAT) \
         and not f.port_preservation
     if blocked:
         retries = Advice(1, "reply SYNs are blocked: retrying cannot help")
@@ -50,19 +58,19 @@ def recommend(f: Findings) -> Recommendation:
                             "the kernel resends the SYN, and the peer's SYN meets it")
         interval = Advice(1.0, "only attempts that fail at once need a pause")
     if f.behind_nat is False:
-        order = Advice("either", "no NAT on this side: only the firewall's state matters")
+        order = Advice(Order.EITHER, "no NAT on this side: only the firewall's state matters")
     elif rejects:
-        order = Advice("first", "this NAT rejects unsolicited SYNs: open our hole before the "
+        order = Advice(Order.FIRST, "this NAT rejects unsolicited SYNs: open our hole before the "
                                 "peer's SYN arrives, or the peer's connect() is refused")
     else:
-        order = Advice("either", "this NAT drops unsolicited SYNs silently: the order does "
+        order = Advice(Order.EITHER, "this NAT drops unsolicited SYNs silently: the order does "
                                  "not matter")
     if rejects and f.hops is not None:
         ttl_needed = Advice(True, "open our hole first with a SYN that dies before the peer's "
                                   "NAT: then the peer's SYN always finds it open, whatever the "
                                   "peer's NAT does with early SYNs")
         ttl = Advice(f.hops + 1, f"{f.hops} router(s) up to and including our NAT, plus one")
-        if f.host_stack and f.host_stack.get("ttl_exceeded") == "aborts":
+        if f.host_stack and f.host_stack.get(StackKind.TTL_EXCEEDED) == StackReaction.ABORTS:
             ttl = Advice(f.hops + 1, f"{f.hops} router(s) up to and including our NAT, plus "
                                      "one; its time-exceeded aborts connect(): retry at once")
     elif rejects:
@@ -70,7 +78,7 @@ def recommend(f: Findings) -> Recommendation:
         ttl = Advice(None, "hops unknown")
     else:
         ttl_needed = Advice(False, "a full-TTL SYN does no harm here: unsolicited SYNs are "
-                                   "dropped silently" if f.unsolicited_syn == "drop" else
+                                   "dropped silently" if f.unsolicited_syn == Outcome.DROP else
                                    "not needed on this side")
         ttl = (Advice(f.hops + 1, f"not needed; if one is used: {f.hops} router(s) up to and "
                                   "including our NAT, plus one")
@@ -89,10 +97,11 @@ def verdict(f: Findings) -> str:
     facts.append(f"unsolicited SYN: {f.unsolicited_syn or 'unknown'}")
     facts.append(f"reply SYN: {f.reply_syn or 'unknown'}")
     what = "; ".join(facts)
-    if f.reply_syn == "blocked":
+    if f.reply_syn == Outcome.BLOCKED:
         return (f"Blocking {'NAT' if f.behind_nat else 'firewall'} ({what}): it drops SYNs that "
                 "answer our own, so TCP simultaneous open cannot work through it; use a relay.")
-    if f.behind_nat and f.mapping not in (None, EI, "none") and not f.port_preservation:
+    if f.behind_nat and f.mapping not in (None, Behaviour.EI, Behaviour.NO_NAT) \
+            and not f.port_preservation:
         return (f"Hard NAT ({what}): the public port changes with every destination, so the "
                 "peer cannot know where to aim; TCP hole punching fails without port "
                 "prediction or a relay.")
@@ -104,7 +113,7 @@ def verdict(f: Findings) -> str:
     if _rejects(f):
         return (f"Punchable NAT that rejects unsolicited SYNs ({what}): TCP simultaneous open "
                 "works if this side sends first (a TTL-limited SYN) or keeps retrying.")
-    if f.unsolicited_syn == "pass" or f.filtering == EI:
+    if f.unsolicited_syn == Outcome.PASS or f.filtering == Behaviour.EI:
         return (f"Open NAT ({what}): unsolicited SYNs reach this host, so the peer can simply "
                 "connect to its public endpoint.")
     return (f"Punch-friendly NAT ({what}): TCP simultaneous open works with plain retries.")

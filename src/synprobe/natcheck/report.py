@@ -1,9 +1,83 @@
-"""The nat-check result: frozen dataclasses, and the one JSON form built from them."""
+"""The nat-check result: the measured values (each defined once, as str-enums), frozen
+dataclasses, and the one JSON form built from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .evidence import Evidence
+
+
+class StrValue(str, Enum):
+    """A value that prints, formats, compares and serializes as its plain string, so the
+    table and the JSON read the same as with bare strings."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+class Behaviour(StrValue):
+    """mapping and filtering (RFC 4787 sections 4.1 and 5)."""
+
+    EI = "endpoint-independent"
+    AD = "address-dependent"
+    APD = "address-and-port-dependent"
+    NO_NAT = "none"  # mapping only: the server sees the host's own address
+
+
+class PortAllocation(StrValue):
+    PRESERVING = "preserving"
+    SEQUENTIAL = "sequential"
+    RANDOM = "random"
+
+
+class Outcome(StrValue):
+    """What became of a probe SYN: reply_syn is PASS or BLOCKED; unsolicited_syn is PASS
+    (the host got it), DROP or the answer that came back. Another ICMP error is the plain
+    string "icmp-T-C" (type T, code C)."""
+
+    PASS = "pass"
+    BLOCKED = "blocked"
+    DROP = "drop"
+    RST = "rst"
+    SYN_ACK = "syn-ack"
+    ICMP_PORT_UNREACHABLE = "icmp-port-unreachable"
+    ICMP_ADMIN_PROHIBITED = "icmp-admin-prohibited"
+
+
+class StackKind(StrValue):
+    """The host_stack trials: the answer that meets the host's SYN."""
+
+    RST = "rst"
+    ICMP = "icmp"
+    TTL_EXCEEDED = "ttl_exceeded"
+
+
+class StackReaction(StrValue):
+    ABORTS = "aborts"  # connect() ends when the answer arrives (Linux)
+    RETRIES = "retries"  # the socket stays in SYN-SENT and resends
+
+
+class ConnectState(StrValue):
+    """How a host_stack connect() stood at its deadline, when not failed with an errno."""
+
+    CONNECTED = "connected"
+    PENDING = "pending"  # still in SYN-SENT
+
+
+class Order(StrValue):
+    """recommendation.order: which peer should start."""
+
+    FIRST = "first"
+    SECOND = "second"
+    EITHER = "either"
+
 
 KEYS = ("public", "behind_nat", "mapping", "port_preservation", "port_allocation",
         "filtering", "unsolicited_syn", "reply_syn", "syn_sent_lifetime_s", "hairpin",
@@ -21,7 +95,7 @@ class Recommendation:
     retries: Advice
     interval_s: Advice
     timeout_s: Advice
-    order: Advice  # "first" | "second" | "either"
+    order: Advice  # an Order
     ttl_limited_first_syn: Advice  # bool
     ttl: Advice  # int | None
 
@@ -37,16 +111,16 @@ class Findings:
 
     public: tuple[str, ...] = ()
     behind_nat: bool | None = None
-    mapping: str | None = None
+    mapping: Behaviour | None = None
     port_preservation: bool | None = None
-    port_allocation: str | None = None
-    filtering: str | None = None
-    unsolicited_syn: str | None = None
-    reply_syn: str | None = None
+    port_allocation: PortAllocation | None = None
+    filtering: Behaviour | None = None
+    unsolicited_syn: str | None = None  # an Outcome, or "icmp-T-C"
+    reply_syn: Outcome | None = None
     syn_sent_lifetime_s: float | None = None
     hairpin: bool | None = None
     hops: int | None = None
-    host_stack: dict[str, str] | None = None
+    host_stack: dict[StackKind, StackReaction] | None = None
     reasons: tuple[tuple[str, str], ...] = ()
 
     def reason(self, key: str) -> str:
@@ -66,6 +140,7 @@ class NatCheckReport:
     probes: dict[str, Any] = field(default_factory=dict)  # ports each probe used
     exit_code: int = 0
     error: str | None = None
+    evidence: Evidence | None = field(default=None, compare=False, repr=False)  # not in JSON
 
     def to_json(self) -> dict[str, Any]:
         f = self.findings

@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 
 from simulsyn_core.broker import Broker, Log, Service
 from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import Message, ProtocolError, encode_message
+from simulsyn_core.wire import Message, ProtocolError
 
-from . import capture as cap
+from .. import rawnet
+from ..packets.live import Capture
+from ..packets.seen import Seen
 from . import protocol as P
 from . import unsolicited
 from .filtering import FilteringProbe
 from .filtering import build as build_filtering
 from .firewall import Firewall, broker_rules, broker_tag
-from .packets import Seen
 
 
 @dataclass
@@ -39,9 +40,8 @@ class Check:
     other_ip: str | None
     started: float
     sent: int = 0
-    capture: cap.Capture | None = None
+    capture: Capture | None = None
     unsolicited: unsolicited.UnsolicitedProbe | None = None
-    last_send: float = 0.0
     unsolicited_at: float = 0.0
     window_s: float = P.ANSWER_WINDOW_MAX_S
     reply_seen: list[Endpoint] = field(default_factory=list)
@@ -61,15 +61,15 @@ class ProbeServer:
     _loop: asyncio.AbstractEventLoop | None = None
 
     def services(self) -> dict[str, Service]:
-        return {P.VERB_OBSERVE: self.observe, P.VERB_HELLO: self.hello,
-                P.VERB_PROBE: self.probe, P.VERB_REFLECT: self.reflect,
-                P.VERB_TIMERS: self.timers, P.VERB_DONE: self.done}
+        return {P.Observe.VERB: self.observe, P.Hello.VERB: self.hello,
+                P.Probe.VERB: self.probe, P.Reflect.VERB: self.reflect,
+                P.Timers.VERB: self.timers, P.Done.VERB: self.done}
 
     # --- verbs -------------------------------------------------------------------------
 
     async def observe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         # The broker closes: the client's close costs it no RST and the log no line.
-        broker.send(conn, encode_message(P.VERB_OBSERVED, public=public), close=True)
+        broker.send(conn, bytes(P.Observed(public)), close=True)
 
     async def hello(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         local = broker.local_endpoint(conn)
@@ -90,55 +90,48 @@ class ProbeServer:
                                       addrs[1] if len(addrs) > 1 else None, time.monotonic())
             self._loop = asyncio.get_running_loop()
             self._loop.create_task(self._watch(broker, conn))
-        broker.send(conn, encode_message(
-            P.VERB_INFO, public=public, addrs=",".join(addrs), port=local.port,
-            raw="yes" if not raw_reason else "no",
-            raw_reason=raw_reason.replace(" ", "+") or None, budget=P.PROBE_BUDGET))
+        broker.send(conn, bytes(P.ServerInfo(public, tuple(addrs), local.port, not raw_reason,
+                                             raw_reason, P.PROBE_BUDGET)))
 
     async def probe(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
         if check.probed:
             raise ProtocolError("one NC_PROBE per check")
         check.probed = True
-        unsol_port = _port(msg.require("unsolicited"))
-        filter_port = _port(msg.require("filter"))
-        window_ms = msg.get("window_ms") or ""
-        if window_ms.isdigit():
+        request = P.Probe.decode(msg)
+        if request.window_ms is not None:
             check.window_s = min(P.ANSWER_WINDOW_MAX_S, max(P.ANSWER_WINDOW_MIN_S,
-                                                            int(window_ms) / 1000))
+                                                            request.window_ms / 1000))
         probe_port = check.local.port + P.PROBE_PORT_OFFSET
         await asyncio.to_thread(self._start_capture, check, probe_port)
         check.unsolicited = unsolicited.UnsolicitedProbe(
-            check.local.ip, probe_port, check.client_ip, unsol_port, P.BROKER_SEQ)
+            check.local.ip, probe_port, check.client_ip, request.unsolicited, P.Seq.UNSOLICITED)
         packets = [unsolicited.build(check.unsolicited)]
         packets += build_filtering(FilteringProbe(check.local.ip, check.other_ip, probe_port,
-                                                  check.client_ip, filter_port,
-                                                  P.BROKER_SEQ + 1))
+                                                  check.client_ip, request.filter,
+                                                  P.Seq.FILTERING))
         self._send(broker, check, packets)
         check.unsolicited_at = time.monotonic()
-        broker.send(conn, encode_message(P.VERB_ARMED, sent=len(packets)))
+        broker.send(conn, bytes(P.Armed(len(packets))))
 
     async def reflect(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
-        ports = _ports(msg.get("ports"), P.MAX_REFLECT)
+        request = P.Reflect.decode(msg)
         probe_port = check.local.port + P.PROBE_PORT_OFFSET
-        packets = [_syn(check.local.ip, check.client_ip, probe_port, p, P.BROKER_SEQ + 8 + i)
-                   for i, p in enumerate(ports)]
+        packets = [_syn(check.local.ip, check.client_ip, probe_port, p, P.Seq.REFLECT + i)
+                   for i, p in enumerate(request.ports)]
         self._send(broker, check, packets)
-        broker.send(conn, encode_message(P.VERB_REFLECTED, sent=len(packets)))
+        broker.send(conn, bytes(P.Reflected(len(packets))))
 
     async def timers(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
         if check.timer_waits:
             raise ProtocolError("one NC_TIMERS per check")
-        try:
-            check.timer_waits = P.parse_waits(msg.require("waits"))
-        except ValueError as exc:
-            raise ProtocolError(f"waits=: {exc}") from None
+        check.timer_waits = list(P.Timers.decode(msg).waits)
         if check.capture is None:
             await asyncio.to_thread(self._start_capture, check,
                                     check.local.port + P.PROBE_PORT_OFFSET)
-        broker.send(conn, encode_message(P.VERB_TIMERS_ARMED, holes=len(check.timer_waits)))
+        broker.send(conn, bytes(P.TimersArmed(len(check.timer_waits))))
 
     async def done(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
@@ -147,9 +140,8 @@ class ProbeServer:
             await asyncio.sleep(min(wait, P.ANSWER_WINDOW_MAX_S))
         seen = check.capture.snapshot() if check.capture else []
         answer = unsolicited.classify(check.unsolicited, seen) if check.unsolicited else None
-        broker.send(conn, encode_message(
-            P.VERB_RESULT, unsolicited=answer, sent=check.sent,
-            reply_seen=",".join(str(e) for e in check.reply_seen) or None), close=True)
+        broker.send(conn, bytes(P.Result(answer, check.sent, tuple(check.reply_seen))),
+                    close=True)
         self.log(f"nat-check {check.client_ip}: {check.sent} probe packet(s) sent, "
                  f"unsolicited_syn={answer}")
         self._end(conn)
@@ -164,9 +156,8 @@ class ProbeServer:
                                     "connected now")
             if check.sent >= P.PROBE_BUDGET:
                 raise ProtocolError(f"refused: probe budget of {P.PROBE_BUDGET} packets spent")
-            cap.send_ipv4([pkt])
+            rawnet.send_ipv4([pkt])
             check.sent += 1
-            check.last_send = time.monotonic()
 
     # --- capture and the SYNs that ask for an answer ------------------------------------
 
@@ -174,7 +165,7 @@ class ProbeServer:
         from . import craft
 
         craft.load_scapy()
-        iface = cap.interface_of(cap.local_ip_towards(check.client_ip))
+        iface = rawnet.interface_of(rawnet.local_ip_towards(check.client_ip))
         client_ip = check.client_ip
         ours = {check.local.ip, *( [check.other_ip] if check.other_ip else [])}
 
@@ -191,7 +182,7 @@ class ProbeServer:
             if loop is not None:
                 loop.call_soon_threadsafe(self._client_syn, check, s)
 
-        check.capture = cap.Capture(iface, keep, on_packet).start()
+        check.capture = Capture(iface, keep, on_packet).start()
 
     def _client_syn(self, check: Check, s: Seen) -> None:
         broker = self._broker
@@ -199,11 +190,11 @@ class ProbeServer:
             return
         source = Endpoint(s.src, s.sport)
         try:
-            if s.seq == P.REPLY_SEQ and source not in check.reply_seen:
+            if s.seq == P.Seq.REPLY and source not in check.reply_seen:
                 check.reply_seen.append(source)
                 self._send(broker, check, [_syn(check.local.ip, s.src, s.dport, s.sport,
-                                                P.BROKER_SEQ + 4)])
-            index = s.seq - P.TIMER_SEQ
+                                                P.Seq.REPLY_ANSWER)])
+            index = s.seq - P.Seq.TIMER
             if 0 <= index < len(check.timer_waits) and len(check.timer_tasks) < P.MAX_TIMERS:
                 check.timer_tasks.append(asyncio.get_running_loop().create_task(
                     self._timer(broker, check, source, s.dport, index)))
@@ -215,7 +206,7 @@ class ProbeServer:
         await asyncio.sleep(check.timer_waits[index])
         try:
             self._send(broker, check, [_syn(check.local.ip, source.ip, probe_port, source.port,
-                                            P.BROKER_SEQ + 16 + index)])
+                                            P.Seq.TIMER_ANSWER + index)])
         except ProtocolError as exc:
             self.log(f"nat-check {check.client_ip}: {exc}")
 
@@ -269,28 +260,15 @@ def _syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
     return craft.syn(src, dst, sport, dport, seq)
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ProtocolError(f"bad port {text!r}")
-    return int(text)
-
-
-def _ports(text: str | None, limit: int) -> list[int]:
-    try:
-        return P.parse_ports(text, limit)
-    except ValueError as exc:
-        raise ProtocolError(f"ports=: {exc}") from None
-
-
 # --- setting the probe side up in the broker command --------------------------------------
 
 def raw_probe_problem(firewall: Firewall) -> str:
     """Why this process cannot run raw probes ("" if it can)."""
-    missing = cap.missing_capabilities(cap.CAP_NET_RAW, cap.CAP_NET_ADMIN)
+    missing, tool = firewall.raw_probe_problem()
     if missing:
         return f"needs {' and '.join(missing)}"
-    if not firewall.available:
-        return f"needs {firewall.binary} (Debian: apt-get install iptables)"
+    if tool:
+        return f"needs {tool} (Debian: apt-get install iptables)"
     return ""
 
 

@@ -3,7 +3,7 @@ SYN (conntrack's SYN_SENT timeout on Linux, 120 s by default; RFC 5382 REQ-5 ask
 least 4 min for a transitory connection idle timeout).
 
 In one pass: the host sends one SYN per wait from its own fresh port (tagged
-``TIMER_SEQ + i``); the broker answers SYN i after waits[i] seconds. The lifetime lies
+``Seq.TIMER + i``); the broker answers SYN i after waits[i] seconds. The lifetime lies
 between the longest wait that still passed and the shortest one that did not.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
-from .packets import Seen
 
 WAIT_LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 45, 60, 90, 110, 130, 150, 200, 280)
 
@@ -39,7 +39,7 @@ class TimersProbe:
 
 
 def build(probe: TimersProbe) -> list[bytes]:
-    return [craft.syn(probe.host_ip, probe.server_ip, port, probe.probe_port, P.TIMER_SEQ + i)
+    return [craft.syn(probe.host_ip, probe.server_ip, port, probe.probe_port, P.Seq.TIMER + i)
             for i, port in enumerate(probe.local_ports)]
 
 

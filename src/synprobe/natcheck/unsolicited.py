@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..packets.decode import ICMP_DEST_UNREACH
+from ..packets.seen import Seen
 from . import craft
-from .packets import ICMP_DEST_UNREACH, Seen
+from .report import Outcome
 
-ICMP_NAMES = {(ICMP_DEST_UNREACH, 3): "icmp-port-unreachable",
-              (ICMP_DEST_UNREACH, 13): "icmp-admin-prohibited"}
+ICMP_NAMES = {(ICMP_DEST_UNREACH, 3): Outcome.ICMP_PORT_UNREACHABLE,
+              (ICMP_DEST_UNREACH, 13): Outcome.ICMP_ADMIN_PROHIBITED}
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,6 @@ def classify(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> str:
         if not answers(probe, s):
             continue
         if s.proto == 6:
-            return "rst" if s.is_rst else "syn-ack"
+            return Outcome.RST if s.is_rst else Outcome.SYN_ACK
         return ICMP_NAMES.get((s.icmp_type, s.icmp_code), f"icmp-{s.icmp_type}-{s.icmp_code}")
-    return "drop"
+    return Outcome.DROP

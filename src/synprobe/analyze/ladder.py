@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from .analyze_pcap import FIN, RST
-from .analyze_tcp import SIDES, Arrow, Attempt, Event, Step
+from ..packets.decode import FIN, RST
+from .tcp import SIDES, Arrow, Attempt, Event, Step
 
 LEFT, RIGHT = 5, 27  # the columns of the two vertical bars
 ARROW = RIGHT - LEFT - 3  # characters between "| " and " |"

@@ -20,7 +20,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .analyze_pcap import ACK, FIN, RST, SYN, CaptureContents, IcmpError, Segment, flags_label
+from ..packets.decode import ACK, FIN, RST, SYN, IcmpError, Segment, flags_label
+from ..packets.reader import CaptureContents
 
 SIDES = ("A", "B")
 CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (

@@ -1,6 +1,6 @@
 """`synprobe analyze FILE...`: every TCP connection attempt in a capture, how it opened,
 and its ladder diagram. The table/text form and the --json form are rendered here from
-the same records (analyze_tcp.Attempt)."""
+the same records (tcp.Attempt)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any
 
 import click
 
-from simulsyn_core.exitcodes import EXIT_CODES_HELP, ExitStatus, ToolError
+from simulsyn_core.exitcodes import ExitStatus, ToolError
 
-from .analyze_ladder import draw
-from .analyze_pcap import CaptureContents, read_capture
-from .analyze_tcp import Attempt, find_attempts
+from ..cliutil import EPILOG
+from ..packets.reader import CaptureContents, read_capture
+from .ladder import draw
+from .tcp import Attempt, find_attempts
 
 UTC = datetime.timezone.utc  # noqa: UP017 (datetime.UTC needs Python 3.11)
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
 @dataclass(frozen=True)

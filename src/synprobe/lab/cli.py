@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import click
 
-from simulsyn_core.exitcodes import EXIT_CODES_HELP
+from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core.signals import sigterm_as_interrupt
 
-from . import lab as labmod
+from .. import lab as labmod
+from ..cliutil import EPILOG
+from .netns import DELAY_NODES, LinkDelays
 
-EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 PROFILE_CHOICE = click.Choice(sorted(labmod.PROFILES))
 
 
@@ -23,6 +26,18 @@ def _lab_id(ctx: click.Context, param: click.Parameter, value: str | None) -> st
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     return value
+
+
+def delay_options(command: Callable[..., None]) -> Callable[..., None]:
+    seconds = click.FloatRange(0, 10)
+    for name, what in (("--jitter", "Each delayed frame's delay varies by up to this "
+                                    "(never more than the link's own delay); order is kept."),
+                       ("--delay-broker", "One-way delay (s) between the broker and the router."),
+                       ("--delay-b", "One-way delay (s) between B's NAT and the router."),
+                       ("--delay-a", "One-way delay (s) between A's NAT and the router.")):
+        command = click.option(name, type=seconds, default=0.0, show_default=True,
+                               metavar="S", help=what)(command)
+    return command
 
 
 @click.group(epilog=EPILOG)
@@ -56,12 +71,21 @@ def profiles() -> None:
               help="Profile of host B's NAT.")
 @click.option("--id", "lab_id", default="dev", show_default=True, callback=_lab_id,
               help="Lab id (a-z 0-9): namespaces are ssyn-ID-ha, -ga, -rt, -gb, -hb, -br.")
-def up(profile_a: str, profile_b: str, lab_id: str) -> None:
-    """Bring a lab up and leave it up (take it down with `synprobe lab down`)."""
+@delay_options
+def up(profile_a: str, profile_b: str, lab_id: str, delay_a: float, delay_b: float,
+       delay_broker: float, jitter: float) -> None:
+    """Bring a lab up and leave it up (take it down with `synprobe lab down`).
+
+    \b
+    --delay-a/--delay-b/--delay-broker put a user-space delay element (namespace
+    ssyn-ID-da, -db, -dr) on the link between that NAT (or the broker) and the router:
+    each frame waits that long in each direction, in order. Needs ethtool.
+    """
     labmod.require_root()
     labmod.sweep(lab_id)
-    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
-    with labmod.terminate_on_sigterm():
+    links = LinkDelays(delay_a, delay_b, delay_broker, jitter)
+    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id, links=links)
+    with sigterm_as_interrupt():
         the_lab.up()
     a, b = the_lab.side("a"), the_lab.side("b")
     click.echo(f"lab {lab_id} is up:")
@@ -70,12 +94,17 @@ def up(profile_a: str, profile_b: str, lab_id: str) -> None:
     click.echo(f"  host B  {b.host:<15} ns {the_lab.ns('hb')}  behind {profile_b} "
                f"(public {b.public}, ns {the_lab.ns('gb')})")
     click.echo(f"  broker  {' and '.join(labmod.BROKER_IPS):<15} ns {the_lab.ns('br')}")
+    for link in links.delayed():
+        delay_s, jitter_s = links.of(link)
+        click.echo(f"  delay   {link} link to the router: {delay_s * 1000:g} ms each way"
+                   + (f" ± {jitter_s * 1000:g} ms" if jitter_s else "")
+                   + f" (ns {the_lab.ns(DELAY_NODES[link])})")
     click.echo("try:")
     click.echo(f"  ip netns exec {the_lab.ns('br')} synprobe broker "
-               f"--bind {labmod.BROKER_IPS[0]}:8086 &")
+               f"--bind {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} &")
     for node in ("ha", "hb"):
         click.echo(f"  ip netns exec {the_lab.ns(node)} synprobe punch "
-                   f"--broker {labmod.BROKER_IPS[0]}:8086 --session s1 -v")
+                   f"--broker {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} --session s1 -v")
     click.echo(f"and at the end: synprobe lab down --id {lab_id}")
 
 
@@ -101,21 +130,25 @@ def down(lab_id: str, everything: bool) -> None:
               show_default=True, help="--timeout given to each punch.")
 @click.option("--id", "lab_id", default=None, callback=_lab_id,
               help="Lab id [default: demo<random>]; the lab is removed at the end anyway.")
-def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -> None:
+@delay_options
+def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None,
+         delay_a: float, delay_b: float, delay_broker: float, jitter: float) -> None:
     """Broker, two NATed peers, a punch and a message each way, then clean up."""
     labmod.require_root()
     lab_id = lab_id or f"demo{time.time_ns() % 100000}"
     labmod.sweep(lab_id)
-    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id)
-    with labmod.terminate_on_sigterm(), the_lab:
+    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id,
+                         links=LinkDelays(delay_a, delay_b, delay_broker, jitter))
+    with sigterm_as_interrupt(), the_lab:
         a, b = the_lab.side("a"), the_lab.side("b")
         click.echo(f"NAT lab up: host A {a.host} behind '{profile_a}' ({a.public})  <-- "
                    f"router -->  ({b.public}) '{profile_b}' in front of host B {b.host}")
-        click.echo(f"broker on {labmod.BROKER_IPS[0]}:8086\n")
+        click.echo(f"broker on {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}\n")
         broker_log = tempfile.TemporaryFile()
         labmod.start_broker(the_lab, stderr=broker_log)
         msgs = (f"hello from A ({a.host})\n", f"hello from B ({b.host})\n")
-        click.echo(f"A and B run: synprobe punch --broker {labmod.BROKER_IPS[0]}:8086 "
+        click.echo(f"A and B run: synprobe punch --broker "
+                   f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} "
                    f"--session demo --verbose --json   (stdin: one line each)\n")
         run_a, run_b = labmod.punch_pair(the_lab, "demo", messages=msgs, args=["--verbose"],
                                          timeout_s=timeout_s)
@@ -143,4 +176,4 @@ def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None) -
             click.echo("the punch did not connect: "
                        f"A: {ra.get('error')}; B: {rb.get('error')}")
     click.echo("lab removed.")
-    sys.exit(0 if ok else 5)
+    sys.exit(ExitStatus.OK if ok else ExitStatus.PUNCH_FAILED)

@@ -1,0 +1,85 @@
+"""What every synprobe command shares: the exit-code epilog of --help, the endpoint
+parameter type, and the stderr reporter. Light on purpose: `synprobe --help` and
+`synprobe punch` import it, so nothing heavy is imported at the top (no scapy)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from simulsyn_core.exitcodes import EXIT_CODES_HELP
+from simulsyn_core.wire import DEFAULT_BROKER_PORT
+
+if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
+    from simulsyn_core.endpoint import Endpoint
+
+EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
+
+
+def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
+    """HOST[:PORT] where HOST is an IPv4 address or a name that resolves to one."""
+    import socket
+
+    from simulsyn_core.endpoint import Endpoint
+
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, str(default_port)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise click.BadParameter(f"{text!r}: port must be 1-65535")
+    try:
+        return Endpoint.parse(f"{host}:{port_text}")
+    except ValueError:
+        pass
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
+    ip, resolved_port = infos[0][4][:2]
+    return Endpoint(str(ip), int(resolved_port))
+
+
+class EndpointType(click.ParamType):
+    name = "IP:PORT"
+
+    def __init__(self, default_port: int | None = None, server: bool = False,
+                 allow_zero_port: bool = False) -> None:
+        self.default_port = default_port
+        self.server = server
+        self.allow_zero_port = allow_zero_port
+        if server:
+            self.name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Endpoint:
+        from simulsyn_core.endpoint import Endpoint
+
+        if isinstance(value, Endpoint):
+            return value
+        if self.server:
+            return parse_server(str(value), self.default_port or DEFAULT_BROKER_PORT)
+        try:
+            return Endpoint.parse(str(value), default_port=self.default_port,
+                                  allow_zero_port=self.allow_zero_port)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Reporter:
+    """Diagnostics on stderr, stamped relative to the start of the command."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.start = time.monotonic()
+
+    def step(self, message: str) -> None:
+        if self.verbose:
+            self.say(message)
+
+    def say(self, message: str) -> None:
+        print(f"synprobe: [{time.monotonic() - self.start:7.3f}s] {message}", file=sys.stderr,
+              flush=True)

@@ -1,0 +1,158 @@
+"""Running the project's own commands in a lab: a broker on the broker host, a punch on
+each NATed host, their results."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from simulsyn_core.exitcodes import ExitStatus, ToolError
+
+from .netns import Lab
+from .profiles import BROKER_IPS, BROKER_PORT
+
+SYNPROBE = [sys.executable, "-m", "synprobe"]
+# A broker with --probe imports scapy first (over a second alone, several on a loaded
+# 2-core machine running four test workers): this is a bound, not the usual wait.
+BROKER_READY_TIMEOUT_S = 20.0
+
+
+def wait_for_listen(lab: Lab, node: str, ip: str, port: int, timeout_s: float,
+                    proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait (bounded) until a TCP socket listens on ip:port inside node; with ``proc``,
+    fail at once if that process ends first."""
+    end = time.monotonic() + timeout_s
+    needle = f"{ip}:{port}"
+    while time.monotonic() < end:
+        out = lab.run(node, ["ss", "-Htln"], check=False).stdout
+        if needle in out:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise ToolError(ExitStatus.ERROR, f"lab: the process meant to listen on {needle} "
+                                              f"in {node} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise ToolError(ExitStatus.ERROR, f"lab: nothing listens on {needle} in {node} after "
+                                      f"{timeout_s:.0f} s")
+
+
+def start_broker(lab: Lab, extra: Sequence[str] = (), port: int = BROKER_PORT,
+                 stderr: object = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    binds: list[str] = []
+    for ip in BROKER_IPS:
+        binds += ["--bind", f"{ip}:{port}"]
+    proc = lab.popen("br", [*SYNPROBE, "broker", *binds, *extra], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for_listen(lab, "br", BROKER_IPS[0], port, BROKER_READY_TIMEOUT_S, proc)
+    return proc
+
+
+@dataclass
+class PeerRun:
+    side: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    elapsed_s: float = 0.0  # from its start (imports done, see punch_pair) to its exit
+
+    @property
+    def report(self) -> dict[str, object] | None:
+        """The --json object (the first stdout line), if there is one."""
+        first = self.stdout.split("\n", 1)[0]
+        try:
+            value = json.loads(first)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def chat_lines(self) -> list[str]:
+        lines = self.stdout.splitlines()
+        return lines[1:] if self.report is not None else lines
+
+
+# A peer of punch_pair imports everything first, says so on fd W, and runs only once a
+# byte comes on fd R: --timeout covers waiting for the peer, and an interpreter that
+# starts slowly on a loaded machine must not eat into it.
+_GATED = ("import os, sys\nfrom synprobe.cli import main\nimport simulsyn_core.session\n"
+          "r, w = int(sys.argv[1]), int(sys.argv[2])\nos.write(w, b'r')\nos.close(w)\n"
+          "os.read(r, 1)\nsys.exit(main(sys.argv[3:]))")
+GATE_TIMEOUT_S = 30.0
+
+
+def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
+               args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
+               timeout_s: float = 30.0, broker: str | None = None) -> tuple[PeerRun, PeerRun]:
+    """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
+
+    Both are started and their imports done before either runs; then ``first`` runs
+    ``stagger_s`` before the other, so the order of start is known.
+    """
+    target = broker or f"{BROKER_IPS[0]}:{BROKER_PORT}"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    gates: dict[str, int] = {}
+    started: dict[str, float] = {}
+    order = [first, "b" if first == "a" else "a"]
+    try:
+        for side in order:
+            go_r, go_w = os.pipe()
+            ready_r, ready_w = os.pipe()
+            procs[side] = lab.popen("h" + side, [
+                sys.executable, "-c", _GATED, str(go_r), str(ready_w), "punch", "--broker",
+                target, "--session", session, "--json", "--timeout", str(timeout_s), *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(go_r, ready_w))
+            os.close(go_r)
+            os.close(ready_w)
+            gates[side] = go_w
+            ready = select.select([ready_r], [], [], GATE_TIMEOUT_S)[0]
+            ok = bool(ready) and os.read(ready_r, 1) == b"r"
+            os.close(ready_r)
+            if not ok:
+                raise ToolError(ExitStatus.ERROR, f"lab: the punch on h{side} did not start")
+        for i, side in enumerate(order):
+            if i:
+                time.sleep(stagger_s)
+            started[side] = time.monotonic()
+            os.write(gates[side], b"g")
+    except BaseException:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        for fd in gates.values():
+            os.close(fd)
+    results: dict[str, PeerRun] = {}
+    inputs = {"a": messages[0], "b": messages[1]}
+    # Feed each side its message and close stdin; collect both (bounded).
+    def finish(side: str) -> PeerRun:
+        proc = procs[side]
+        try:
+            out, err = proc.communicate(inputs[side].encode(), timeout=timeout_s + 15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=5)
+        return PeerRun(side, proc.returncode, out.decode(errors="replace"),
+                       err.decode(errors="replace"), time.monotonic() - started[side])
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        for side, run in zip(order, pool.map(finish, order), strict=True):
+            results[side] = run
+    except BaseException:
+        # Ctrl-C/SIGTERM: stop the peers first, or the pool would wait for them.
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return results["a"], results["b"]

@@ -1,0 +1,151 @@
+"""The lab's NAT profiles and addresses: pure data, no I/O.
+
+Each profile is the ruleset of one gateway (iptables-restore input or an nft ruleset)
+plus the few facts the namespace builder needs (NAT or not, a carrier NAT behind it,
+sysctls). The public side uses the documentation ranges 198.51.100.0/24 (side A),
+203.0.113.0/24 (side B) and 192.0.2.0/24 (broker); NATed hosts sit in 10.1.0.0/24 and
+10.2.0.0/24; a carrier's inside is 100.64.0.0/10 (RFC 6598).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulsyn_core.wire import DEFAULT_BROKER_PORT
+
+NODES = ("ha", "ga", "rt", "gb", "hb", "br")
+BROKER_IPS = ("192.0.2.10", "192.0.2.11")
+BROKER_PORT = DEFAULT_BROKER_PORT
+
+_FILTER_HEAD = """*filter
+:INPUT {input} [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+"""
+# A home router: the NAT itself answers nothing unsolicited, forwards only outbound
+# connections and their replies (conntrack ESTABLISHED includes a reply-direction SYN).
+_HOME_FILTER = _FILTER_HEAD.format(input="DROP") + """-A INPUT -i lo -j ACCEPT
+-A INPUT -i lan -j ACCEPT
+-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+{input_extra}-A FORWARD -o wan -j ACCEPT
+-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+{forward_extra}COMMIT
+"""
+_NAT = """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -o wan -j MASQUERADE{masq_extra}
+COMMIT
+"""
+
+
+def _home(input_extra: str = "", forward_extra: str = "", masq_extra: str = "",
+          nat: bool = True, syn_first: str = "") -> str:
+    rules = _HOME_FILTER.format(input_extra=input_extra, forward_extra=forward_extra)
+    if syn_first:
+        outbound = "-A FORWARD -o wan -j ACCEPT"
+        rules = rules.replace(outbound, syn_first + outbound)
+    return rules + (_NAT.format(masq_extra=masq_extra) if nat else "")
+
+
+def _reject(how: str) -> str:
+    return _home(input_extra=f"-A INPUT -i wan -p tcp -j REJECT --reject-with {how}\n",
+                 forward_extra=f"-A FORWARD -i wan -p tcp -j REJECT --reject-with {how}\n")
+
+
+def _dmz() -> str:
+    """A home router with a "DMZ host": every unsolicited inbound TCP goes to the host, and
+    the host reaches its own public address (hairpin NAT). @HOST@, @PUBLIC@ and @LAN@
+    are filled in per side when the lab is built."""
+    rules = _home(forward_extra="-A FORWARD -i wan -o lan -d @HOST@ -p tcp -j ACCEPT\n"
+                                "-A FORWARD -i lan -o lan -j ACCEPT\n", nat=False)
+    return rules + """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d @PUBLIC@ -p tcp -j DNAT --to-destination @HOST@
+-A POSTROUTING -o wan -j MASQUERADE
+-A POSTROUTING -o lan -s @LAN@ -d @HOST@ -j MASQUERADE
+COMMIT
+"""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    iptables: str = ""  # iptables-restore input for the gateway
+    nft: str = ""  # or an nft ruleset
+    nat: bool = True  # False: the host has a public address behind a stateful firewall
+    carrier: bool = False  # True: a second NAT (a carrier's, node c<side>) behind the first
+    sysctls: tuple[tuple[str, str], ...] = ()
+
+
+_NFT_HOME = """table inet ssyn_filter {
+  chain input { type filter hook input priority 0; policy drop;
+    iif "lo" accept; iifname "lan" accept; ct state established,related accept; }
+  chain forward { type filter hook forward priority 0; policy drop;
+    oifname "wan" accept; ct state established,related accept; }
+}
+table ip ssyn_nat {
+  chain postrouting { type nat hook postrouting priority 100; oifname "wan" masquerade; }
+}
+"""
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile("home", "home router: MASQUERADE, outbound and replies only, everything "
+                    "unsolicited dropped silently", _home()),
+    Profile("home-nft", "the home profile written for nftables instead of iptables",
+            nft=_NFT_HOME),
+    Profile("original", "the original README's rules exactly: nothing on INPUT, so the NAT's "
+                        "own kernel answers an unsolicited SYN with RST",
+            _FILTER_HEAD.format(input="ACCEPT") + "-A FORWARD -o wan -j ACCEPT\n"
+            "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\nCOMMIT\n"
+            + _NAT.format(masq_extra="")),
+    Profile("reject-rst", "unsolicited inbound TCP rejected with a TCP reset",
+            _reject("tcp-reset")),
+    Profile("reject-icmp-port", "unsolicited inbound TCP rejected with ICMP port-unreachable",
+            _reject("icmp-port-unreachable")),
+    Profile("reject-icmp-admin", "unsolicited inbound TCP rejected with ICMP admin-prohibited",
+            _reject("icmp-admin-prohibited")),
+    Profile("random", "a random external port for every new connection "
+                      "(MASQUERADE --random-fully)", _home(masq_extra=" --random-fully")),
+    Profile("syn-drop-all", "every inbound SYN dropped, replies to our own SYNs included",
+            _home(syn_first="-A FORWARD -i wan -p tcp --syn -j DROP\n")),
+    Profile("syn-sent-5s", "home, with conntrack's SYN_SENT timeout cut to 5 s",
+            _home(), sysctls=(("net.netfilter.nf_conntrack_tcp_timeout_syn_sent", "5"),)),
+    Profile("firewall", "no NAT: a public address behind a stateful firewall that drops "
+                        "unsolicited inbound", _home(nat=False), nat=False),
+    Profile("dmz", "home router with a DMZ host: every unsolicited inbound TCP is forwarded "
+                   "to the host (endpoint-independent filtering), hairpin NAT on", _dmz()),
+    Profile("carrier", "home router behind a carrier-grade NAT (two NATs, both as home; the "
+                       "home router's wan in 100.64.0.0/10, RFC 6598)", _home(), carrier=True),
+]}
+
+
+@dataclass(frozen=True)
+class SideAddresses:
+    host: str  # the host's own address
+    gateway_lan: str
+    gateway_wan: str
+    router: str
+    lan_prefix: int
+    public: str  # what the world sees: the NAT's wan address, or the host itself
+
+
+def side_addresses(side: str, profile: Profile) -> SideAddresses:
+    wan_net = {"a": "198.51.100", "b": "203.0.113"}[side]
+    if profile.carrier:  # gateway_wan: the home router's, inside the carrier's network
+        lan = {"a": "10.1.0", "b": "10.2.0"}[side]
+        inner = {"a": "100.64.1", "b": "100.64.2"}[side]
+        return SideAddresses(f"{lan}.2", f"{lan}.1", f"{inner}.2", f"{wan_net}.1", 24,
+                             f"{wan_net}.2")
+    if profile.nat:
+        lan = {"a": "10.1.0", "b": "10.2.0"}[side]
+        return SideAddresses(f"{lan}.2", f"{lan}.1", f"{wan_net}.2", f"{wan_net}.1", 24,
+                             f"{wan_net}.2")
+    return SideAddresses(f"{wan_net}.130", f"{wan_net}.129", f"{wan_net}.2", f"{wan_net}.1", 25,
+                         f"{wan_net}.130")

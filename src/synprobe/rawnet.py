@@ -1,0 +1,71 @@
+"""The host's raw-network helpers: which capabilities this process holds (the one
+raw-privilege check), sending whole IPv4 packets through a raw socket, and what the
+kernel knows about routes, interfaces and a TCP socket's RTT. Linux only."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+CAP_NET_ADMIN = 12  # linux/capability.h
+CAP_NET_RAW = 13
+_CAP_NAMES = {CAP_NET_RAW: "CAP_NET_RAW", CAP_NET_ADMIN: "CAP_NET_ADMIN"}
+SIOCGIFADDR = 0x8915
+TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt, microseconds (linux/tcp.h)
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def missing_capabilities(*caps: int) -> list[str]:
+    """Names of the capabilities (of CAP_NET_RAW, CAP_NET_ADMIN) this process lacks: the
+    one check before opening a packet socket, a raw socket or touching the firewall."""
+    eff = effective_capabilities()
+    return [_CAP_NAMES[c] for c in caps if not eff >> c & 1]
+
+
+def local_ip_towards(remote_ip: str) -> str:
+    """The source address the kernel picks for remote_ip (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((remote_ip, 9))
+        return str(probe.getsockname()[0])
+
+
+def interface_of(ip: str) -> str:
+    """The interface that holds ip (SIOCGIFADDR over every interface)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _index, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR,
+                                  struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == ip:
+                return name
+    raise OSError(f"no interface holds {ip}")
+
+
+def tcp_rtt_s(sock: socket.socket) -> float:
+    """The kernel's smoothed RTT of a connected TCP socket (0.0 if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0.0
+    if len(info) < TCP_INFO_RTT_OFFSET + 4:
+        return 0.0
+    return int(struct.unpack_from("I", info, TCP_INFO_RTT_OFFSET)[0]) / 1e6
+
+
+def send_ipv4(packets: list[bytes]) -> int:
+    """Send whole IPv4 packets (header included) through a raw socket. CAP_NET_RAW."""
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for pkt in packets:
+            dst = socket.inet_ntoa(pkt[16:20])
+            raw.sendto(pkt, (dst, 0))
+    return len(packets)

@@ -1,0 +1,78 @@
+"""What nat-check must find behind each lab profile, written by hand from the profile's
+rules (synprobe/lab.py), never from nat-check's own output: the lab tests
+(test_natcheck_lab.py) assert it on live runs, the classifier tests
+(test_natcheck_classify.py) on the recorded captures, and the recorder
+(natcheck_record.py) refuses to write a capture that disagrees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from synprobe import lab as labmod
+
+EI, APD = "endpoint-independent", "address-and-port-dependent"
+ABORTS = {"rst": "aborts", "icmp": "aborts", "ttl_exceeded": "aborts"}
+SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+
+# Extra nat-check options per profile (the lifetime is measured where it is short).
+EXTRA: dict[str, list[str]] = {
+    "home": ["--timers", "--max-wait", "2"],
+    "syn-sent-5s": ["--timers", "--max-wait", "8"],
+}
+
+_HOME = dict(behind_nat=True, mapping=EI, port_preservation=True, port_allocation="preserving",
+             filtering=APD, unsolicited_syn="drop", reply_syn="pass",
+             syn_sent_lifetime_s=None, hairpin=False, hops=1, host_stack=ABORTS)
+EXPECTED: dict[str, dict[str, Any]] = {
+    "home": {**_HOME, "syn_sent_lifetime_s": 2.0},
+    "home-nft": _HOME,
+    "original": {**_HOME, "unsolicited_syn": "rst"},
+    "reject-rst": {**_HOME, "unsolicited_syn": "rst"},
+    "reject-icmp-port": {**_HOME, "unsolicited_syn": "icmp-port-unreachable"},
+    "reject-icmp-admin": {**_HOME, "unsolicited_syn": "icmp-admin-prohibited"},
+    "random": {**_HOME, "mapping": APD, "port_preservation": False,
+               "port_allocation": "random", "hops": None},
+    "syn-drop-all": {**_HOME, "reply_syn": "blocked", "hops": None},
+    "syn-sent-5s": {**_HOME, "syn_sent_lifetime_s": 4.0},
+    "firewall": {**_HOME, "behind_nat": False, "mapping": "none", "hairpin": True},
+    "dmz": {**_HOME, "filtering": EI, "unsolicited_syn": "pass", "hairpin": True,
+            "hops": None},
+    "carrier": {**_HOME, "hops": 2},
+}
+VERDICT = {"home": "Punch-friendly NAT", "home-nft": "Punch-friendly NAT",
+           "original": "Punchable NAT that rejects", "reject-rst": "Punchable NAT that rejects",
+           "reject-icmp-port": "Punchable NAT that rejects",
+           "reject-icmp-admin": "Punchable NAT that rejects", "random": "Hard NAT",
+           "syn-drop-all": "Blocking NAT", "syn-sent-5s": "Punch-friendly NAT",
+           "firewall": "No NAT", "dmz": "Open NAT", "carrier": "Punch-friendly NAT"}
+# (order, ttl_limited_first_syn, ttl) of the recommendation
+ADVICE = {"original": ("first", True, 2), "reject-rst": ("first", True, 2),
+          "reject-icmp-port": ("first", True, 2), "reject-icmp-admin": ("first", True, 2),
+          "random": ("either", False, None), "syn-drop-all": ("either", False, None),
+          "dmz": ("either", False, None), "carrier": ("either", False, 3)}
+DEFAULT_ADVICE = ("either", False, 2)  # the TTL a hole-opening SYN would need: hops + 1
+
+
+def expected_path(side: str, profile: str) -> list[str | None]:
+    """The routers that answer the TTL 1, 2, 3 SYNs with time-exceeded, from the lab's
+    topology: the home gateway, the carrier's NAT (carrier only), the lab's router; None
+    where the SYN reached the broker."""
+    addr = labmod.side_addresses(side, labmod.PROFILES[profile])
+    if labmod.PROFILES[profile].carrier:
+        carrier_nat = addr.gateway_wan.rsplit(".", 1)[0] + ".1"  # the carrier's inside
+        return [addr.gateway_lan, carrier_nat, addr.router]
+    return [addr.gateway_lan, addr.router, None]
+
+
+def mismatches(profile: str, report: dict[str, Any]) -> list[str]:
+    """How a nat-check --json report differs from the expectations ([] if it does not)."""
+    out = [f"{key}: {report.get(key)!r}, expected {value!r}"
+           for key, value in EXPECTED[profile].items() if report.get(key) != value]
+    if not str(report.get("verdict", "")).startswith(VERDICT[profile]):
+        out.append(f"verdict: {report.get('verdict')!r}, expected {VERDICT[profile]}...")
+    rec = report.get("recommendation") or {}
+    advice = tuple(rec.get(k, {}).get("value") for k in ("order", "ttl_limited_first_syn",
+                                                         "ttl"))
+    if advice != ADVICE.get(profile, DEFAULT_ADVICE):
+        out.append(f"recommendation: {advice}, expected {ADVICE.get(profile, DEFAULT_ADVICE)}")
+    return out
