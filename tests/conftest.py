@@ -17,7 +17,7 @@ import pytest
 
 from synprobe import lab as labmod
 
-LAB_TOOLS = ("ip", "ss", "sysctl", "iptables-restore", "nft", "tcpdump", "tshark")
+LAB_TOOLS = ("ip", "ss", "sysctl", "iptables-restore", "nft", "tcpdump", "tshark", "ethtool")
 REQUIRE_LAB_ENV = "SYNPROBE_REQUIRE_LAB"
 _counter = itertools.count()
 
