@@ -207,7 +207,7 @@ class Broker:
         except Exception as exc:  # keep serving everyone else whatever one client did
             self.log(f"connection {public}: internal error {exc!r}")
         finally:
-            self.sessions.disconnect(conn)
+            self._carry_out(self.sessions.disconnect(conn))
             self._writers.pop(conn, None)
             left = self._per_ip.get(public.ip, 1) - 1
             if left > 0:
@@ -233,12 +233,16 @@ class Broker:
                     if service is not None:
                         await service(self, conn, public, msg)
                         continue
+                    if msg.verb == "PRIMED" and self.sessions.priming(conn):
+                        self._carry_out(self.sessions.step(conn, msg.verb))
+                        continue
                     if msg.verb != "REGISTER":
                         raise ProtocolError(f"unexpected {msg.verb} from a client")
                     session = msg.require("session")
                     local = msg.endpoint("local") if msg.get("local") else None
+                    offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
                     replies = self.sessions.register(conn, session, public, local,
-                                                     time.monotonic())
+                                                     time.monotonic(), offered)
                     self._log_replies(public, session, replies)
                     self._carry_out(replies)
             except ProtocolError as exc:

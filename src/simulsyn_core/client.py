@@ -17,6 +17,7 @@ from .exitcodes import ExitStatus, ToolError
 from .sockets import bound_socket, connect_nonblocking, describe_errno, recv_until_eof
 from .wire import (
     LineDecoder,
+    Message,
     ProtocolError,
     decode_seed_list,
     encode_message,
@@ -39,6 +40,69 @@ class Rendezvous:
     role: str | None = None  # "first" (registered first) or "second"
     known_at: float = 0.0  # time.monotonic() when the peer became known
     known_wall: float = 0.0  # time.time() of the same moment
+    strategy: str | None = None  # what the broker chose for the pair ("prime"), if any
+    control: Control | None = None  # the broker connection, kept for the ordering exchange
+
+
+class Control:
+    """The broker connection a primed pair keeps after PEER: send PRIMED and SENT, wait
+    for GO (each bounded by a deadline)."""
+
+    def __init__(self, sock: socket.socket, broker: Endpoint, decoder: LineDecoder) -> None:
+        self.sock = sock
+        self.broker = broker
+        self.decoder = decoder
+
+    def send(self, verb: str) -> None:
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(encode_message(verb))
+        except OSError as exc:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"broker {self.broker}: {exc.strerror or exc}") from None
+        finally:
+            self.sock.setblocking(False)
+
+    def wait(self, verb: str, deadline: float) -> None:
+        """Wait for ``verb``; an ERROR, a close or the deadline raises ToolError."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ToolError(ExitStatus.PUNCH_FAILED,
+                                    f"the broker's {verb} did not come in time")
+                if not sel.select(min(remaining, 1.0)):
+                    continue
+                try:
+                    chunk = self.sock.recv(4096)
+                except OSError as exc:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {self.broker}: {exc.strerror or exc}") from None
+                if not chunk:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {self.broker} closed before {verb}")
+                try:
+                    for msg in self.decoder.feed(chunk):
+                        if msg.verb == verb:
+                            return
+                        if msg.verb == "ERROR":
+                            raise ToolError(ExitStatus.PUNCH_FAILED, _refusal(msg))
+                        raise ProtocolError(f"unexpected {msg.verb}")
+                except ProtocolError as exc:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {self.broker}: protocol error: {exc}") from None
+
+    def close(self, deadline: float) -> None:
+        """The broker closes first after the exchange (TIME_WAIT on its side)."""
+        _finish(self.sock, deadline)
+        self.sock.close()
+
+
+def _refusal(msg: Message) -> str:
+    code = msg.get("code") or "error"
+    text = (msg.get("message") or "").replace("_", " ")
+    return f"broker refused: {code}: {text}"
 
 
 def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socket.socket:
@@ -57,14 +121,20 @@ def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socke
 
 
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
-               event: Event) -> Rendezvous:
-    """Register under ``session`` and wait (until ``deadline``) for the broker's PEER."""
+               event: Event, strategies: tuple[str, ...] = ()) -> Rendezvous:
+    """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
+
+    ``strategies`` are offered to the broker (``strategies=`` of REGISTER); when it
+    answers PEER with one of them, the connection stays open as ``Rendezvous.control``
+    and the caller closes it."""
     sock = _connect_broker(broker, local_port, deadline)
+    keep = False
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
         sock.setblocking(True)
         try:
-            sock.sendall(encode_message("REGISTER", session=session, local=local))
+            sock.sendall(encode_message("REGISTER", session=session, local=local,
+                                        strategies=",".join(strategies) or None))
         except OSError as exc:
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                             f"broker {broker}: {exc.strerror or exc}") from None
@@ -108,23 +178,28 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                             now, wall = time.monotonic(), time.time()
                             peer_local = msg.endpoint("peer_local") if msg.get(
                                 "peer_local") else None
+                            strategy = msg.get("strategy")
+                            if strategy is not None and strategy in strategies:
+                                keep = True
+                                return Rendezvous(msg.endpoint("public"), msg.endpoint("peer"),
+                                                  peer_local, msg.get("role"), now, wall,
+                                                  strategy, Control(sock, broker, decoder))
                             result = Rendezvous(msg.endpoint("public"), msg.endpoint("peer"),
                                                 peer_local, msg.get("role"), now, wall)
                             _finish(sock, deadline)
                             return result
                         elif msg.verb == "ERROR":
-                            code = msg.get("code") or "error"
-                            text = (msg.get("message") or "").replace("_", " ")
-                            status = (ExitStatus.NO_PEER if code == "timeout"
+                            status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
                                       else ExitStatus.BROKER_UNREACHABLE)
-                            raise ToolError(status, f"broker refused: {code}: {text}")
+                            raise ToolError(status, _refusal(msg))
                         else:
                             raise ProtocolError(f"unexpected {msg.verb}")
                 except ProtocolError as exc:
                     raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                                     f"broker {broker}: protocol error: {exc}") from None
     finally:
-        sock.close()
+        if not keep:
+            sock.close()
 
 
 def _finish(sock: socket.socket, deadline: float) -> None:

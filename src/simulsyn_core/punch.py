@@ -33,13 +33,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
-from .sockets import ERRNO_MEANING, bound_socket, connect_nonblocking, errno_name
+from .sockets import (
+    ERRNO_MEANING,
+    bound_socket,
+    connect_nonblocking,
+    errno_name,
+    wait_connected,
+)
 
 DEFAULT_RETRIES = 50  # as the original example
 RETRY_INTERVAL_S = 0.01  # pause after an attempt that was refused at once (RST/ICMP)
 RETRY_JITTER = 0.5  # each pause is the interval times a factor in [1 - j, 1 + j]
 ATTEMPT_TIMEOUT_S = 10.0  # one connect() waits this long while the kernel resends the SYN
 PUNCH_TIMEOUT_S = 30.0  # the whole run, waiting for the peer included
+STRATEGIES = ("auto", "plain", "prime")  # --strategy (session.py runs them)
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,14 @@ CONFIRM_TIMEOUT_S = 3.0  # one lost HELLO is resent by TCP after its 1 s initial
 
 
 def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: float,
-          known_at: float, event: Callable[[str], None], confirm: Confirm | None = None
-          ) -> PunchResult:
+          known_at: float, event: Callable[[str], None], confirm: Confirm | None = None,
+          pending: socket.socket | None = None) -> PunchResult:
     """Run ``schedule`` against ``peer`` until connected, given up, or ``deadline``.
 
     With ``confirm``, a connection counts only once data has passed both ways; one that
     does not confirm is aborted and the schedule goes on ("unconfirmed").
+    ``pending``: a socket whose connect() is already under way (the prime strategy's
+    primed socket); the first attempt waits for it instead of starting one.
     """
     local: Endpoint | None = None
     while True:
@@ -155,15 +164,19 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             continue
         number = len(schedule.attempts) + 1
         started = time.monotonic()
-        try:
-            sock = bound_socket(local_port)
-        except OSError as exc:
-            # The port can be taken by another program between attempts: report, go on.
-            outcome = errno_name(exc.errno or 0)
-            schedule.record(Attempt(number, started - known_at, 0.0, outcome))
-            event(f"attempt {number}: bind to port {local_port} failed: {exc.strerror}")
-            continue
-        code = connect_nonblocking(sock, peer, step.timeout_s)
+        if pending is not None:
+            sock, pending = pending, None
+            code = wait_connected(sock, step.timeout_s)
+        else:
+            try:
+                sock = bound_socket(local_port)
+            except OSError as exc:
+                # The port can be taken by another program between attempts: go on.
+                outcome = errno_name(exc.errno or 0)
+                schedule.record(Attempt(number, started - known_at, 0.0, outcome))
+                event(f"attempt {number}: bind to port {local_port} failed: {exc.strerror}")
+                continue
+            code = connect_nonblocking(sock, peer, step.timeout_s)
         if code == 0:
             code = _reset_at_once(sock)
         ended = time.monotonic()

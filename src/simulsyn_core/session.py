@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -9,9 +10,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from .chat import chat, close_cleanly, confirm_path, hello_exchange
-from .client import Rendezvous, rendezvous, seed_rendezvous
+from .client import Control, Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
+from .prime import (
+    DEFAULT_TTL,
+    ICMP_TIME_EXCEEDED,
+    HopAnswer,
+    choose_ttl,
+    measure_hops,
+    prime,
+    settle_time,
+)
 from .punch import (
     ATTEMPT_TIMEOUT_S,
     DEFAULT_RETRIES,
@@ -21,6 +31,9 @@ from .punch import (
     punch,
 )
 from .sockets import bound_socket
+
+PRIME_EXCHANGE_S = 5.0  # the ordering exchange at the broker, at most (then: plain)
+CONTROL_CLOSE_S = 1.0  # for the broker to close the kept connection first
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,8 @@ class PunchConfig:
     timeout_s: float = PUNCH_TIMEOUT_S
     retry_interval_s: float = RETRY_INTERVAL_S
     attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
+    strategy: str = "auto"  # one of STRATEGIES
+    ttl: int | None = None  # the priming TTL; None: measured towards the peer
 
     @property
     def mode(self) -> str:
@@ -63,6 +78,10 @@ class PunchReport:
     peer_known_at: float | None = None  # Unix time the peer's endpoint became known
     established_at: float | None = None  # Unix time the connection came up
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
+    strategy: str | None = None  # what ran: "plain" or "prime"
+    ttl: int | None = None  # prime: the TTL of the priming SYN
+    ttl_source: str | None = None  # prime: "--ttl", "measured" or "default"
+    phases: list[dict[str, Any]] = field(default_factory=list)  # prime: steps and times
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +151,27 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     # Both sides of a broker session are synprobe: prove the path before calling it up.
     # The original's peers (seed-broker, direct) would not answer the check.
     confirm = confirm_path if cfg.mode == "broker" else None
-    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm)
+    report.strategy = "plain"
+    pending = None
+    control = rdv.control
+    try:
+        if control is not None:
+            report.strategy = "prime"
+            try:
+                pending = _prime(cfg, rdv, control, port, deadline, event, report)
+            except ToolError as exc:
+                if exc.status != ExitStatus.PUNCH_FAILED:
+                    raise
+                event(f"prime: {exc.message}; going on with the plain punch")
+                report.strategy = "plain"
+        elif cfg.strategy == "prime":
+            event("prime: the broker did not offer it (an older broker, or the peer did not "
+                  "ask for it); punching plain")
+        result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm,
+                       pending)
+    finally:
+        if control is not None:
+            control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
     report.attempts = len(result.attempts)
     report.attempt_log = [
         {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
@@ -155,12 +194,66 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
         return chat(sock, stdin_fd, out, event, initial=result.leftover)
 
 
+def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadline: float,
+           event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
+    """Open our NAT's hole with a TTL-limited SYN whose socket stays in SYN-SENT, tell the
+    broker, wait for GO (prime.py says why). Returns the socket the punch's first
+    attempt waits on (the second's primed one), or None for a fresh connect() (the
+    first). Raises ToolError(PUNCH_FAILED) when the exchange cannot finish."""
+
+    def phase(name: str, **more: Any) -> None:
+        report.phases.append({"phase": name, "t_s": round(time.monotonic() - rdv.known_at, 6),
+                              **more})
+
+    answers: list[HopAnswer] = []
+    if cfg.ttl is not None:
+        ttl, report.ttl_source = cfg.ttl, "--ttl"
+    else:
+        answers = measure_hops(rdv.peer.ip)
+        found, why = choose_ttl(answers, rdv.peer.ip)
+        path = ", ".join(f"{a.ttl}:{a.offender}" for a in answers
+                         if a.icmp_type == ICMP_TIME_EXCEEDED) or "none"
+        phase("measure", time_exceeded_from=path)
+        if found is None:
+            ttl, report.ttl_source = DEFAULT_TTL, "default"
+            event(f"prime: {why} (time-exceeded from: {path}); trying TTL {ttl}")
+        else:
+            ttl, report.ttl_source = found, "measured"
+            event(f"prime: TTL {ttl}: {why} (time-exceeded from: {path})")
+    report.ttl = ttl
+    try:
+        primed = prime(port, rdv.peer, ttl, settle_time(answers, ttl))
+    except OSError as exc:
+        raise ToolError(ExitStatus.PUNCH_FAILED,
+                        f"priming failed: {exc.strerror or exc}") from None
+    event(primed.describe())
+    try:
+        if not primed.alive:
+            raise ToolError(ExitStatus.PUNCH_FAILED, "the primed socket did not stay open")
+        phase("primed", ttl=ttl)
+        control.send("PRIMED")
+        control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
+        phase("go")
+    except BaseException:
+        primed.sock.close()
+        raise
+    if rdv.role == "first" and primed.alive:
+        # Our full SYN now: a fresh connect() (a new, later ISN re-opens our NAT's entry,
+        # still in SYN_SENT: nothing full came from the peer yet).
+        event("prime: GO: both holes are open; we connect first")
+        primed.sock.close()  # in SYN-SENT a close sends nothing
+        return None
+    event("prime: GO: both holes are open; waiting for the peer's SYN on the primed socket")
+    return primed.sock
+
+
 def _learn_peer(cfg: PunchConfig, port: int, deadline: float,
                 event: Callable[[str], None]) -> Rendezvous:
     if cfg.broker is not None:
         assert cfg.session is not None
         event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
-        return rendezvous(cfg.broker, cfg.session, port, deadline, event)
+        offer = ("prime",) if cfg.strategy in ("auto", "prime") else ()
+        return rendezvous(cfg.broker, cfg.session, port, deadline, event, offer)
     if cfg.seed_broker is not None:
         event(f"polling list broker {cfg.seed_broker} for another endpoint")
         return seed_rendezvous(cfg.seed_broker, port, deadline, event)

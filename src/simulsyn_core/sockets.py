@@ -55,6 +55,11 @@ def connect_nonblocking(sock: socket.socket, remote: Endpoint, timeout_s: float)
         return 0
     if code != errno.EINPROGRESS:
         return code
+    return wait_connected(sock, timeout_s)
+
+
+def wait_connected(sock: socket.socket, timeout_s: float) -> int:
+    """Wait (bounded) for a non-blocking connect() under way. Returns 0 or an errno."""
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_WRITE)
         if not sel.select(max(0.0, timeout_s)):

@@ -17,6 +17,7 @@ from simulsyn_core.punch import (
     DEFAULT_RETRIES,
     PUNCH_TIMEOUT_S,
     RETRY_INTERVAL_S,
+    STRATEGIES,
 )
 from simulsyn_core.wire import DEFAULT_BROKER_PORT
 
@@ -157,6 +158,14 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
 @click.option("--attempt-timeout", "attempt_timeout_s", type=click.FloatRange(0.05, 3600),
               default=ATTEMPT_TIMEOUT_S, show_default=True,
               help="Seconds one connect() may wait while the kernel resends the SYN.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
+              help="prime: open our NAT's hole with a TTL-limited SYN first and connect in "
+                   "the order the broker sets (needs a synprobe broker and peer that offer "
+                   "it); plain: connect() with retries, as the original; auto: prime when "
+                   "the broker offers it, else plain.")
+@click.option("--ttl", type=click.IntRange(1, 64), default=None,
+              help="TTL of the priming SYN: it must cross our NAT(s) and die before the "
+                   "peer's [default: measured towards the peer with UDP probes].")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
               help="Exit 0 once connected and both sides exchanged one framed hello.")
@@ -169,8 +178,8 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
                    "without it the capture is skipped with a note.")
 def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
-          retry_interval_s: float, attempt_timeout_s: float, verbose: bool, no_chat: bool,
-          as_json: bool, pcap_path: str | None) -> None:
+          retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,
+          verbose: bool, no_chat: bool, as_json: bool, pcap_path: str | None) -> None:
     """Connect to a peer by TCP simultaneous open, then chat.
 
     \b
@@ -183,7 +192,7 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     \b
     Needs no privileges. JSON keys: established, mode, session, local, public, peer,
     peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
-    established_at, attempt_log.
+    established_at, attempt_log, strategy, ttl, ttl_source, phases.
     """
     from simulsyn_core.session import PunchConfig, PunchReport, run_punch
 
@@ -205,7 +214,8 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     reporter = Reporter(verbose)
     cfg = PunchConfig(local_port=local_port, broker=broker_ep, session=session,
                       seed_broker=seed_ep, peer=peer_ep, retries=retries, timeout_s=timeout_s,
-                      retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s)
+                      retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s,
+                      strategy=strategy, ttl=ttl)
 
     def on_report(report: PunchReport) -> None:
         if as_json:

@@ -1,0 +1,233 @@
+"""The prime strategy: open our own NAT's hole with a SYN that dies before the peer's NAT,
+keep that socket, and let exactly one full SYN cross once both holes are open.
+
+Why (seen in the lab's captures and conntrack): with the plain punch, each side's early
+SYN reaches the other NAT before that NAT's host has sent its own SYN. A NAT that answers
+an unsolicited SYN with RST (or ICMP) sends it back through our NAT, which destroys (or
+wedges) the conntrack entry our SYN had just made, a moment before the peer's SYN comes.
+Both sides keep closing each other's holes; only a retry that lands in a ~1 RTT window
+wins. Priming removes the cause instead of retrying:
+
+1. each side connect()s to the peer with ``IP_TTL`` small enough that the SYN crosses its
+   own NAT(s) (which record the 4-tuple and its mapping) and dies at a router before the
+   peer's first middlebox; no privilege is needed;
+2. the ICMP time-exceeded that SYN draws would end the socket (Linux tcp_v4_err: any ICMP
+   error is fatal in SYN-SENT), so the socket has ``IP_MINTTL`` 255 meanwhile: tcp_v4_err
+   drops ICMP below the socket's minimum TTL (RFC 5082's check). Then IP_MINTTL goes back
+   to 0 and the TTL to 64: the socket waits in SYN-SENT with the very sequence number our
+   NAT recorded;
+3. both tell the broker PRIMED; once both did, both get GO, and the first sends its full
+   SYN from a fresh socket (a later ISN re-opens its own NAT's entry, still in SYN_SENT).
+   That SYN finds an open hole at the peer's NAT and a socket in SYN-SENT behind it whose
+   sequence numbers the NAT knows: a simultaneous open, never an RST or an ICMP. The
+   second never sends a full SYN before the first's arrived (only its kernel's
+   retransmission after 1 s, which meets an open hole and a SYN-SENT socket too).
+
+The TTL comes from ``--ttl``, else from a tracepath-like measure towards the peer: UDP
+datagrams with TTL 1..16 and ``IP_RECVERR``; ``choose_ttl`` says how it is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from .endpoint import Endpoint
+from .sockets import bound_socket, tcp_state
+
+PROBE_MAX_TTL = 16  # UDP probes with TTL 1..16 towards the peer
+PROBE_WAIT_S = 0.5  # how long the probes' ICMP answers are collected at most
+QUIET_MIN_S = 0.003  # after the last answer, wait for more at least this long ...
+QUIET_FACTOR = 3.0  # ... or this many times the slowest answer so far
+PROBE_PORT = 33434  # traceroute's base port: an unused UDP port, so a host answers at most
+IP_MINTTL = 21  # linux/in.h: drop what arrives with a lower TTL (RFC 5082), ICMP included
+FULL_TTL = 64  # Linux's default
+TCP_SYN_SENT = 2  # include/net/tcp_states.h
+SETTLE_MIN_S = 0.003  # the primed SYN's ICMP is waited for at least this long ...
+SETTLE_FACTOR = 3.0  # ... or this many times the measured time to that router
+SETTLE_MAX_S = 0.5
+DEFAULT_TTL = 2  # a home NAT and one router: used when no hop answered the measure
+IP_RECVERR = 11  # linux/in.h (the socket module does not name it)
+SO_EE_ORIGIN_ICMP = 2
+ICMP_TIME_EXCEEDED = 11
+ICMP_DEST_UNREACH = 3
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err (linux/errqueue.h)
+
+
+@dataclass(frozen=True)
+class HopAnswer:
+    """One ICMP error from the error queue: which probe TTL, who sent it, what it was."""
+
+    ttl: int
+    offender: str
+    icmp_type: int
+    icmp_code: int
+    rtt_s: float = 0.0  # from the probe's send to its answer
+
+
+# Where a NAT's own hops answer from: its inside addresses (RFC 1918, RFC 6598 shared
+# space for carrier NATs, link-local).
+_INSIDE = [ipaddress.ip_network(n) for n in
+           ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")]
+
+
+def _inside(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in net for net in _INSIDE)
+
+
+def choose_ttl(answers: list[HopAnswer], peer_ip: str) -> tuple[int | None, str]:
+    """The priming TTL from the measure's answers (pure), or None with the reason.
+
+    The SYN must leave our last middlebox (conntrack keeps only what it forwards) and die
+    before the peer's first. Our NATs answer from inside addresses; the first hop that
+    does not is past them. A host with a public address may still sit behind a stateful
+    firewall at hop 1: so never less than 2. Counting from our side matters: a TTL one
+    short of the peer's address can die *at* the peer's firewall, after its conntrack
+    took the SYN as a reply to its own host's, which wedges the entry (SYN_SENT2 with
+    sequence numbers no socket uses)."""
+    exceeded = sorted((a for a in answers
+                       if a.icmp_type == ICMP_TIME_EXCEEDED and a.offender != peer_ip),
+                      key=lambda a: a.ttl)
+    if not exceeded:
+        return None, "no router answered a TTL-limited probe towards the peer"
+    inside = 0
+    for expected, answer in enumerate(exceeded, start=1):
+        if answer.ttl != expected or not _inside(answer.offender):
+            break
+        inside = expected
+    ttl = max(inside + 1, 2)
+    farthest = exceeded[-1].ttl  # the last hop short of the peer's address
+    if ttl > farthest:
+        return None, (f"no router between our NAT(s) and the peer to let the SYN die at "
+                      f"(the peer's address is {farthest + 1} hop(s) away)")
+    return ttl, (f"{inside} NAT hop(s) with inside addresses, the peer's address "
+                 f"{farthest + 1} hop(s) away")
+
+
+def _read_error_queue(sock: socket.socket) -> list[tuple[bytes, HopAnswer | None]]:
+    """Every (payload, answer) waiting on sock's error queue (IP_RECVERR)."""
+    out: list[tuple[bytes, HopAnswer | None]] = []
+    for _ in range(64):
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(512, socket.CMSG_SPACE(512),
+                                                          socket.MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        answer = None
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_RECVERR \
+                    and len(value) >= _EXTENDED_ERR.size + 8:
+                _errno, origin, icmp_type, code, _pad, _info, _data = \
+                    _EXTENDED_ERR.unpack_from(value)
+                if origin == SO_EE_ORIGIN_ICMP:
+                    # SO_EE_OFFENDER: a struct sockaddr_in right after the error.
+                    offender = socket.inet_ntoa(value[_EXTENDED_ERR.size + 4:
+                                                      _EXTENDED_ERR.size + 8])
+                    answer = HopAnswer(0, offender, icmp_type, code)
+        out.append((data, answer))
+    return out
+
+
+def measure_hops(peer_ip: str, wait_s: float = PROBE_WAIT_S) -> list[HopAnswer]:
+    """Send one UDP datagram with each TTL 1..PROBE_MAX_TTL towards peer_ip, each from a
+    socket of its own (a queued error would fail the next send on a shared one), and
+    collect the ICMP errors (IP_RECVERR) for up to ``wait_s``, or until no more came for
+    a while after the last (a NAT that drops unsolicited UDP answers nothing). No
+    privilege needed."""
+    probes: dict[int, socket.socket] = {}
+    answers: dict[int, HopAnswer] = {}
+    started = time.monotonic()
+    try:
+        for ttl in range(1, PROBE_MAX_TTL + 1):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probes[probe.fileno()] = probe
+            probe.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            probe.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            probe.setblocking(False)
+            with contextlib.suppress(OSError):
+                probe.sendto(bytes([ttl]), (peer_ip, PROBE_PORT))
+        end = started + wait_s
+        quiet_end = end
+        while time.monotonic() < min(end, quiet_end) and len(answers) < len(probes):
+            # A queued error makes a socket readable (POLLERR).
+            waiting = [p for p in probes.values() if p.getsockopt(
+                socket.IPPROTO_IP, socket.IP_TTL) not in answers]
+            ready = select.select(waiting, [], [],
+                                  max(0.0, min(end, quiet_end) - time.monotonic()))[0]
+            for probe in ready:
+                ttl = probe.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+                for _payload, answer in _read_error_queue(probe):
+                    if answer is not None:
+                        now = time.monotonic()
+                        answers[ttl] = HopAnswer(ttl, answer.offender, answer.icmp_type,
+                                                 answer.icmp_code, now - started)
+                        slowest = max(a.rtt_s for a in answers.values())
+                        quiet_end = now + max(QUIET_MIN_S, QUIET_FACTOR * slowest)
+                with contextlib.suppress(OSError):
+                    probe.recv(16)  # a datagram answer (none expected): clear POLLIN
+            if any(a.offender == peer_ip for a in answers.values()):
+                break  # the peer's address answered itself: nothing further to learn
+    finally:
+        for probe in probes.values():
+            probe.close()
+    return [answers[t] for t in sorted(answers)]
+
+
+@dataclass
+class Primed:
+    """The primed socket: in SYN-SENT towards the peer, its SYN dead on the way, its
+    ICMP ignored; now with a full TTL, ready for the peer's SYN (a simultaneous open
+    whose sequence numbers match what our NAT recorded)."""
+
+    sock: socket.socket
+    ttl: int
+    settle_s: float
+
+    @property
+    def alive(self) -> bool:
+        return tcp_state(self.sock) == TCP_SYN_SENT
+
+    def describe(self) -> str:
+        state = "still in SYN-SENT" if self.alive else "ended (its ICMP came too late?)"
+        return (f"primed with TTL {self.ttl}: the SYN opened our NAT's hole and died on the "
+                f"way; the socket is {state}")
+
+
+def prime(local_port: int, peer: Endpoint, ttl: int, settle_s: float) -> Primed:
+    """Send one SYN to ``peer`` from our port with IP_TTL=ttl and IP_MINTTL=255 (so that
+    the ICMP time-exceeded it draws is dropped instead of ending the socket: tcp_v4_err
+    drops ICMP quoting a TTL below the socket's minimum, RFC 5082's check); after
+    ``settle_s`` (the time that ICMP takes) lower IP_MINTTL and give the socket a full
+    TTL again, so that the peer's SYN and our retransmissions pass."""
+    sock = bound_socket(local_port)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 255)
+        sock.setblocking(False)
+        code = sock.connect_ex(peer.sockaddr)
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, os.strerror(code))
+        time.sleep(settle_s)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 0)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+    except BaseException:
+        sock.close()
+        raise
+    return Primed(sock, ttl, settle_s)
+
+
+def settle_time(answers: list[HopAnswer], ttl: int) -> float:
+    """How long the ICMP of a SYN that dies at TTL ``ttl`` takes to come back, with a
+    margin: from the measure's answer at that TTL, else the slowest answer."""
+    at = [a.rtt_s for a in answers if a.ttl == ttl] or [a.rtt_s for a in answers]
+    return min(SETTLE_MAX_S, max(SETTLE_MIN_S, SETTLE_FACTOR * max(at, default=0.0)))
