@@ -114,13 +114,15 @@ def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., labmod.Lab]]:
-    """make_lab(profile_a, profile_b) -> a Lab that is up; taken down after the test, and
+    """make_lab(profile_a, profile_b[, links]) -> a Lab that is up; taken down after the test, and
     the test fails if anything of it (namespace or process) is left."""
     require_lab()
     labs: list[labmod.Lab] = []
 
-    def factory(profile_a: str = "home", profile_b: str = "home") -> labmod.Lab:
-        lab = labmod.Lab(profile_a, profile_b, lab_id=f"t{os.getpid() % 100000}x{next(_counter)}")
+    def factory(profile_a: str = "home", profile_b: str = "home",
+                links: labmod.LinkDelays | None = None) -> labmod.Lab:
+        lab = labmod.Lab(profile_a, profile_b, lab_id=f"t{os.getpid() % 100000}x{next(_counter)}",
+                         links=links or labmod.LinkDelays())
         labs.append(lab)
         lab.up()
         return lab
