@@ -88,8 +88,10 @@ GATE_TIMEOUT_S = 30.0
 
 def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
-               timeout_s: float = 30.0, broker: str | None = None) -> tuple[PeerRun, PeerRun]:
+               timeout_s: float = 30.0, broker: str | None = None,
+               side_args: dict[str, Sequence[str]] | None = None) -> tuple[PeerRun, PeerRun]:
     """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
+    ``args`` go to both, ``side_args["a"]``/``["b"]`` to one side only.
 
     Both are started and their imports done before either runs; then ``first`` runs
     ``stagger_s`` before the other, so the order of start is known.
@@ -105,7 +107,8 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
             ready_r, ready_w = os.pipe()
             procs[side] = lab.popen("h" + side, [
                 sys.executable, "-c", _GATED, str(go_r), str(ready_w), "punch", "--broker",
-                target, "--session", session, "--json", "--timeout", str(timeout_s), *args],
+                target, "--session", session, "--json", "--timeout", str(timeout_s), *args,
+                *(side_args or {}).get(side, ())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 pass_fds=(go_r, ready_w))
             os.close(go_r)

@@ -1,0 +1,124 @@
+"""Run the lab's punch matrix (every ordered pair of profiles, both orders of start) several
+times under one link-delay setting, and print the counts: the figures of the adaptive-punch
+issue and of the README's "Which pairs connect". Needs root; takes minutes.
+
+    sudo .venv/bin/python scripts/lab_matrix.py --setting a --runs 5 [--strategy auto]
+        [--workers 4] [--json out.json] [--markdown]
+
+Settings (one-way delay on each link to the router):
+  a  no added delay
+  b  the broker 50 ms +- 10 ms away, both peers 0.5 ms from the router
+  c  asymmetric: A's side 5 ms, B's side 80 ms, the broker 20 ms
+
+Each run's outcome is judged as tests/test_lab_punch.py judges it (its ``expectation``):
+"connect" pairs must connect with a chat line each way, "fail" pairs must end with exit 5.
+Exits 1 if any run missed its expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from synprobe import lab as labmod  # noqa: E402
+from test_lab_punch import TIMEOUT_S, expectation  # noqa: E402
+
+SETTINGS = {
+    "a": ("no added delay", labmod.LinkDelays()),
+    "b": ("broker 50 +- 10 ms, peers 0.5 ms from the router",
+          labmod.LinkDelays(a=0.0005, b=0.0005, broker=0.05, jitter_s=0.01)),
+    "c": ("A's side 5 ms, B's side 80 ms, broker 20 ms",
+          labmod.LinkDelays(a=0.005, b=0.08, broker=0.02)),
+}
+PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
+         for first in ("a", "b")]
+
+
+def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: int
+        ) -> dict[str, object]:
+    kind, _ = expectation(a, b)
+    lab_id = f"mx{os.getpid() % 10000}x{n}"
+    with labmod.Lab(a, b, lab_id=lab_id, links=links) as lab:
+        labmod.start_broker(lab)
+        msgs = (f"from A behind {a}\n", f"from B behind {b}\n")
+        run_a, run_b = labmod.punch_pair(lab, "m", messages=msgs, first=first,
+                                         timeout_s=TIMEOUT_S + 2 * links.broker,
+                                         args=["--strategy", strategy])
+    connected = (run_a.returncode == 0 and run_b.returncode == 0
+                 and run_a.chat_lines == [msgs[1].strip()]
+                 and run_b.chat_lines == [msgs[0].strip()])
+    failed_cleanly = (run_a.returncode, run_b.returncode) == (5, 5)
+    outcome = "connect" if connected else ("fail" if failed_cleanly else "other")
+    ra = run_a.report or {}
+    return {"a": a, "b": b, "first": first, "expected": kind, "outcome": outcome,
+            "rc": [run_a.returncode, run_b.returncode], "strategy": ra.get("strategy"),
+            "elapsed_s": ra.get("elapsed_s"),
+            "attempts": [ra.get("attempts"), (run_b.report or {}).get("attempts")]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="a")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--json", help="write every run's result here")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README's table of outcomes")
+    args = parser.parse_args()
+    what, links = SETTINGS[args.setting]
+    jobs = [(a, b, f) for _ in range(args.runs) for a, b, f in PAIRS]
+    counter = itertools.count()
+    start = time.monotonic()
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = list(pool.map(
+            lambda job: one(*job, links, args.strategy, next(counter)), jobs))
+    took = time.monotonic() - start
+    tally = collections.Counter((r["expected"], r["outcome"]) for r in results)
+    misses = [r for r in results if r["outcome"] != r["expected"]]
+    print(f"setting {args.setting} ({what}), strategy {args.strategy}: {len(results)} runs "
+          f"({args.runs} x {len(PAIRS)}) in {took:.0f} s")
+    for (expected, outcome), count in sorted(tally.items()):
+        print(f"  expected {expected:7s} got {outcome:7s} {count}")
+    per_run = collections.Counter(i // len(PAIRS) for i, r in enumerate(results)
+                                  if r["outcome"] != r["expected"])
+    print(f"  misses per run of the matrix: {[per_run.get(i, 0) for i in range(args.runs)]}")
+    for r in misses:
+        print(f"  MISS {r['a']} x {r['b']} ({r['first']} first): expected {r['expected']}, "
+              f"got {r['outcome']} rc={r['rc']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": args.setting, "strategy":
+                                               args.strategy, "runs": results}, indent=1))
+    if args.markdown:
+        print_markdown(results)
+    return 1 if misses else 0
+
+
+def print_markdown(results: list[dict[str, object]]) -> None:
+    """Rows: A's profile; columns: B's; a cell: connected runs / runs (both orders)."""
+    names = list(labmod.PROFILES)
+    cells: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    for r in results:
+        cell = cells[(str(r["a"]), str(r["b"]))]
+        cell[0] += r["outcome"] == "connect"
+        cell[1] += 1
+    print("| A \\ B | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for a in names:
+        row = [f"{cells[(a, b)][0]}/{cells[(a, b)][1]}" for b in names]
+        print(f"| {a} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
