@@ -185,9 +185,14 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     \b
     Binds one local port (SO_REUSEADDR on every socket), learns its public endpoint
     and the peer's from the broker, and calls connect() towards the peer until the two
-    SYNs meet. Then stdin lines go to the peer and the peer's lines come to stdout,
-    framed as the original example (1 length byte + UTF-8; longer lines split). At the
-    end of stdin it stops sending and prints until the peer closes.
+    SYNs meet. With a synprobe broker both sides first prime (--strategy): each opens
+    its own NAT's hole with a SYN that dies on the way, and only then does one full SYN
+    cross, so that no NAT answers an early SYN with RST or ICMP.
+
+    \b
+    Then stdin lines go to the peer and the peer's lines come to stdout, framed as the
+    original example (1 length byte + UTF-8; longer lines split). At the end of stdin
+    it stops sending and prints until the peer closes.
 
     \b
     Needs no privileges. JSON keys: established, mode, session, local, public, peer,
