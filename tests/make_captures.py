@@ -317,18 +317,20 @@ def record_in_new_lab(scenario: Scenario, out_dir: Path, lab_id: str) -> Recordi
         return record(lab, scenario, out_dir)
 
 
-def record_punch(lab: labmod.Lab, out_dir: Path, session: str = "ref") -> dict[str, Path]:
+def record_punch(lab: labmod.Lab, out_dir: Path, session: str = "ref", name: str = "punch",
+                 strategy: str = "plain") -> dict[str, Path]:
     """`synprobe punch --pcap` on both hosts (A registers first) through a lab that is up;
     -> side: the pcapng it wrote."""
     from concurrent.futures import ThreadPoolExecutor
 
     labmod.start_broker(lab)
-    files = {side: out_dir / f"punch.{side}.pcapng" for side in ("a", "b")}
+    files = {side: out_dir / f"{name}.{side}.pcapng" for side in ("a", "b")}
     procs = {}
     for side in ("a", "b"):
         procs[side] = lab.popen("h" + side, [
             *labmod.SYNPROBE, "punch", "--broker", f"{labmod.BROKER_IPS[0]}:8086",
-            "--session", session, "--timeout", "15", "--pcap", str(files[side])],
+            "--session", session, "--timeout", "15", "--pcap", str(files[side]),
+            "--strategy", strategy],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # not into the user's own state: `synprobe report` would bundle these
             env={**os.environ, "SYNPROBE_STATE_DIR": str(out_dir / "state")})
@@ -345,6 +347,18 @@ def record_punch(lab: labmod.Lab, out_dir: Path, session: str = "ref") -> dict[s
     return files
 
 
+def record_primed(out: Path, work: Path) -> None:
+    """A primed punch (the default strategy) between `home` (A) and `original` (B), with
+    `punch --pcap` on both hosts and tcpdump on A's NAT's public side."""
+    lab = labmod.Lab("home", "original", lab_id=f"cap{os.getpid() % 10000}")
+    with sigterm_as_interrupt(), lab, tcpdump(lab, "ga-wan", work / "primed.nat-a.pcap"):
+        files = record_punch(lab, work, name="primed", strategy="auto")
+        time.sleep(SETTLE_S)
+    for path in [*files.values(), work / "primed.nat-a.pcap"]:
+        shutil.copyfile(path, out / path.name)
+        print(f"{out / path.name}: a primed punch")
+
+
 def _finish_with(proc: subprocess.Popen[bytes], stdin: bytes, timeout_s: float
                  ) -> tuple[str, str]:
     try:
@@ -359,20 +373,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "captures"))
     parser.add_argument("names", nargs="*", help=f"scenarios (default all: "
-                                                 f"{', '.join(SCENARIOS)}, punch)")
+                                                 f"{', '.join(SCENARIOS)}, punch, primed)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".recording"
     work.mkdir(exist_ok=True)
     try:
-        for name in args.names or [*SCENARIOS, "punch"]:
+        for name in args.names or [*SCENARIOS, "punch", "primed"]:
             if name == "punch":
                 lab = labmod.Lab("home", "home", lab_id=f"cap{os.getpid() % 10000}")
                 with sigterm_as_interrupt(), lab:
                     for side, path in record_punch(lab, work).items():
                         shutil.copyfile(path, out / path.name)
                         print(f"{out / path.name}: synprobe punch --pcap on host {side}")
+                continue
+            if name == "primed":
+                record_primed(out, work)
                 continue
             scenario = SCENARIOS[name]
             rec = record_in_new_lab(scenario, work, f"cap{os.getpid() % 10000}")

@@ -82,6 +82,13 @@ EXPECTED = {
     "incomplete.pcap": [("incomplete", False, "host-a")],
     "punch.a.pcapng": [("three-way", True, "host-a"), ("syn-dropped", True, "host-a")],
     "punch.b.pcapng": [("three-way", True, "host-a"), ("three-way", True, "host-a")],
+    # A primed punch (home A, original B): A's TTL-limited SYN alone, then A's full SYN
+    # answered by B's primed socket; at B, its TTL-limited SYN and A's SYN meeting it.
+    "primed.a.pcapng": [("three-way", True, "host-a"), ("primed", False, "unknown"),
+                        ("three-way", True, "host-a")],
+    "primed.b.pcapng": [("three-way", True, "host-a"), ("primed", True, "host-a")],
+    "primed.nat-a.pcap": [("three-way", True, "path"), ("primed", False, "unknown"),
+                          ("three-way", True, "path")],
 }
 
 
@@ -126,6 +133,25 @@ def test_icmp_rejection_is_drawn_from_the_path() -> None:
     assert "---SYN-> (rejected) |" in diagram
     assert "<--ICMP port-unr--- |" in diagram and "from 203.0.113.2" in diagram
     assert diagram.splitlines()[-1].split() == ["CLOSED", "CLOSED"]
+
+
+def test_a_primed_punch_is_drawn_with_its_ttl_limited_syn_and_the_crossing() -> None:
+    # At A's NAT's public side: the SYN left the NAT with TTL 1 and the router answered.
+    _, primed, _ = analyze_file(str(CAPTURES / "primed.nat-a.pcap")).attempts
+    lines = draw(primed).splitlines()
+    assert "| -----SYN ttl=1----> |" in lines[3] and "died on the way by its TTL" in lines[3]
+    assert "| <---ICMP ttl-exc--- |" in lines[5] and "from 198.51.100.1" in lines[5]
+    # At host B: its own TTL-limited SYN and its ICMP, then A's full SYN reaches the
+    # primed socket, still in SYN-SENT, which answers SYN+ACK: the hole was open.
+    _, at_b = analyze_file(str(CAPTURES / "primed.b.pcapng")).attempts
+    lines = draw(at_b).splitlines()
+    assert "-----SYN ttl=2----> |" in lines[3] and "punch: SYN from us" in lines[3]
+    assert "<---ICMP ttl-exc---" in lines[5] and "punch: ICMP ttl-exceeded" in lines[5]
+    syn_in = next(i for i, line in enumerate(lines) if "| <-------SYN-------- |" in line)
+    assert lines[syn_in - 1].split() == ["SYN-SENT", "SYN-SENT"]
+    assert lines[syn_in + 1].split() == ["SYN-RECEIVED", "SYN-SENT"]
+    assert "------SYN+ACK----->" in lines[syn_in + 2]
+    assert lines[-2].split() == ["ESTABLISHED", "ESTABLISHED"]
 
 
 def test_punch_pcap_carries_each_packet_s_role() -> None:

@@ -24,6 +24,7 @@ from . import state
 from .packets.decode import (
     ACK,
     ICMP_DEST_UNREACH,
+    ICMP_TIME_EXCEEDED,
     LINKTYPE_RAW,
     RST,
     SYN,
@@ -99,7 +100,9 @@ def packet_for_port(record: Segment | IcmpError | None, port: int, outgoing: boo
         if int(record.dst.rsplit(":", 1)[1]) == port:
             return RunPacket(False, record.src, record.flags, record.payload)
         return None
-    if isinstance(record, IcmpError) and record.icmp_type == ICMP_DEST_UNREACH:
+    if isinstance(record, IcmpError) and record.icmp_type in (ICMP_DEST_UNREACH,
+                                                              ICMP_TIME_EXCEEDED):
+        # time-exceeded: the prime strategy's TTL-limited SYN died on the way, by design
         if int(record.quoted_src.rsplit(":", 1)[1]) == port:
             return RunPacket(False, record.quoted_dst, icmp=record.name, reporter=record.reporter)
     return None

@@ -157,6 +157,9 @@ def analyze(files: tuple[str, ...], as_json: bool, brief: bool) -> None:
                          it and it answered SYN+ACK
       syn-rejected       a SYN answered by RST or an ICMP error
       incomplete         never ESTABLISHED otherwise
+      primed             a TTL-limited SYN (ttl <= 16) died on the way with an ICMP
+                         time-exceeded: punch's prime strategy opening its own NAT's
+                         hole (established if the peer's SYN then met that socket)
     and drawn as a ladder: side A (the first SYN's sender) left, B right, both
     sides' states, one arrow per packet with its time (ms) and frame number.
     A capture taken at several points (e.g. tcpdump -i any on a NAT) is matched
@@ -168,6 +171,7 @@ def analyze(files: tuple[str, ...], as_json: bool, brief: bool) -> None:
       path             between them: a NAT's public side, a router
       several          the same connection under several address pairs
       local            both sides on one host (loopback)
+      unknown          nothing to count hops on (only a TTL-limited SYN)
 
     \b
     JSON keys per connection: file, number, endpoints, kind, established,

@@ -30,7 +30,11 @@ CLOSED, LISTEN, SYN_SENT, SYN_RECEIVED, ESTABLISHED = (
 # is taken for the same packet if the second sighting follows within this.
 SAME_PACKET_WINDOW_S = 5.0
 MAX_ANOMALIES = 10  # per attempt: enough to see what the model could not explain
-KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete")
+KINDS = ("three-way", "simultaneous-open", "syn-dropped", "syn-rejected", "incomplete",
+         "primed")
+# A SYN sent with a TTL this small is the prime strategy's: it is meant to open its own
+# NAT's hole and die at a router on the way (usual initial TTLs are 64, 128 and 255).
+PRIMING_TTL_MAX = 16
 
 
 def other(side: str) -> str:
@@ -72,7 +76,14 @@ class Event:
         return not self.icmp and bool(self.flags & RST)
 
     @property
+    def ttl_limited(self) -> bool:
+        """A SYN sent with a small TTL on purpose (the prime strategy's)."""
+        return self.plain_syn and 0 < self.ttl <= PRIMING_TTL_MAX
+
+    @property
     def label(self) -> str:
+        if self.ttl_limited:
+            return f"SYN ttl={self.ttl}"
         return self.icmp or flags_label(self.flags, self.payload)
 
 
@@ -103,7 +114,7 @@ class Attempt:
     established: bool
     first_packet_time: float
     vantage: str
-    vantage_point: str  # "host-a", "host-b", "path", "local", "several"
+    vantage_point: str  # "host-a", "host-b", "path", "local", "several", "unknown"
     listener: str | None  # the side inferred to have been listening
     steps: tuple[Step, ...]
     tail: tuple[Event, ...]  # packets after both sides were ESTABLISHED
@@ -278,7 +289,8 @@ def _vantage(events: Sequence[Event], endpoints: tuple[str, str],
                 "each packet drawn once, where first seen")
     hops: dict[str, int] = {}
     for side in SIDES:
-        own = [e for e in events if e.sender == side and not e.is_icmp]
+        # A TTL-limited SYN says nothing of where the capture is: its TTL was set low.
+        own = [e for e in events if e.sender == side and not e.is_icmp and not e.ttl_limited]
         opening = [e for e in own if e.flags & SYN] or own
         if opening:
             hops[side] = _hops(opening[0].ttl)
@@ -296,6 +308,9 @@ def _vantage(events: Sequence[Event], endpoints: tuple[str, str],
         where = (f"host {side} ({ep[side]}) or its LAN, inside its NAT" if _private(ep[side])
                  else f"host {side} ({ep[side]}) or its LAN")
         return f"host-{side.lower()}", f"{where}; {away(other(side))}"
+    if not hops:
+        return "unknown", ("no packet to count hops on (a TTL-limited SYN's TTL was set low "
+                           "on purpose)")
     return "path", (f"on the path between them (a NAT's public side or a router): "
                     f"{away('A')}, {away('B')}")
 
@@ -415,7 +430,12 @@ def _delivery(events: Sequence[Event]) -> tuple[list[bool], list[str]]:
             if answer is None or (again is not None and again < answer):
                 delivered[i] = False
                 rejected = icmp is not None and (answer is None or icmp < answer)
-                notes[i] = "rejected" if rejected else ("dropped" if answer is None else "lost")
+                if rejected and ev.ttl_limited and icmp is not None \
+                        and "exc" in events[icmp].icmp:
+                    notes[i] = "died on the way by its TTL"  # the prime strategy's, as meant
+                else:
+                    notes[i] = ("rejected" if rejected
+                                else ("dropped" if answer is None else "lost"))
         elif last_copy.get((ev.sender, ev.flags, ev.seq, ev.payload), i) > i:
             delivered[i], notes[i] = False, "lost"
     seen: set[tuple[str, int, int]] = set()
@@ -520,9 +540,15 @@ def _after_connects(start: tuple[str, str], connects: list[str]) -> tuple[str, s
 
 
 def classify(steps: Sequence[Step], sides: dict[str, _Side]) -> tuple[str, bool]:
-    """(kind, established) of one replayed attempt (the issue's five kinds)."""
+    """(kind, established) of one replayed attempt: the five kinds of a plain opening,
+    or "primed" when a side's SYN was TTL-limited and died on the way with an ICMP
+    time-exceeded (the prime strategy's hole-opening SYN, alone or followed by the
+    opening it made possible)."""
     arrows = [a for step in steps for a in step.arrows]
     established = all(s.established_once for s in sides.values())
+    if any(a.event.ttl_limited for a in arrows) and any(
+            a.event.is_icmp and "exc" in a.event.icmp for a in arrows):
+        return "primed", established
     syn_senders = {a.event.sender for a in arrows if a.event.plain_syn}
     if established:
         if len(syn_senders) == 2:
