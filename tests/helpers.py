@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import selectors
+import socket
 import subprocess
 import sys
 import time
@@ -66,3 +67,14 @@ def wait_for_output(stream: Any, wanted: str | re.Pattern[str], timeout_s: float
                 assert chunk, f"stderr ended before {wanted!r}: {data!r}"
                 data += chunk
     return data.decode(errors="replace")
+
+
+def read_line(s: socket.socket) -> bytes:
+    """One line from a socket with a timeout set (bytes up to and with the newline)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data

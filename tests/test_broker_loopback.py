@@ -9,7 +9,7 @@ import time
 
 from simulsyn_core.wire import decode_seed_list
 
-from .helpers import SYNPROBE, loopback_broker, wait_for_stderr
+from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_stderr
 
 
 def _list_request(port: int) -> bytes:
@@ -26,16 +26,6 @@ def _line_client(port: int, payload: bytes) -> socket.socket:
     return s
 
 
-def _read_line(s: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def test_silent_client_gets_the_original_list() -> None:
     with loopback_broker() as (_, port):
         first = decode_seed_list(_list_request(port))
@@ -47,17 +37,17 @@ def test_silent_client_gets_the_original_list() -> None:
 def test_bad_clients_do_not_disturb_the_others() -> None:
     with loopback_broker() as (proc, port):
         waiting = _line_client(port, b"SSYN1 REGISTER session=keep\n")
-        assert _read_line(waiting).startswith(b"SSYN1 REGISTERED session=keep public=127.0.0.1:")
+        assert read_line(waiting).startswith(b"SSYN1 REGISTERED session=keep public=127.0.0.1:")
         garbage = _line_client(port, b"SSYN1 REGISTER \xff\xfe\n")
-        assert _read_line(garbage).startswith(b"SSYN1 ERROR code=bad-request")
+        assert read_line(garbage).startswith(b"SSYN1 ERROR code=bad-request")
         longline = _line_client(port, b"SSYN1 " + b"A" * 2000)
-        assert _read_line(longline).startswith(b"SSYN1 ERROR code=bad-request")
+        assert read_line(longline).startswith(b"SSYN1 ERROR code=bad-request")
         other = _line_client(port, b"GET / HTTP/1.0\r\n\r\n")
         assert other.recv(100) == b""
         # The waiting client is still served: its peer comes and both are told.
         peer = _line_client(port, b"SSYN1 REGISTER session=keep\n")
-        to_peer = _read_line(peer)
-        to_waiting = _read_line(waiting)
+        to_peer = read_line(peer)
+        to_waiting = read_line(waiting)
         assert to_peer.startswith(b"SSYN1 PEER session=keep") and b"role=second" in to_peer
         assert to_waiting.startswith(b"SSYN1 PEER session=keep") and b"role=first" in to_waiting
         for s in (waiting, garbage, longline, other, peer):
@@ -179,7 +169,7 @@ def test_one_host_cannot_take_every_connection() -> None:
 def test_stopping_the_broker_with_clients_connected_is_quiet() -> None:
     with loopback_broker() as (proc, port):
         waiting = _line_client(port, b"SSYN1 REGISTER session=w\n")
-        assert _read_line(waiting).startswith(b"SSYN1 REGISTERED")
+        assert read_line(waiting).startswith(b"SSYN1 REGISTERED")
         proc.terminate()
         _, err = proc.communicate(timeout=10)
         waiting.close()
@@ -198,5 +188,5 @@ def test_a_stderr_nobody_reads_does_not_stall_the_broker() -> None:
                 assert s.recv(10) == b""
         client = _line_client(port, b"SSYN1 REGISTER session=still\n")
         with client:
-            assert _read_line(client).startswith(b"SSYN1 REGISTERED session=still")
+            assert read_line(client).startswith(b"SSYN1 REGISTERED session=still")
         assert proc.poll() is None

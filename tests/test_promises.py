@@ -25,7 +25,7 @@ import pytest
 
 from simulsyn_core.exitcodes import ExitStatus
 
-from .helpers import SYNPROBE, loopback_broker, wait_for_output
+from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_output
 
 ORIGINAL = [sys.executable, str(Path(__file__).with_name("original_example.py"))]
 
@@ -87,16 +87,6 @@ def _reusable(port: int = 0) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(("127.0.0.1", port))
     return s
-
-
-def _read_line(s: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @contextlib.contextmanager
@@ -308,7 +298,7 @@ def test_path_check_unconfirmed_within_3s_is_aborted_with_rst() -> None:
         reg.settimeout(20)
         reg.connect(("127.0.0.1", broker_port))
         reg.sendall(b"SSYN1 REGISTER session=pathcheck\n")
-        assert _read_line(reg).startswith(b"SSYN1 REGISTERED")
+        assert read_line(reg).startswith(b"SSYN1 REGISTERED")
         proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{broker_port}",
                                  "--session", "pathcheck", "--json", "-v", "--retries", "1",
                                  "--timeout", "20"],
@@ -429,7 +419,7 @@ def test_connection_cap_8192_closes_the_next_at_accept(monkeypatch: pytest.Monke
                 s.settimeout(5)
                 s.connect(("127.0.0.1", port))
                 s.sendall(b"SSYN1 REGISTER session=cap%d\n" % i)
-                assert _read_line(s).startswith(b"SSYN1 REGISTERED")  # accepted, held
+                assert read_line(s).startswith(b"SSYN1 REGISTERED")  # accepted, held
                 held.append(s)
             with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
                 start = time.monotonic()
@@ -440,7 +430,7 @@ def test_connection_cap_8192_closes_the_next_at_accept(monkeypatch: pytest.Monke
             while True:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as again:
                     again.sendall(b"SSYN1 REGISTER session=again\n")
-                    if _read_line(again).startswith(b"SSYN1 REGISTERED"):
+                    if read_line(again).startswith(b"SSYN1 REGISTERED"):
                         break
                 assert time.monotonic() < end, "no slot came free"
                 time.sleep(0.05)
@@ -457,7 +447,7 @@ def _hello(port: int, source_ip: str) -> tuple[socket.socket, dict[str, str]]:
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
     s.sendall(b"SSYN1 NC_HELLO\n")
-    line = _read_line(s).decode().split()
+    line = read_line(s).decode().split()
     assert line[:2] == ["SSYN1", "NC_INFO"], line
     return s, dict(f.split("=", 1) for f in line[2:])
 
