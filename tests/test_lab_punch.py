@@ -18,12 +18,16 @@ TIMEOUT_S = 4.0
 ENDING_S = 1.5  # after connected or given up: a chat line each way, the FINs, exiting
 
 
+REFUSED_WITHIN_S = 2.0  # an untraversable pair is told so within this
+
+
 def expectation(a: str, b: str) -> tuple[str, str]:
-    """("connect" | "fail", why) for host A behind a and host B behind b."""
+    """("connect" | "refused" | "fail", why) for host A behind a and host B behind b."""
     pair = {a, b}
     if "random" in pair:
-        return "fail", ("MASQUERADE --random-fully gives the punch another external port than "
-                        "the one the broker saw, so the peer aims at a port with no mapping")
+        return "refused", ("MASQUERADE --random-fully gives each destination another public "
+                           "port: the broker sees two ports through its two addresses, and "
+                           "refuses the pair at once (no punch can aim at such a port)")
     if a == b == "syn-drop-all":
         return "fail", "both NATs drop every inbound SYN, replies to their own SYNs included"
     return "connect", ("both sides prime: each opens its own NAT's hole with a TTL-limited SYN "
@@ -44,7 +48,7 @@ FAR_BROKER_PAIRS = [(a, b, first) for a, b, first in PAIRS
 
 def test_every_profile_pair_has_an_expectation_with_a_reason() -> None:
     kinds = {expectation(a, b)[0] for a, b, _ in PAIRS}
-    assert kinds == {"connect", "fail"}
+    assert kinds == {"connect", "refused", "fail"}
     assert all(expectation(a, b)[1] for a, b, _ in PAIRS)
     must = [(a, b) for a, b, _ in PAIRS if expectation(a, b)[0] == "connect"]
     assert ("home", "home") in must and ("firewall", "syn-drop-all") in must
@@ -76,6 +80,15 @@ def check_pair(lab: labmod.Lab, profile_a: str, profile_b: str, first: str) -> N
     # Bounded: each gave its answer within the timeout, plus its chat and exit (timed from
     # the moment it ran, its imports done: punch_pair starts both before either runs).
     assert max(run_a.elapsed_s, run_b.elapsed_s) < TIMEOUT_S + ENDING_S, diag
+    if kind == "refused":
+        for run in (run_a, run_b):
+            assert run.returncode == 5 and run.report is not None, diag
+            assert run.report["error"].startswith("untraversable: "), diag
+            assert "port-randomising" in run.report["error"], diag
+            # told at pairing (the later side's registration, 0.2 s after the first's
+            # start), not after --timeout
+            assert run.elapsed_s < REFUSED_WITHIN_S, diag
+        return
     for run in (run_a, run_b):
         assert run.report is not None and run.report["strategy"] == "prime", diag
     for run, peer_msg in ((run_a, msgs[1]), (run_b, msgs[0])):

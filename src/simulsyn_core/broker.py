@@ -236,13 +236,17 @@ class Broker:
                     if msg.verb == "PRIMED" and self.sessions.priming(conn):
                         self._carry_out(self.sessions.step(conn, msg.verb))
                         continue
+                    if msg.verb == "WHOAMI":
+                        self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
+                        continue
                     if msg.verb != "REGISTER":
                         raise ProtocolError(f"unexpected {msg.verb} from a client")
                     session = msg.require("session")
                     local = msg.endpoint("local") if msg.get("local") else None
                     offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
                     replies = self.sessions.register(conn, session, public, local,
-                                                     time.monotonic(), offered)
+                                                     time.monotonic(), offered,
+                                                     msg.get("mapping"))
                     self._log_replies(public, session, replies)
                     self._carry_out(replies)
             except ProtocolError as exc:
@@ -263,6 +267,15 @@ class Broker:
                 if conn in self._writers:  # not closed by us after PEER or ERROR
                     self.log(f"{public} left before its peer came")
                 return
+
+    def _youare(self, conn: int, public: Endpoint, close: bool) -> Reply:
+        """The client's public endpoint, and another address of ours (a different IP, so
+        that a NAT maps it as another destination) for the client to ask again: a NAT
+        that maps the two differently randomises ports (docs/protocol.md)."""
+        reached = self.local_endpoint(conn)
+        alt = next((ep for ep in self.listening
+                    if reached is not None and ep.ip not in (reached.ip, "0.0.0.0")), None)
+        return Reply(conn, encode_message("YOUARE", public=public, alt=alt), close=close)
 
     def _log_replies(self, public: Endpoint, session: str, replies: list[Reply]) -> None:
         for reply in replies:

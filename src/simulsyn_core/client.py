@@ -25,6 +25,7 @@ from .wire import (
 )
 
 BROKER_CONNECT_TIMEOUT_S = 5.0
+WHOAMI_TIMEOUT_S = 2.0  # each answer of the mapping check, at most
 SEED_POLL_INTERVAL_S = 0.25  # how often --seed-broker asks the list broker again
 
 Event = Callable[[str], None]
@@ -120,10 +121,86 @@ def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socke
     return sock
 
 
+def _next_message(sock: socket.socket, decoder: LineDecoder, deadline: float,
+                  broker: Endpoint) -> Message | None:
+    """The next whole message (None: the broker closed). ToolError on timeout or error."""
+    pending = next(decoder.feed(b""), None)
+    if pending is not None:
+        return pending
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker} did not answer in time")
+            try:
+                chunk = sock.recv(4096)
+            except OSError as exc:
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker}: {exc.strerror or exc}") from None
+            if not chunk:
+                return None
+            try:
+                message = next(decoder.feed(chunk), None)
+            except ProtocolError as exc:
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker}: protocol error: {exc}") from None
+            if message is not None:
+                return message
+
+
+def _whoami(sock: socket.socket, broker: Endpoint, deadline: float, close: bool
+            ) -> Message | None:
+    """Ask the broker which public endpoint it sees (YOUARE), None from an older broker."""
+    try:
+        sock.setblocking(True)
+        sock.sendall(encode_message("WHOAMI", close="1" if close else None))
+    except OSError as exc:
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"broker {broker}: {exc.strerror or exc}") from None
+    decoder = LineDecoder()
+    answer = _next_message(sock, decoder, min(deadline, time.monotonic() + WHOAMI_TIMEOUT_S),
+                           broker)
+    return answer if answer is not None and answer.verb == "YOUARE" else None
+
+
+def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadline: float,
+                  event: Event) -> tuple[str | None, bool]:
+    """Is our NAT's mapping the same towards another destination? Ask the broker on
+    ``sock`` and through its other address (``alt``) from the same local port: two public
+    ports mean a port-randomising (endpoint-dependent) NAT. Returns (mapping: "same",
+    "varies" or None when the broker cannot tell, whether ``sock`` is still usable)."""
+    first = _whoami(sock, broker, deadline, close=False)
+    if first is None:
+        return None, False  # an older broker refused the verb and closed
+    alt = first.endpoint("alt") if first.get("alt") else None
+    if alt is None:
+        event("mapping check skipped: the broker has one address")
+        return None, True
+    other = _connect_broker(alt, local_port, deadline)
+    try:
+        second = _whoami(other, alt, deadline, close=True)
+        _finish(other, min(deadline, time.monotonic() + 1.0))
+    finally:
+        other.close()
+    if second is None:
+        return None, True
+    seen = (first.endpoint("public"), second.endpoint("public"))
+    mapping = "same" if seen[0] == seen[1] else "varies"
+    event(f"mapping check: the broker sees us as {seen[0]} via {broker} and as {seen[1]} via "
+          f"{alt}: " + ("one mapping for both" if mapping == "same"
+                        else "our NAT maps each destination to another public port"))
+    return mapping, True
+
+
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                event: Event, strategies: tuple[str, ...] = ()) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
+    First the mapping check (``check_mapping``): a port-randomising NAT is declared in
+    REGISTER, and the broker tells both peers at once that no punch can work.
     ``strategies`` are offered to the broker (``strategies=`` of REGISTER); when it
     answers PEER with one of them, the connection stays open as ``Rendezvous.control``
     and the caller closes it."""
@@ -131,10 +208,18 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
     keep = False
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
+        mapping, usable = check_mapping(sock, broker, local_port, deadline, event)
+        if not usable:
+            # An older broker refused the verb and closes: let it close first (TIME_WAIT
+            # on its side, not on our port), then register as before.
+            _finish(sock, min(deadline, time.monotonic() + 1.0))
+            sock.close()
+            sock = _connect_broker(broker, local_port, deadline)
         sock.setblocking(True)
         try:
             sock.sendall(encode_message("REGISTER", session=session, local=local,
-                                        strategies=",".join(strategies) or None))
+                                        strategies=",".join(strategies) or None,
+                                        mapping=mapping))
         except OSError as exc:
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                             f"broker {broker}: {exc.strerror or exc}") from None
@@ -188,6 +273,9 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                                                 peer_local, msg.get("role"), now, wall)
                             _finish(sock, deadline)
                             return result
+                        elif msg.verb == "ERROR" and msg.get("code") == "untraversable":
+                            text = (msg.get("message") or "").replace("_", " ")
+                            raise ToolError(ExitStatus.PUNCH_FAILED, f"untraversable: {text}")
                         elif msg.verb == "ERROR":
                             status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
                                       else ExitStatus.BROKER_UNREACHABLE)

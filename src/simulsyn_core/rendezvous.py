@@ -54,6 +54,20 @@ class _Waiting:
     local: Endpoint | None
     since: float
     strategies: frozenset[str] = frozenset()
+    mapping: str | None = None  # "same" or "varies" (REGISTER's mapping=), None: unknown
+
+
+# What each side is told when one NAT's mapping varies with the destination.
+UNTRAVERSABLE = {
+    True: "your NAT maps each destination to another public port (port-randomising): "
+          "the peer cannot aim at your punch",
+    False: "the peer's NAT maps each destination to another public port "
+           "(port-randomising): there is no port to aim at",
+}
+
+
+UNTRAVERSABLE_BOTH = ("both NATs map each destination to another public port "
+                      "(port-randomising): only a relay can join you")
 
 
 @dataclass
@@ -93,7 +107,8 @@ class SessionTable:
 
     def register(self, conn: Hashable, session: str, public: Endpoint,
                  local: Endpoint | None, now: float,
-                 strategies: frozenset[str] = frozenset()) -> list[Reply]:
+                 strategies: frozenset[str] = frozenset(),
+                 mapping: str | None = None) -> list[Reply]:
         """``strategies``: what the client offers beyond the plain punch (REGISTER's
         ``strategies=`` field); a pair that both offer ``prime`` is told
         ``strategy=prime`` and keeps its connections for the ordering exchange."""
@@ -107,19 +122,27 @@ class SessionTable:
             del self._waiting[session]
             self._session_of.pop(other.conn, None)
             replaced = _error(other.conn, "replaced", "a newer registration from this endpoint")
-            return [replaced, *self.register(conn, session, public, local, now, strategies)]
+            return [replaced, *self.register(conn, session, public, local, now, strategies,
+                                             mapping)]
         if other is None:
             if len(self._waiting) >= self.max_waiting:
                 return [_error(conn, "busy", "too many waiting sessions; try later")]
             if sum(w.public.ip == public.ip for w in self._waiting.values()) >= \
                     self.max_waiting_per_ip:
                 return [_error(conn, "busy", "too many waiting sessions from this address")]
-            self._waiting[session] = _Waiting(conn, public, local, now, strategies)
+            self._waiting[session] = _Waiting(conn, public, local, now, strategies, mapping)
             self._session_of[conn] = session
             return [Reply(conn, encode_message("REGISTERED", session=session, public=public),
                           close=False)]
         del self._waiting[session]
         self._session_of.pop(other.conn, None)
+        if "varies" in (other.mapping, mapping):
+            # No punch can aim at a port that changes with each destination: both are
+            # told now, not after their whole --timeout.
+            both = other.mapping == mapping
+            return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
+                           else UNTRAVERSABLE[m == "varies"])
+                    for c, m in ((other.conn, other.mapping), (conn, mapping))]
         prime = STRATEGY_PRIME in other.strategies and STRATEGY_PRIME in strategies
         strategy = STRATEGY_PRIME if prime else None
         if prime:
