@@ -65,34 +65,17 @@ class Control:
             self.sock.setblocking(False)
 
     def wait(self, verb: str, deadline: float) -> None:
-        """Wait for ``verb``; an ERROR, a close or the deadline raises ToolError."""
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.sock, selectors.EVENT_READ)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ToolError(ExitStatus.PUNCH_FAILED,
-                                    f"the broker's {verb} did not come in time")
-                if not sel.select(min(remaining, 1.0)):
-                    continue
-                try:
-                    chunk = self.sock.recv(4096)
-                except OSError as exc:
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {self.broker}: {exc.strerror or exc}") from None
-                if not chunk:
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {self.broker} closed before {verb}")
-                try:
-                    for msg in self.decoder.feed(chunk):
-                        if msg.verb == verb:
-                            return
-                        if msg.verb == "ERROR":
-                            raise ToolError(ExitStatus.PUNCH_FAILED, _refusal(msg))
-                        raise ProtocolError(f"unexpected {msg.verb}")
-                except ProtocolError as exc:
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {self.broker}: protocol error: {exc}") from None
+        """Wait for ``verb``; an ERROR, a close or the deadline raises ToolError
+        (PUNCH_FAILED, so that the run goes on with the plain punch)."""
+        late = (ExitStatus.PUNCH_FAILED, f"the broker's {verb} did not come in time")
+        msg = _next_message(self.sock, self.decoder, deadline, self.broker, late)
+        if msg is None:
+            raise ToolError(ExitStatus.PUNCH_FAILED, f"broker {self.broker} closed before {verb}")
+        if msg.verb == "ERROR":
+            raise ToolError(ExitStatus.PUNCH_FAILED, _refusal(msg))
+        if msg.verb != verb:
+            raise ToolError(ExitStatus.PUNCH_FAILED, f"broker {self.broker}: {msg.verb} instead "
+                                                     f"of {verb}")
 
     def close(self, deadline: float) -> None:
         """The broker closes first after the exchange (TIME_WAIT on its side)."""
@@ -121,9 +104,16 @@ def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socke
     return sock
 
 
+NOT_RENDEZVOUS = ("answered with something else than the rendezvous protocol (an original "
+                  "list broker? use --seed-broker)")
+
+
 def _next_message(sock: socket.socket, decoder: LineDecoder, deadline: float,
-                  broker: Endpoint) -> Message | None:
-    """The next whole message (None: the broker closed). ToolError on timeout or error."""
+                  broker: Endpoint, late: tuple[ExitStatus, str], first: bool = False
+                  ) -> Message | None:
+    """The next whole message from the broker, None if it closed first. ``late``: the
+    ToolError (status, text) when ``deadline`` passes; ``first``: these are the
+    connection's first bytes, which must look like the rendezvous protocol."""
     pending = next(decoder.feed(b""), None)
     if pending is not None:
         return pending
@@ -133,8 +123,7 @@ def _next_message(sock: socket.socket, decoder: LineDecoder, deadline: float,
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sel.select(remaining):
-                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                f"broker {broker} did not answer in time")
+                raise ToolError(*late)
             try:
                 chunk = sock.recv(4096)
             except OSError as exc:
@@ -142,6 +131,9 @@ def _next_message(sock: socket.socket, decoder: LineDecoder, deadline: float,
                                 f"broker {broker}: {exc.strerror or exc}") from None
             if not chunk:
                 return None
+            if first and not looks_like_rendezvous(chunk):
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE, f"broker {broker} {NOT_RENDEZVOUS}")
+            first = False
             try:
                 message = next(decoder.feed(chunk), None)
             except ProtocolError as exc:
@@ -160,9 +152,9 @@ def _whoami(sock: socket.socket, broker: Endpoint, deadline: float, close: bool
     except OSError as exc:
         raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                         f"broker {broker}: {exc.strerror or exc}") from None
-    decoder = LineDecoder()
-    answer = _next_message(sock, decoder, min(deadline, time.monotonic() + WHOAMI_TIMEOUT_S),
-                           broker)
+    late = (ExitStatus.BROKER_UNREACHABLE, f"broker {broker} did not answer in time")
+    answer = _next_message(sock, LineDecoder(), min(deadline, time.monotonic() +
+                                                    WHOAMI_TIMEOUT_S), broker, late, first=True)
     return answer if answer is not None and answer.verb == "YOUARE" else None
 
 
@@ -224,70 +216,63 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                             f"broker {broker}: {exc.strerror or exc}") from None
         decoder = LineDecoder()
-        public: Endpoint | None = None
-        sock.setblocking(False)
-        with selectors.DefaultSelector() as sel:
-            sel.register(sock, selectors.EVENT_READ)
-            first_chunk = True
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if first_chunk:  # not even REGISTERED: the broker timed out, not the peer
-                        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                        f"broker {broker} did not answer in time")
-                    raise ToolError(ExitStatus.NO_PEER,
-                                    f"no peer joined session {session!r} in time")
-                if not sel.select(min(remaining, 1.0)):
-                    continue
+        answered = False
+        while True:
+            # Not even REGISTERED by the deadline: the broker timed out, not the peer.
+            late = ((ExitStatus.NO_PEER, f"no peer joined session {session!r} in time")
+                    if answered else
+                    (ExitStatus.BROKER_UNREACHABLE, f"broker {broker} did not answer in time"))
+            msg = _next_message(sock, decoder, deadline, broker, late, first=not answered)
+            if msg is None:
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker} closed the connection before pairing")
+            answered = True
+            if msg.verb == "REGISTERED":
                 try:
-                    chunk = sock.recv(4096)
-                except ConnectionError as exc:
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {broker}: {exc}") from None
-                if not chunk:
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {broker} closed the connection before pairing")
-                if first_chunk and not looks_like_rendezvous(chunk):
-                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                    f"broker {broker} answered with something else than the "
-                                    "rendezvous protocol (an original list broker? use "
-                                    "--seed-broker)")
-                first_chunk = False
-                try:
-                    for msg in decoder.feed(chunk):
-                        if msg.verb == "REGISTERED":
-                            public = msg.endpoint("public")
-                            event(f"registered in session {session!r}; the broker sees us "
-                                  f"as {public}; waiting for the peer")
-                        elif msg.verb == "PEER":
-                            now, wall = time.monotonic(), time.time()
-                            peer_local = msg.endpoint("peer_local") if msg.get(
-                                "peer_local") else None
-                            strategy = msg.get("strategy")
-                            if strategy is not None and strategy in strategies:
-                                keep = True
-                                return Rendezvous(msg.endpoint("public"), msg.endpoint("peer"),
-                                                  peer_local, msg.get("role"), now, wall,
-                                                  strategy, Control(sock, broker, decoder))
-                            result = Rendezvous(msg.endpoint("public"), msg.endpoint("peer"),
-                                                peer_local, msg.get("role"), now, wall)
-                            _finish(sock, deadline)
-                            return result
-                        elif msg.verb == "ERROR" and msg.get("code") == "untraversable":
-                            text = (msg.get("message") or "").replace("_", " ")
-                            raise ToolError(ExitStatus.PUNCH_FAILED, f"untraversable: {text}")
-                        elif msg.verb == "ERROR":
-                            status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
-                                      else ExitStatus.BROKER_UNREACHABLE)
-                            raise ToolError(status, _refusal(msg))
-                        else:
-                            raise ProtocolError(f"unexpected {msg.verb}")
+                    public = msg.endpoint("public")
                 except ProtocolError as exc:
                     raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                                     f"broker {broker}: protocol error: {exc}") from None
+                event(f"registered in session {session!r}; the broker sees us as {public}; "
+                      "waiting for the peer")
+            elif msg.verb == "PEER":
+                result = _peer(msg, broker, strategies, sock, decoder)
+                if result.control is not None:
+                    keep = True
+                else:
+                    _finish(sock, deadline)
+                return result
+            elif msg.verb == "ERROR" and msg.get("code") == "untraversable":
+                text = (msg.get("message") or "").replace("_", " ")
+                raise ToolError(ExitStatus.PUNCH_FAILED, f"untraversable: {text}")
+            elif msg.verb == "ERROR":
+                status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
+                          else ExitStatus.BROKER_UNREACHABLE)
+                raise ToolError(status, _refusal(msg))
+            else:
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker}: protocol error: unexpected {msg.verb}")
     finally:
         if not keep:
             sock.close()
+
+
+def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: socket.socket,
+          decoder: LineDecoder) -> Rendezvous:
+    """What PEER says; the connection is kept (``control``) when the broker chose one of
+    the strategies we offered."""
+    now, wall = time.monotonic(), time.time()
+    try:
+        peer_local = msg.endpoint("peer_local") if msg.get("peer_local") else None
+        public, peer = msg.endpoint("public"), msg.endpoint("peer")
+    except ProtocolError as exc:
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"broker {broker}: protocol error: {exc}") from None
+    strategy = msg.get("strategy")
+    if strategy is not None and strategy in strategies:
+        return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
+                          Control(sock, broker, decoder))
+    return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall)
 
 
 def _finish(sock: socket.socket, deadline: float) -> None:
