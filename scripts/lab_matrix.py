@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
 from test_lab_punch import TIMEOUT_S, expectation  # noqa: E402
 
@@ -41,6 +42,7 @@ SETTINGS = {
     "c": ("A's side 5 ms, B's side 80 ms, broker 20 ms",
           labmod.LinkDelays(a=0.005, b=0.08, broker=0.02)),
 }
+LAB_PREFIX = f"mx{os.getpid() % 10000}"  # every lab of this run; swept on any exit
 PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
          for first in ("a", "b")]
 
@@ -48,7 +50,7 @@ PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
 def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: int
         ) -> dict[str, object]:
     kind, _ = expectation(a, b)
-    lab_id = f"mx{os.getpid() % 10000}x{n}"
+    lab_id = f"{LAB_PREFIX}x{n}"
     with labmod.Lab(a, b, lab_id=lab_id, links=links) as lab:
         labmod.start_broker(lab)
         msgs = (f"from A behind {a}\n", f"from B behind {b}\n")
@@ -81,9 +83,13 @@ def main() -> int:
     jobs = [(a, b, f) for _ in range(args.runs) for a, b, f in PAIRS]
     counter = itertools.count()
     start = time.monotonic()
-    with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(
-            lambda job: one(*job, links, args.strategy, next(counter)), jobs))
+    try:
+        with sigterm_as_interrupt(), ThreadPoolExecutor(args.workers) as pool:
+            results = list(pool.map(
+                lambda job: one(*job, links, args.strategy, next(counter)), jobs))
+    finally:
+        # Ctrl-C or SIGTERM: the worker threads' labs would outlive their processes.
+        labmod.sweep(LAB_PREFIX, id_prefix=True)
     took = time.monotonic() - start
     tally = collections.Counter((r["expected"], r["outcome"]) for r in results)
     misses = [r for r in results if r["outcome"] != r["expected"]]
