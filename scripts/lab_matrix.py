@@ -83,12 +83,15 @@ def main() -> int:
     jobs = [(a, b, f) for _ in range(args.runs) for a, b, f in PAIRS]
     counter = itertools.count()
     start = time.monotonic()
+    pool = ThreadPoolExecutor(args.workers)
     try:
-        with sigterm_as_interrupt(), ThreadPoolExecutor(args.workers) as pool:
+        with sigterm_as_interrupt():
             results = list(pool.map(
                 lambda job: one(*job, links, args.strategy, next(counter)), jobs))
     finally:
-        # Ctrl-C or SIGTERM: the worker threads' labs would outlive their processes.
+        # Ctrl-C or SIGTERM: drop what has not started, let the running runs end (each is
+        # bounded by its --timeout), then sweep whatever lab is left.
+        pool.shutdown(wait=True, cancel_futures=True)
         labmod.sweep(LAB_PREFIX, id_prefix=True)
     took = time.monotonic() - start
     tally = collections.Counter((r["expected"], r["outcome"]) for r in results)
@@ -127,4 +130,8 @@ def print_markdown(results: list[dict[str, object]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("lab_matrix: interrupted; its labs were removed", file=sys.stderr)
+        sys.exit(130)
