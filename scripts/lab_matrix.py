@@ -11,7 +11,9 @@ Settings (one-way delay on each link to the router):
   c  asymmetric: A's side 5 ms, B's side 80 ms, the broker 20 ms
 
 Each run's outcome is judged as tests/test_lab_punch.py judges it (its ``expectation``):
-"connect" pairs must connect with a chat line each way, "fail" pairs must end with exit 5.
+"connect" pairs must connect with a chat line each way, "refused" pairs (a port-randomising
+NAT) must both end with exit 5 and an `untraversable:` error within 2 s, "fail" pairs must
+end with exit 5; every run within --timeout (plus the broker's delay) and its ending.
 Exits 1 if any run missed its expectation.
 """
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
-from test_lab_punch import TIMEOUT_S, expectation  # noqa: E402
+from test_lab_punch import ENDING_S, REFUSED_WITHIN_S, TIMEOUT_S, expectation  # noqa: E402
 
 SETTINGS = {
     "a": ("no added delay", labmod.LinkDelays()),
@@ -50,23 +52,38 @@ PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
 def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: int
         ) -> dict[str, object]:
     kind, _ = expectation(a, b)
-    lab_id = f"{LAB_PREFIX}x{n}"
-    with labmod.Lab(a, b, lab_id=lab_id, links=links) as lab:
-        labmod.start_broker(lab)
-        msgs = (f"from A behind {a}\n", f"from B behind {b}\n")
-        run_a, run_b = labmod.punch_pair(lab, "m", messages=msgs, first=first,
-                                         timeout_s=TIMEOUT_S + 2 * links.broker,
-                                         args=["--strategy", strategy])
-    connected = (run_a.returncode == 0 and run_b.returncode == 0
-                 and run_a.chat_lines == [msgs[1].strip()]
-                 and run_b.chat_lines == [msgs[0].strip()])
-    failed_cleanly = (run_a.returncode, run_b.returncode) == (5, 5)
-    outcome = "connect" if connected else ("fail" if failed_cleanly else "other")
-    ra = run_a.report or {}
-    return {"a": a, "b": b, "first": first, "expected": kind, "outcome": outcome,
-            "rc": [run_a.returncode, run_b.returncode], "strategy": ra.get("strategy"),
-            "elapsed_s": ra.get("elapsed_s"),
-            "attempts": [ra.get("attempts"), (run_b.report or {}).get("attempts")]}
+    result: dict[str, object] = {"a": a, "b": b, "first": first, "expected": kind}
+    timeout_s = TIMEOUT_S + 2 * links.broker
+    try:
+        with labmod.Lab(a, b, lab_id=f"{LAB_PREFIX}x{n}", links=links) as lab:
+            labmod.start_broker(lab)
+            msgs = (f"from A behind {a}\n", f"from B behind {b}\n")
+            run_a, run_b = labmod.punch_pair(lab, "m", messages=msgs, first=first,
+                                             timeout_s=timeout_s,
+                                             args=["--strategy", strategy])
+    except Exception as exc:  # one run's trouble (a slow start under load) is its outcome
+        return {**result, "outcome": "error", "error": f"{exc.__class__.__name__}: {exc}"}
+    runs = (run_a, run_b)
+    reports = [r.report or {} for r in runs]
+    errors = [str(rep.get("error") or "") for rep in reports]
+    in_time = max(r.elapsed_s for r in runs) < timeout_s + ENDING_S
+    if all(r.returncode == 0 for r in runs) and run_a.chat_lines == [msgs[1].strip()] \
+            and run_b.chat_lines == [msgs[0].strip()]:
+        outcome = "connect"
+    elif all(r.returncode == 5 for r in runs) and all(
+            e.startswith("untraversable: ") for e in errors) and max(
+            r.elapsed_s for r in runs) < REFUSED_WITHIN_S:
+        outcome = "refused"
+    elif all(r.returncode == 5 for r in runs):
+        outcome = "fail"
+    else:
+        outcome = "other"
+    if not in_time:
+        outcome += " (late)"
+    return {**result, "outcome": outcome, "rc": [r.returncode for r in runs],
+            "strategy": reports[0].get("strategy"), "elapsed_s": reports[0].get("elapsed_s"),
+            "attempts": [rep.get("attempts") for rep in reports], "errors": errors,
+            "run_s": [round(r.elapsed_s, 3) for r in runs]}
 
 
 def main() -> int:
@@ -92,7 +109,7 @@ def main() -> int:
         # Ctrl-C or SIGTERM: drop what has not started, let the running runs end (each is
         # bounded by its --timeout), then sweep whatever lab is left.
         pool.shutdown(wait=True, cancel_futures=True)
-        labmod.sweep(LAB_PREFIX, id_prefix=True)
+        labmod.sweep(f"{LAB_PREFIX}x", id_prefix=True)
     took = time.monotonic() - start
     tally = collections.Counter((r["expected"], r["outcome"]) for r in results)
     misses = [r for r in results if r["outcome"] != r["expected"]]
@@ -105,7 +122,7 @@ def main() -> int:
     print(f"  misses per run of the matrix: {[per_run.get(i, 0) for i in range(args.runs)]}")
     for r in misses:
         print(f"  MISS {r['a']} x {r['b']} ({r['first']} first): expected {r['expected']}, "
-              f"got {r['outcome']} rc={r['rc']}")
+              f"got {r['outcome']} rc={r.get('rc')} {r.get('errors') or r.get('error')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": args.setting, "strategy":
                                                args.strategy, "runs": results}, indent=1))

@@ -4,9 +4,12 @@ and a pair with such a NAT is refused at once, both told why."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+import threading
+from collections.abc import Callable
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.rendezvous import SessionTable
@@ -75,3 +78,98 @@ def test_a_punch_with_one_broker_address_skips_the_check() -> None:
     assert run.returncode == 4, run.stderr
     assert "mapping check skipped: the broker has one address" in run.stderr
     assert json.loads(run.stdout.splitlines()[0])["error"].startswith("no peer joined")
+
+
+class FakeBroker:
+    """A broker on loopback that answers each connection's lines with ``answer``: an older
+    broker, or one that advertises an address nobody can reach."""
+
+    def __init__(self, answer: Callable[[str, socket.socket], bool]) -> None:
+        self.answer = answer
+        self.lines: list[str] = []
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.server.settimeout(10)
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(4):  # bounded: a run makes at most two connections here
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        with conn, contextlib.suppress(OSError):
+            while True:
+                line = read_line(conn).decode().strip()
+                if not line:
+                    return
+                self.lines.append(line)
+                if not self.answer(line, conn):
+                    return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _public(conn: socket.socket) -> str:
+    return str(Endpoint.from_sockaddr(conn.getpeername()))
+
+
+def _punch_against(broker: FakeBroker) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{broker.port}",
+                           "--session", "s", "--timeout", "1.5", "-v", "--json"],
+                          capture_output=True, text=True, timeout=30)
+
+
+def _registered(line: str, conn: socket.socket) -> bool:
+    if line.startswith("SSYN1 REGISTER "):
+        conn.sendall(encode_message("REGISTERED", session="s", public=_public(conn)))
+    return True  # keep the connection until the client leaves
+
+
+def test_an_older_broker_that_refuses_whoami_still_pairs() -> None:
+    def older(line: str, conn: socket.socket) -> bool:
+        if line.startswith("SSYN1 WHOAMI"):
+            conn.sendall(encode_message("ERROR", code="bad-request",
+                                        message="unexpected WHOAMI from a client"))
+            return False  # and closes, as an older broker does
+        return _registered(line, conn)
+
+    broker = FakeBroker(older)
+    try:
+        run = _punch_against(broker)
+    finally:
+        broker.close()
+    # registered on a second connection from the same port, then waited for a peer
+    assert run.returncode == 4, run.stderr
+    assert "registered in session 's'" in run.stderr
+    assert [line.split()[1] for line in broker.lines] == ["WHOAMI", "REGISTER"]
+    assert "mapping=" not in broker.lines[1]
+
+
+def test_an_unreachable_other_address_leaves_the_mapping_unknown() -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connect() is refused
+    alt = f"127.0.0.1:{closed.getsockname()[1]}"
+
+    def unreachable_alt(line: str, conn: socket.socket) -> bool:
+        if line.startswith("SSYN1 WHOAMI"):
+            conn.sendall(encode_message("YOUARE", public=_public(conn), alt=alt))
+            return True
+        return _registered(line, conn)
+
+    broker = FakeBroker(unreachable_alt)
+    try:
+        run = _punch_against(broker)
+    finally:
+        broker.close()
+        closed.close()
+    assert run.returncode == 4, run.stderr
+    assert f"mapping check skipped: the broker's other address: broker {alt}" in run.stderr
+    register = next(line for line in broker.lines if line.startswith("SSYN1 REGISTER"))
+    assert "mapping=" not in register

@@ -8,7 +8,7 @@ from simulsyn_core.prime import (
     ICMP_TIME_EXCEEDED,
     HopAnswer,
     choose_ttl,
-    settle_time,
+    past_our_nats,
 )
 from simulsyn_core.rendezvous import PRIME_WAIT_MAX_S, SessionTable
 from simulsyn_core.wire import parse_line
@@ -103,18 +103,22 @@ def test_no_ttl_when_no_router_separates_the_nats() -> None:
     assert ttl is None and "no router between" in why
     ttl, why = choose_ttl([], "203.0.113.2")
     assert ttl is None and "no router answered" in why
-    # A gap (a silent hop 1) is not taken for our NAT's inside.
-    gap = [HopAnswer(2, "10.9.9.9", ICMP_TIME_EXCEEDED, 0), HopAnswer(3, "192.0.2.1",
-                                                                       ICMP_TIME_EXCEEDED, 0)]
-    assert choose_ttl(gap, "203.0.113.2")[0] == 2
+    # A silent hop 1 (a home router that sends no time-exceeded) before a carrier NAT's
+    # inside hop: the SYN must still pass both, up to the first outside hop.
+    gap = [HopAnswer(2, "100.64.0.1", ICMP_TIME_EXCEEDED, 0),
+           HopAnswer(3, "192.0.2.1", ICMP_TIME_EXCEEDED, 0),
+           HopAnswer(4, "192.0.2.9", ICMP_TIME_EXCEEDED, 0)]
+    assert choose_ttl(gap, "203.0.113.2")[0] == 3
 
 
-def test_settle_time_follows_the_measured_hop() -> None:
-    answers = hops("10.1.0.1", "198.51.100.1")
-    assert settle_time(answers, 2) == 0.003  # the lab: far below the floor
-    slow = [HopAnswer(1, "10.1.0.1", ICMP_TIME_EXCEEDED, 0, 0.002),
-            HopAnswer(2, "192.0.2.1", ICMP_TIME_EXCEEDED, 0, 0.05)]
-    assert abs(settle_time(slow, 2) - 0.15) < 1e-9
-    assert abs(settle_time(slow, 9) - 0.15) < 1e-9  # no answer at that TTL: the slowest
-    assert settle_time([], 2) == 0.003
-    assert settle_time([HopAnswer(2, "x", ICMP_TIME_EXCEEDED, 0, 5.0)], 2) == 0.5
+def test_the_measure_waits_until_past_our_nats() -> None:
+    # Only the LAN gateway so far: the next hop may be a slow link away, keep waiting.
+    assert not past_our_nats(hops("10.1.0.1"), "203.0.113.2")
+    assert past_our_nats(hops("10.1.0.1", "198.51.100.1"), "203.0.113.2")
+    assert not past_our_nats(hops("10.1.0.1", "100.64.1.1"), "203.0.113.2")
+    assert past_our_nats(hops("10.1.0.1", "100.64.1.1", "198.51.100.1"), "203.0.113.2")
+    # A public host: its first hop may be its firewall, so hop 2 is needed too.
+    assert not past_our_nats(hops("198.51.100.129"), "203.0.113.2")
+    assert past_our_nats(hops("198.51.100.129", "198.51.100.1"), "203.0.113.2")
+    # The peer's own address answering ends it.
+    assert past_our_nats([HopAnswer(2, "203.0.113.2", ICMP_DEST_UNREACH, 3)], "203.0.113.2")

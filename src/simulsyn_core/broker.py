@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ipaddress
 import queue
 import signal
 import socket
@@ -238,6 +239,8 @@ class Broker:
                         continue
                     if msg.verb == "WHOAMI":
                         self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
+                        # Until it registers, a connection keeps the short first-line bound.
+                        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
                         continue
                     if msg.verb != "REGISTER":
                         raise ProtocolError(f"unexpected {msg.verb} from a client")
@@ -274,7 +277,7 @@ class Broker:
         that maps the two differently randomises ports (docs/protocol.md)."""
         reached = self.local_endpoint(conn)
         alt = next((ep for ep in self.listening
-                    if reached is not None and ep.ip not in (reached.ip, "0.0.0.0")), None)
+                    if reached is not None and _same_scope(ep.ip, reached.ip)), None)
         return Reply(conn, encode_message("YOUARE", public=public, alt=alt), close=close)
 
     def _log_replies(self, public: Endpoint, session: str, replies: list[Reply]) -> None:
@@ -286,6 +289,17 @@ class Broker:
                 self.log(f"session {session}: {public} waits for its peer")
             else:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
+
+
+def _same_scope(alt: str, reached: str) -> bool:
+    """Another address a client that reached ``reached`` can reach too: a different IP of
+    the same kind (no loopback or private address offered to a client that came over a
+    public one, no wildcard)."""
+    if alt in (reached, "0.0.0.0"):
+        return False
+    a, r = ipaddress.ip_address(alt), ipaddress.ip_address(reached)
+    return (a.is_loopback == r.is_loopback and a.is_private == r.is_private
+            and not a.is_link_local)
 
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,

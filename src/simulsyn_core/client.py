@@ -6,6 +6,7 @@ broker observes is the one the punch will reuse.
 
 from __future__ import annotations
 
+import errno
 import selectors
 import socket
 import time
@@ -26,6 +27,8 @@ from .wire import (
 
 BROKER_CONNECT_TIMEOUT_S = 5.0
 WHOAMI_TIMEOUT_S = 2.0  # each answer of the mapping check, at most
+TUPLE_BUSY_S = 2.0  # reconnecting to an older broker: how long our old 4-tuple may linger
+TUPLE_RETRY_S = 0.02
 SEED_POLL_INTERVAL_S = 0.25  # how often --seed-broker asks the list broker again
 
 Event = Callable[[str], None]
@@ -46,8 +49,8 @@ class Rendezvous:
 
 
 class Control:
-    """The broker connection a primed pair keeps after PEER: send PRIMED and SENT, wait
-    for GO (each bounded by a deadline)."""
+    """The broker connection a primed pair keeps after PEER: send PRIMED, wait for GO
+    (bounded by a deadline). Every failure is PUNCH_FAILED: the run then punches plain."""
 
     def __init__(self, sock: socket.socket, broker: Endpoint, decoder: LineDecoder) -> None:
         self.sock = sock
@@ -58,8 +61,8 @@ class Control:
         try:
             self.sock.setblocking(True)
             self.sock.sendall(encode_message(verb))
-        except OSError as exc:
-            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+        except OSError as exc:  # the peer is known: the run goes on with the plain punch
+            raise ToolError(ExitStatus.PUNCH_FAILED,
                             f"broker {self.broker}: {exc.strerror or exc}") from None
         finally:
             self.sock.setblocking(False)
@@ -68,7 +71,10 @@ class Control:
         """Wait for ``verb``; an ERROR, a close or the deadline raises ToolError
         (PUNCH_FAILED, so that the run goes on with the plain punch)."""
         late = (ExitStatus.PUNCH_FAILED, f"the broker's {verb} did not come in time")
-        msg = _next_message(self.sock, self.decoder, deadline, self.broker, late)
+        try:
+            msg = _next_message(self.sock, self.decoder, deadline, self.broker, late)
+        except ToolError as exc:  # a reset, a protocol error: the peer is known all the same
+            raise ToolError(ExitStatus.PUNCH_FAILED, exc.message) from None
         if msg is None:
             raise ToolError(ExitStatus.PUNCH_FAILED, f"broker {self.broker} closed before {verb}")
         if msg.verb == "ERROR":
@@ -89,19 +95,28 @@ def _refusal(msg: Message) -> str:
     return f"broker refused: {code}: {text}"
 
 
-def _connect_broker(broker: Endpoint, local_port: int, deadline: float) -> socket.socket:
-    try:
-        sock = bound_socket(local_port)
-    except OSError as exc:
-        raise ToolError(ExitStatus.ADDRESS_IN_USE,
-                        f"cannot bind local port {local_port}: {exc.strerror}") from None
-    code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
-                                                 deadline - time.monotonic()))
-    if code:
+def _connect_broker(broker: Endpoint, local_port: int, deadline: float,
+                    busy_s: float = 0.0) -> socket.socket:
+    """A connection to the broker from our port. ``busy_s``: for that long, retry while
+    the 4-tuple is still held by our previous connection to it (LAST_ACK until the
+    broker's ACK of our FIN comes: EADDRNOTAVAIL)."""
+    busy_until = time.monotonic() + busy_s
+    while True:
+        try:
+            sock = bound_socket(local_port)
+        except OSError as exc:
+            raise ToolError(ExitStatus.ADDRESS_IN_USE,
+                            f"cannot bind local port {local_port}: {exc.strerror}") from None
+        code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
+                                                     deadline - time.monotonic()))
+        if not code:
+            return sock
         sock.close()
-        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                        f"broker {broker}: connect failed: {describe_errno(code)}")
-    return sock
+        if code != errno.EADDRNOTAVAIL or time.monotonic() + TUPLE_RETRY_S > min(busy_until,
+                                                                                deadline):
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"broker {broker}: connect failed: {describe_errno(code)}")
+        time.sleep(TUPLE_RETRY_S)
 
 
 NOT_RENDEZVOUS = ("answered with something else than the rendezvous protocol (an original "
@@ -159,7 +174,8 @@ def _whoami(sock: socket.socket, broker: Endpoint, deadline: float, close: bool
 
 
 def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadline: float,
-                  event: Event) -> tuple[str | None, bool]:
+                  event: Event, on_alt: Callable[[Endpoint], None] | None = None
+                  ) -> tuple[str | None, bool]:
     """Is our NAT's mapping the same towards another destination? Ask the broker on
     ``sock`` and through its other address (``alt``) from the same local port: two public
     ports mean a port-randomising (endpoint-dependent) NAT. Returns (mapping: "same",
@@ -171,15 +187,28 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
     if alt is None:
         event("mapping check skipped: the broker has one address")
         return None, True
-    other = _connect_broker(alt, local_port, deadline)
+    if on_alt is not None:
+        on_alt(alt)
+    # Best effort: an alt we cannot reach (a broker behind a 1:1 NAT advertising its
+    # private address, a firewall) leaves the mapping unknown, never ends the run.
     try:
-        second = _whoami(other, alt, deadline, close=True)
-        _finish(other, min(deadline, time.monotonic() + 1.0))
-    finally:
-        other.close()
+        other = _connect_broker(alt, local_port, min(deadline, time.monotonic() +
+                                                     WHOAMI_TIMEOUT_S))
+        try:
+            second = _whoami(other, alt, deadline, close=True)
+            _finish(other, min(deadline, time.monotonic() + 1.0))
+        finally:
+            other.close()
+    except ToolError as exc:
+        event(f"mapping check skipped: the broker's other address: {exc.message}")
+        return None, True
     if second is None:
         return None, True
-    seen = (first.endpoint("public"), second.endpoint("public"))
+    try:
+        seen = (first.endpoint("public"), second.endpoint("public"))
+    except ProtocolError as exc:
+        event(f"mapping check skipped: {exc}")
+        return None, True
     mapping = "same" if seen[0] == seen[1] else "varies"
     event(f"mapping check: the broker sees us as {seen[0]} via {broker} and as {seen[1]} via "
           f"{alt}: " + ("one mapping for both" if mapping == "same"
@@ -188,7 +217,8 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
 
 
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
-               event: Event, strategies: tuple[str, ...] = ()) -> Rendezvous:
+               event: Event, strategies: tuple[str, ...] = (),
+               on_alt: Callable[[Endpoint], None] | None = None) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
     First the mapping check (``check_mapping``): a port-randomising NAT is declared in
@@ -200,13 +230,14 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
     keep = False
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
-        mapping, usable = check_mapping(sock, broker, local_port, deadline, event)
+        mapping, usable = check_mapping(sock, broker, local_port, deadline, event, on_alt)
         if not usable:
             # An older broker refused the verb and closes: let it close first (TIME_WAIT
-            # on its side, not on our port), then register as before.
+            # on its side, not on our port), then register as before from the same port
+            # (the old 4-tuple lingers until the broker ACKs our FIN).
             _finish(sock, min(deadline, time.monotonic() + 1.0))
             sock.close()
-            sock = _connect_broker(broker, local_port, deadline)
+            sock = _connect_broker(broker, local_port, deadline, busy_s=TUPLE_BUSY_S)
         sock.setblocking(True)
         try:
             sock.sendall(encode_message("REGISTER", session=session, local=local,

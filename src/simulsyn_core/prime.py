@@ -12,16 +12,16 @@ wins. Priming removes the cause instead of retrying:
    own NAT(s) (which record the 4-tuple and its mapping) and dies at a router before the
    peer's first middlebox; no privilege is needed;
 2. the ICMP time-exceeded that SYN draws would end the socket (Linux tcp_v4_err: any ICMP
-   error is fatal in SYN-SENT), so the socket has ``IP_MINTTL`` 255 meanwhile: tcp_v4_err
-   drops ICMP below the socket's minimum TTL (RFC 5082's check). Then IP_MINTTL goes back
-   to 0 and the TTL to 64: the socket waits in SYN-SENT with the very sequence number our
-   NAT recorded;
-3. both tell the broker PRIMED; once both did, both get GO, and the first sends its full
-   SYN from a fresh socket (a later ISN re-opens its own NAT's entry, still in SYN_SENT).
-   That SYN finds an open hole at the peer's NAT and a socket in SYN-SENT behind it whose
-   sequence numbers the NAT knows: a simultaneous open, never an RST or an ICMP. The
-   second never sends a full SYN before the first's arrived (only its kernel's
-   retransmission after 1 s, which meets an open hole and a SYN-SENT socket too).
+   error is fatal in SYN-SENT), so the socket has ``IP_MINTTL`` 2: tcp_v4_err drops an
+   ICMP error whose *quoted* header has a TTL below the socket's minimum (RFC 5082's
+   check), and a time-exceeded always quotes TTL 1 or 0, while every real segment from
+   the peer arrives with a TTL far above 2. The socket stays in SYN-SENT with the very
+   sequence number our NAT recorded, and its kernel retransmissions stay TTL-limited;
+3. both tell the broker PRIMED; once both did, both get GO. The second gives its primed
+   socket a full TTL (for the SYN+ACK it will send); the first sends its full SYN from a
+   fresh socket (a later ISN re-opens its own NAT's entry, still in SYN_SENT). That SYN
+   finds an open hole at the peer's NAT and a socket in SYN-SENT behind it whose
+   sequence numbers the NAT knows: a simultaneous open, never an RST or an ICMP.
 
 The TTL comes from ``--ttl``, else from a tracepath-like measure towards the peer: UDP
 datagrams with TTL 1..16 and ``IP_RECVERR``; ``choose_ttl`` says how it is chosen.
@@ -44,15 +44,12 @@ from .sockets import bound_socket, tcp_state
 
 PROBE_MAX_TTL = 16  # UDP probes with TTL 1..16 towards the peer
 PROBE_WAIT_S = 0.5  # how long the probes' ICMP answers are collected at most
-QUIET_MIN_S = 0.003  # after the last answer, wait for more at least this long ...
-QUIET_FACTOR = 3.0  # ... or this many times the slowest answer so far
+QUIET_MIN_S = 0.003  # once past our NATs, wait this long for more answers
 PROBE_PORT = 33434  # traceroute's base port: an unused UDP port, so a host answers at most
 IP_MINTTL = 21  # linux/in.h: drop what arrives with a lower TTL (RFC 5082), ICMP included
+PRIME_MINTTL = 2  # above a time-exceeded's quoted TTL (1 or 0), below any real segment's
 FULL_TTL = 64  # Linux's default
-TCP_SYN_SENT = 2  # include/net/tcp_states.h
-SETTLE_MIN_S = 0.003  # the primed SYN's ICMP is waited for at least this long ...
-SETTLE_FACTOR = 3.0  # ... or this many times the measured time to that router
-SETTLE_MAX_S = 0.5
+TCP_SYN_SENT, TCP_SYN_RECV, TCP_CLOSE = 2, 3, 7  # include/net/tcp_states.h
 DEFAULT_TTL = 2  # a home NAT and one router: used when no hop answered the measure
 IP_RECVERR = 11  # linux/in.h (the socket module does not name it)
 SO_EE_ORIGIN_ICMP = 2
@@ -72,6 +69,8 @@ class HopAnswer:
     rtt_s: float = 0.0  # from the probe's send to its answer
 
 
+NO_ANSWER = "no router answered a TTL-limited probe towards the peer"
+
 # Where a NAT's own hops answer from: its inside addresses (RFC 1918, RFC 6598 shared
 # space for carrier NATs, link-local).
 _INSIDE = [ipaddress.ip_network(n) for n in
@@ -81,6 +80,22 @@ _INSIDE = [ipaddress.ip_network(n) for n in
 def _inside(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return any(ip in net for net in _INSIDE)
+
+
+def past_our_nats(answers: list[HopAnswer], peer_ip: str) -> bool:
+    """True once the answers reach past our own middleboxes: every TTL from 1 to the first
+    outside hop (and at least to 2) answered, or the peer's address itself did."""
+    by_ttl = {a.ttl: a for a in answers}
+    if any(a.offender == peer_ip for a in answers):
+        return True
+    ttl = 1
+    while ttl in by_ttl:
+        if ttl >= 2 and not _inside(by_ttl[ttl].offender):
+            return True
+        if ttl == 1 and not _inside(by_ttl[1].offender) and 2 in by_ttl:
+            return True
+        ttl += 1
+    return False
 
 
 def choose_ttl(answers: list[HopAnswer], peer_ip: str) -> tuple[int | None, str]:
@@ -97,13 +112,13 @@ def choose_ttl(answers: list[HopAnswer], peer_ip: str) -> tuple[int | None, str]
                        if a.icmp_type == ICMP_TIME_EXCEEDED and a.offender != peer_ip),
                       key=lambda a: a.ttl)
     if not exceeded:
-        return None, "no router answered a TTL-limited probe towards the peer"
-    inside = 0
-    for expected, answer in enumerate(exceeded, start=1):
-        if answer.ttl != expected or not _inside(answer.offender):
-            break
-        inside = expected
-    ttl = max(inside + 1, 2)
+        return None, NO_ANSWER
+    # The first hop that answers from outside addresses is past our NATs (a silent hop
+    # before it, e.g. a home router that sends no time-exceeded, counts as ours).
+    outside = next((a.ttl for a in exceeded if not _inside(a.offender)), None)
+    inside = max((a.ttl for a in exceeded if _inside(a.offender)
+                  and (outside is None or a.ttl < outside)), default=0)
+    ttl = max(outside if outside is not None else inside + 1, 2)
     farthest = exceeded[-1].ttl  # the last hop short of the peer's address
     if ttl > farthest:
         return None, (f"no router between our NAT(s) and the peer to let the SYN die at "
@@ -159,6 +174,8 @@ def measure_hops(peer_ip: str, wait_s: float = PROBE_WAIT_S) -> list[HopAnswer]:
         end = started + wait_s
         quiet_end = end
         while time.monotonic() < min(end, quiet_end) and len(answers) < len(probes):
+            if not past_our_nats(list(answers.values()), peer_ip):
+                quiet_end = end  # the hop past our NATs may be a slow link away: wait
             # A queued error makes a socket readable (POLLERR).
             waiting = [p for p in probes.values() if p.getsockopt(
                 socket.IPPROTO_IP, socket.IP_TTL) not in answers]
@@ -171,8 +188,9 @@ def measure_hops(peer_ip: str, wait_s: float = PROBE_WAIT_S) -> list[HopAnswer]:
                         now = time.monotonic()
                         answers[ttl] = HopAnswer(ttl, answer.offender, answer.icmp_type,
                                                  answer.icmp_code, now - started)
-                        slowest = max(a.rtt_s for a in answers.values())
-                        quiet_end = now + max(QUIET_MIN_S, QUIET_FACTOR * slowest)
+                        # Past our NATs, what choose_ttl needs is there: a moment for a
+                        # straggler, no more (a slow link must not slow every punch).
+                        quiet_end = now + QUIET_MIN_S
                 with contextlib.suppress(OSError):
                     probe.recv(16)  # a datagram answer (none expected): clear POLLIN
             if any(a.offender == peer_ip for a in answers.values()):
@@ -185,49 +203,50 @@ def measure_hops(peer_ip: str, wait_s: float = PROBE_WAIT_S) -> list[HopAnswer]:
 
 @dataclass
 class Primed:
-    """The primed socket: in SYN-SENT towards the peer, its SYN dead on the way, its
-    ICMP ignored; now with a full TTL, ready for the peer's SYN (a simultaneous open
-    whose sequence numbers match what our NAT recorded)."""
+    """The primed socket: in SYN-SENT towards the peer, its SYN dead on the way, its ICMP
+    dropped (IP_MINTTL); ready for the peer's SYN (a simultaneous open whose sequence
+    numbers match what our NAT recorded)."""
 
     sock: socket.socket
     ttl: int
-    settle_s: float
+
+    @property
+    def state(self) -> int:
+        return tcp_state(self.sock)
 
     @property
     def alive(self) -> bool:
-        return tcp_state(self.sock) == TCP_SYN_SENT
+        return self.state == TCP_SYN_SENT
 
     def describe(self) -> str:
-        state = "still in SYN-SENT" if self.alive else "ended (its ICMP came too late?)"
+        state = ("still in SYN-SENT" if self.alive
+                 else f"ended (TCP state {self.state}: an RST or another ICMP error?)")
         return (f"primed with TTL {self.ttl}: the SYN opened our NAT's hole and died on the "
                 f"way; the socket is {state}")
 
+    def open_up(self) -> None:
+        """A full TTL, for the SYN+ACK it will answer the peer's SYN with."""
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
 
-def prime(local_port: int, peer: Endpoint, ttl: int, settle_s: float) -> Primed:
-    """Send one SYN to ``peer`` from our port with IP_TTL=ttl and IP_MINTTL=255 (so that
-    the ICMP time-exceeded it draws is dropped instead of ending the socket: tcp_v4_err
-    drops ICMP quoting a TTL below the socket's minimum, RFC 5082's check); after
-    ``settle_s`` (the time that ICMP takes) lower IP_MINTTL and give the socket a full
-    TTL again, so that the peer's SYN and our retransmissions pass."""
+
+def prime(local_port: int, peer: Endpoint, ttl: int) -> Primed:
+    """Send one SYN to ``peer`` from our port with IP_TTL=ttl and IP_MINTTL 2, so that the
+    ICMP time-exceeded it draws is dropped instead of ending the socket (module doc)."""
     sock = bound_socket(local_port)
     try:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 255)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, PRIME_MINTTL)
         sock.setblocking(False)
         code = sock.connect_ex(peer.sockaddr)
         if code not in (0, errno.EINPROGRESS):
             raise OSError(code, os.strerror(code))
-        time.sleep(settle_s)
-        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 0)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
     except BaseException:
         sock.close()
         raise
-    return Primed(sock, ttl, settle_s)
+    return Primed(sock, ttl)
 
 
-def settle_time(answers: list[HopAnswer], ttl: int) -> float:
-    """How long the ICMP of a SYN that dies at TTL ``ttl`` takes to come back, with a
-    margin: from the measure's answer at that TTL, else the slowest answer."""
-    at = [a.rtt_s for a in answers if a.ttl == ttl] or [a.rtt_s for a in answers]
-    return min(SETTLE_MAX_S, max(SETTLE_MIN_S, SETTLE_FACTOR * max(at, default=0.0)))
+def clear_minttl(sock: socket.socket) -> None:
+    """Once connected: no minimum TTL any more (a PMTU ICMP may quote a low TTL)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 0)

@@ -157,6 +157,8 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
     while True:
         step = schedule.next(deadline - time.monotonic())
         if isinstance(step, GiveUp):
+            if pending is not None:
+                _abort(pending)
             return PunchResult(None, schedule.attempts, local, step.reason)
         if isinstance(step, Pause):
             time.sleep(step.seconds)

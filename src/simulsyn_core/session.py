@@ -16,11 +16,13 @@ from .exitcodes import ExitStatus, ToolError
 from .prime import (
     DEFAULT_TTL,
     ICMP_TIME_EXCEEDED,
-    HopAnswer,
+    NO_ANSWER,
+    TCP_CLOSE,
+    TCP_SYN_SENT,
     choose_ttl,
+    clear_minttl,
     measure_hops,
     prime,
-    settle_time,
 )
 from .punch import (
     ATTEMPT_TIMEOUT_S,
@@ -104,9 +106,12 @@ def check_port(local_port: int) -> int:
 def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
               on_report: Callable[[PunchReport], None], chat_mode: str = "chat",
               stdin_fd: int = 0, out: TextIO = sys.stdout,
-              on_local_port: Callable[[int], None] | None = None) -> ExitStatus:
+              on_local_port: Callable[[int], None] | None = None,
+              on_broker_address: Callable[[Endpoint], None] | None = None) -> ExitStatus:
     """Carry out one punch. ``on_report`` is called once, when connected or given up.
 
+    ``on_broker_address`` with each other broker address the run connects to (the
+    mapping check's), before it does.
     ``on_local_port`` is called with the local port before the first packet is sent
     (synprobe starts its capture there).
     """
@@ -120,7 +125,7 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
 
     try:
         return _run_punch(cfg, report, event, report_once, chat_mode, stdin_fd, out,
-                          on_local_port)
+                          on_local_port, on_broker_address)
     except ToolError as exc:
         report.error, report.exit_code = exc.message, int(exc.status)
         report_once(report)
@@ -133,13 +138,14 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
 
 def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], None],
                on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
-               out: TextIO, on_local_port: Callable[[int], None] | None) -> ExitStatus:
+               out: TextIO, on_local_port: Callable[[int], None] | None,
+               on_broker_address: Callable[[Endpoint], None] | None = None) -> ExitStatus:
     deadline = time.monotonic() + cfg.timeout_s
     port = check_port(cfg.local_port)
     event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
     if on_local_port is not None:
         on_local_port(port)
-    rdv = _learn_peer(cfg, port, deadline, event)
+    rdv = _learn_peer(cfg, port, deadline, event, on_broker_address)
     report.public = str(rdv.public) if rdv.public else None
     report.peer = str(rdv.peer)
     report.peer_local = str(rdv.peer_local) if rdv.peer_local else None
@@ -153,25 +159,29 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     confirm = confirm_path if cfg.mode == "broker" else None
     report.strategy = "plain"
     pending = None
-    control = rdv.control
-    try:
-        if control is not None:
-            report.strategy = "prime"
-            try:
-                pending = _prime(cfg, rdv, control, port, deadline, event, report)
-            except ToolError as exc:
-                if exc.status != ExitStatus.PUNCH_FAILED:
-                    raise
-                event(f"prime: {exc.message}; going on with the plain punch")
-                report.strategy = "plain"
-        elif cfg.strategy == "prime":
-            event("prime: the broker did not offer it (an older broker, or the peer did not "
-                  "ask for it); punching plain")
-        result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm,
-                       pending)
-    finally:
-        if control is not None:
-            control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
+    if rdv.control is not None:
+        report.strategy = "prime"
+        try:
+            pending = _prime(cfg, rdv, rdv.control, port, deadline, event, report)
+        except ToolError as exc:
+            # Closed at once: the broker tells a peer still waiting for GO that we left
+            # (peer-gone), and it punches plain too.
+            rdv.control.sock.close()
+            if exc.status != ExitStatus.PUNCH_FAILED:
+                raise
+            event(f"prime: {exc.message}; going on with the plain punch")
+            report.strategy = "plain"
+        except BaseException:
+            rdv.control.sock.close()
+            raise
+        else:
+            rdv.control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
+    elif cfg.strategy == "prime":
+        event("prime: the broker did not offer it (an older broker, or the peer did not "
+              "ask for it); punching plain")
+    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm, pending)
+    if result.sock is not None:
+        clear_minttl(result.sock)
     report.attempts = len(result.attempts)
     report.attempt_log = [
         {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
@@ -199,13 +209,13 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
     """Open our NAT's hole with a TTL-limited SYN whose socket stays in SYN-SENT, tell the
     broker, wait for GO (prime.py says why). Returns the socket the punch's first
     attempt waits on (the second's primed one), or None for a fresh connect() (the
-    first). Raises ToolError(PUNCH_FAILED) when the exchange cannot finish."""
+    first). Raises ToolError(PUNCH_FAILED) when priming cannot work or the exchange
+    cannot finish: the run punches plain then."""
 
     def phase(name: str, **more: Any) -> None:
         report.phases.append({"phase": name, "t_s": round(time.monotonic() - rdv.known_at, 6),
                               **more})
 
-    answers: list[HopAnswer] = []
     if cfg.ttl is not None:
         ttl, report.ttl_source = cfg.ttl, "--ttl"
     else:
@@ -214,46 +224,55 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
         path = ", ".join(f"{a.ttl}:{a.offender}" for a in answers
                          if a.icmp_type == ICMP_TIME_EXCEEDED) or "none"
         phase("measure", time_exceeded_from=path)
-        if found is None:
-            ttl, report.ttl_source = DEFAULT_TTL, "default"
-            event(f"prime: {why} (time-exceeded from: {path}); trying TTL {ttl}")
-        else:
+        if found is not None:
             ttl, report.ttl_source = found, "measured"
             event(f"prime: TTL {ttl}: {why} (time-exceeded from: {path})")
+        elif why == NO_ANSWER:
+            ttl, report.ttl_source = DEFAULT_TTL, "default"
+            event(f"prime: {why}; trying TTL {ttl} (a home NAT and one router)")
+        else:
+            # Any TTL that leaves our NAT reaches the peer's: priming would wedge it.
+            raise ToolError(ExitStatus.PUNCH_FAILED, f"{why} (time-exceeded from: {path})")
     report.ttl = ttl
     try:
-        primed = prime(port, rdv.peer, ttl, settle_time(answers, ttl))
+        primed = prime(port, rdv.peer, ttl)
     except OSError as exc:
         raise ToolError(ExitStatus.PUNCH_FAILED,
                         f"priming failed: {exc.strerror or exc}") from None
-    event(primed.describe())
     try:
-        if not primed.alive:
-            raise ToolError(ExitStatus.PUNCH_FAILED, "the primed socket did not stay open")
         phase("primed", ttl=ttl)
         control.send("PRIMED")
         control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
         phase("go")
+        event(primed.describe())
+        state = primed.state
+        if state in (TCP_SYN_SENT, TCP_CLOSE) and rdv.role == "first":
+            # Our full SYN now, from a fresh socket: a later ISN re-opens our NAT's entry,
+            # still in SYN_SENT (nothing full came from the peer yet). In SYN-SENT a close
+            # sends nothing.
+            event("prime: GO: both holes are open; we connect first")
+            primed.sock.close()
+            return None
+        if state == TCP_CLOSE:
+            primed.sock.close()
+            raise ToolError(ExitStatus.PUNCH_FAILED, "the primed socket did not stay open")
+        primed.open_up()
+        event("prime: GO: both holes are open; waiting for the peer's SYN on the primed "
+              "socket")
+        return primed.sock
     except BaseException:
         primed.sock.close()
         raise
-    if rdv.role == "first" and primed.alive:
-        # Our full SYN now: a fresh connect() (a new, later ISN re-opens our NAT's entry,
-        # still in SYN_SENT: nothing full came from the peer yet).
-        event("prime: GO: both holes are open; we connect first")
-        primed.sock.close()  # in SYN-SENT a close sends nothing
-        return None
-    event("prime: GO: both holes are open; waiting for the peer's SYN on the primed socket")
-    return primed.sock
 
 
-def _learn_peer(cfg: PunchConfig, port: int, deadline: float,
-                event: Callable[[str], None]) -> Rendezvous:
+def _learn_peer(cfg: PunchConfig, port: int, deadline: float, event: Callable[[str], None],
+                on_broker_address: Callable[[Endpoint], None] | None = None) -> Rendezvous:
     if cfg.broker is not None:
         assert cfg.session is not None
         event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
         offer = ("prime",) if cfg.strategy in ("auto", "prime") else ()
-        return rendezvous(cfg.broker, cfg.session, port, deadline, event, offer)
+        return rendezvous(cfg.broker, cfg.session, port, deadline, event, offer,
+                          on_broker_address)
     if cfg.seed_broker is not None:
         event(f"polling list broker {cfg.seed_broker} for another endpoint")
         return seed_rendezvous(cfg.seed_broker, port, deadline, event)

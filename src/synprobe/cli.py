@@ -242,7 +242,8 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
         try:
             status = run_punch(cfg, event=reporter.step, on_report=on_report,
                                chat_mode="hello" if no_chat else "chat",
-                               on_local_port=capture.start if capture else None)
+                               on_local_port=capture.start if capture else None,
+                               on_broker_address=capture.add_broker if capture else None)
         finally:
             if capture is not None:
                 capture.stop()

@@ -125,6 +125,11 @@ class PunchCapture:
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
             raise ToolError(ExitStatus.USAGE, f"--pcap {path}: cannot write in {directory}")
 
+    def add_broker(self, broker: Endpoint) -> None:
+        """Another broker address the run connects to (the mapping check's): its packets
+        are the broker's, not the punch's."""
+        self.roles.brokers.append(str(broker))
+
     @property
     def written(self) -> int:
         return self._pcap.packets if self._pcap is not None else 0
