@@ -17,9 +17,9 @@ wins. Priming removes the cause instead of retrying:
    check), and a time-exceeded always quotes TTL 1 or 0, while every real segment from
    the peer arrives with a TTL far above 2. The socket stays in SYN-SENT with the very
    sequence number our NAT recorded, and its kernel retransmissions stay TTL-limited;
-3. both tell the broker PRIMED; once both did, both get GO. The second gives its primed
-   socket a full TTL (for the SYN+ACK it will send); the first sends its full SYN from a
-   fresh socket (a later ISN re-opens its own NAT's entry, still in SYN_SENT). That SYN
+3. both tell the broker PRIMED (the second gives its primed socket a full TTL first, for
+   the SYN+ACK it will send); once both did, both get GO, and the first sends its full
+   SYN from a fresh socket (a later ISN re-opens its own NAT's entry, still in SYN_SENT). That SYN
    finds an open hole at the peer's NAT and a socket in SYN-SENT behind it whose
    sequence numbers the NAT knows: a simultaneous open, never an RST or an ICMP.
 

@@ -240,6 +240,12 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
         raise ToolError(ExitStatus.PUNCH_FAILED,
                         f"priming failed: {exc.strerror or exc}") from None
     try:
+        if rdv.role != "first":
+            # The first's SYN may come the moment the broker's GO left, before we read
+            # GO: our SYN+ACK must already carry a full TTL. (Our kernel's own SYN
+            # retransmission, 1 s after priming, then goes out in full too: by then the
+            # first has primed as well, unless it is over a second behind us.)
+            primed.open_up()
         phase("primed", ttl=ttl)
         control.send("PRIMED")
         control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
@@ -256,7 +262,7 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
         if state == TCP_CLOSE:
             primed.sock.close()
             raise ToolError(ExitStatus.PUNCH_FAILED, "the primed socket did not stay open")
-        primed.open_up()
+        primed.open_up()  # the first, when the peer's SYN reached its primed socket
         event("prime: GO: both holes are open; waiting for the peer's SYN on the primed "
               "socket")
         return primed.sock
