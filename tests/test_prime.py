@@ -99,10 +99,17 @@ def test_ttl_passes_our_nats_and_stops_short_of_the_peer() -> None:
 
 
 def test_no_ttl_when_no_router_separates_the_nats() -> None:
-    ttl, why = choose_ttl(hops("10.1.0.1"), "10.2.0.2")
-    assert ttl is None and "no router between" in why
+    # The peer's own address answers at TTL 2: any SYN that leaves our NAT reaches it.
+    ttl, why = choose_ttl(hops("10.1.0.1", peer="10.2.0.2", peer_answers=True), "10.2.0.2")
+    assert ttl is None and "no router between" in why and "TTL 2" in why
     ttl, why = choose_ttl([], "203.0.113.2")
     assert ttl is None and "no router answered" in why
+
+
+def test_silent_hops_after_our_nat_are_no_evidence_of_a_near_peer() -> None:
+    # A router that rate-limits its ICMP, a peer NAT that drops UDP: only hop 1 answered.
+    ttl, why = choose_ttl(hops("10.2.0.1"), "198.51.100.2")
+    assert ttl == 2 and "silent" in why
     # A silent hop 1 (a home router that sends no time-exceeded) before a carrier NAT's
     # inside hop: the SYN must still pass both, up to the first outside hop.
     gap = [HopAnswer(2, "100.64.0.1", ICMP_TIME_EXCEEDED, 0),

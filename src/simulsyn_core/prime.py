@@ -111,7 +111,11 @@ def choose_ttl(answers: list[HopAnswer], peer_ip: str) -> tuple[int | None, str]
     exceeded = sorted((a for a in answers
                        if a.icmp_type == ICMP_TIME_EXCEEDED and a.offender != peer_ip),
                       key=lambda a: a.ttl)
-    if not exceeded:
+    # Where the peer's own address answered (port-unreachable, or anything from it): the
+    # only evidence of how far it is. Silence proves nothing: routers rate-limit ICMP
+    # (Linux: about one a second per destination) and NATs drop unsolicited UDP.
+    peer_at = min((a.ttl for a in answers if a.offender == peer_ip), default=None)
+    if not exceeded and peer_at is None:
         return None, NO_ANSWER
     # The first hop that answers from outside addresses is past our NATs (a silent hop
     # before it, e.g. a home router that sends no time-exceeded, counts as ours).
@@ -119,12 +123,13 @@ def choose_ttl(answers: list[HopAnswer], peer_ip: str) -> tuple[int | None, str]
     inside = max((a.ttl for a in exceeded if _inside(a.offender)
                   and (outside is None or a.ttl < outside)), default=0)
     ttl = max(outside if outside is not None else inside + 1, 2)
-    farthest = exceeded[-1].ttl  # the last hop short of the peer's address
-    if ttl > farthest:
+    if peer_at is not None and ttl >= peer_at:
         return None, (f"no router between our NAT(s) and the peer to let the SYN die at "
-                      f"(the peer's address is {farthest + 1} hop(s) away)")
-    return ttl, (f"{inside} NAT hop(s) with inside addresses, the peer's address "
-                 f"{farthest + 1} hop(s) away")
+                      f"(the peer's address answered at TTL {peer_at})")
+    if outside is None:
+        return ttl, (f"{inside} NAT hop(s) with inside addresses, the hops after them silent "
+                     f"(ICMP rate limits?): TTL {ttl} assumed past them")
+    return ttl, (f"{inside} NAT hop(s) with inside addresses, hop {outside} outside")
 
 
 def _read_error_queue(sock: socket.socket) -> list[tuple[bytes, HopAnswer | None]]:
