@@ -120,10 +120,18 @@ def _public(conn: socket.socket) -> str:
     return str(Endpoint.from_sockaddr(conn.getpeername()))
 
 
-def _punch_against(broker: FakeBroker) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{broker.port}",
-                           "--session", "s", "--timeout", "1.5", "-v", "--json"],
-                          capture_output=True, text=True, timeout=30)
+def _punch_against(answer: Callable[[str, socket.socket], bool]
+                   ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """A punch against a FakeBroker answering with ``answer``: (the run, the lines the
+    broker got)."""
+    broker = FakeBroker(answer)
+    try:
+        run = subprocess.run([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{broker.port}",
+                              "--session", "s", "--timeout", "1.5", "-v", "--json"],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        broker.close()
+    return run, broker.lines
 
 
 def _registered(line: str, conn: socket.socket) -> bool:
@@ -140,16 +148,12 @@ def test_an_older_broker_that_refuses_whoami_still_pairs() -> None:
             return False  # and closes, as an older broker does
         return _registered(line, conn)
 
-    broker = FakeBroker(older)
-    try:
-        run = _punch_against(broker)
-    finally:
-        broker.close()
+    run, lines = _punch_against(older)
     # registered on a second connection from the same port, then waited for a peer
     assert run.returncode == 4, run.stderr
     assert "registered in session 's'" in run.stderr
-    assert [line.split()[1] for line in broker.lines] == ["WHOAMI", "REGISTER"]
-    assert "mapping=" not in broker.lines[1]
+    assert [line.split()[1] for line in lines] == ["WHOAMI", "REGISTER"]
+    assert "mapping=" not in lines[1]
 
 
 def test_an_unreachable_other_address_leaves_the_mapping_unknown() -> None:
@@ -163,13 +167,11 @@ def test_an_unreachable_other_address_leaves_the_mapping_unknown() -> None:
             return True
         return _registered(line, conn)
 
-    broker = FakeBroker(unreachable_alt)
     try:
-        run = _punch_against(broker)
+        run, lines = _punch_against(unreachable_alt)
     finally:
-        broker.close()
         closed.close()
     assert run.returncode == 4, run.stderr
     assert f"mapping check skipped: the broker's other address: broker {alt}" in run.stderr
-    register = next(line for line in broker.lines if line.startswith("SSYN1 REGISTER"))
+    register = next(line for line in lines if line.startswith("SSYN1 REGISTER"))
     assert "mapping=" not in register
