@@ -97,10 +97,11 @@ def take_down_and_check(lab: labmod.Lab) -> list[str]:
     return problems + leftovers(lab.namespaces, inodes)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """What synprobe records for `synprobe report` (last nat-check, pcaps) goes to a
-    temporary directory during the tests, never to the user's own state."""
+    """What synprobe records (last nat-check, pcaps) goes to a temporary directory of
+    each test, never to the user's own state, and no test sees another's: a punch reads
+    the last nat-check (the lab's public addresses are the same in every lab)."""
     old = os.environ.get("SYNPROBE_STATE_DIR")
     os.environ["SYNPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import ipaddress
 import queue
 import signal
@@ -23,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
-from .rendezvous import Reply, SeedList, SessionTable
-from .sockets import enable_keepalive
+from .rendezvous import REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
+from .sockets import enable_keepalive, tcp_rtt_s
 from .wire import (
     LINE_MAX,
     LineDecoder,
@@ -45,6 +46,11 @@ EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
 CLOSE_GRACE_S = 2.0  # on stop, connection handlers get this long to finish
 KEEPALIVE = (30, 10, 3)  # idle, interval, count: a waiting client that vanished is noticed
+# The SYN probe of a registering client (--syn-probe): an answer (RST, ICMP) comes back
+# within one RTT; none within this long means the NAT dropped the SYN.
+SYN_PROBE_MIN_S = 0.1
+SYN_PROBE_MAX_S = 1.0
+SYNC_MAX_DELAY_S = 1.0  # sync delivery holds the nearer peer's PEER back at most this long
 
 Log = Callable[[str], None]
 # A service answers the verbs it registered for, on a rendezvous connection (nat-check's
@@ -110,6 +116,7 @@ class Broker:
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _per_ip: dict[str, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
@@ -158,9 +165,25 @@ class Broker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
 
+    def rtt_s(self, conn: int) -> float | None:
+        """The kernel's smoothed RTT of connection ``conn`` (TCP_INFO), None if unknown."""
+        writer = self._writers.get(conn)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        return tcp_rtt_s(sock) if sock is not None else None
+
     def _carry_out(self, replies: list[Reply]) -> None:
         # Written in one step without awaiting, so both peers of a pair are told at
-        # the same moment.
+        # the same moment (their RTTs aside); replies marked ``sync`` are timed so that
+        # they arrive at the same moment (sync_delays).
+        synced = [r for r in replies if r.sync]
+        if synced:
+            delays = sync_delays([self.rtt_s(r.conn) for r in synced])  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            for reply, delay in zip(synced, delays, strict=True):
+                if delay > 0:
+                    loop.call_later(delay, self._carry_out, [Reply(reply.conn, reply.data,
+                                                                   reply.close)])
+                    replies = [r for r in replies if r is not reply]
         for reply in replies:
             writer = self._writers.get(reply.conn)  # type: ignore[call-overload]
             if writer is None:
@@ -247,9 +270,14 @@ class Broker:
                     session = msg.require("session")
                     local = msg.endpoint("local") if msg.get("local") else None
                     offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
-                    replies = self.sessions.register(conn, session, public, local,
-                                                     time.monotonic(), offered,
-                                                     msg.get("mapping"))
+                    unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
+                    if unsolicited is None and self.syn_probe:
+                        unsolicited = await self._probe_unsolicited(conn, public)
+                        if conn not in self._writers:
+                            return
+                    replies = self.sessions.register(
+                        conn, session, public, local, time.monotonic(), offered,
+                        msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN))
                     self._log_replies(public, session, replies)
                     self._carry_out(replies)
             except ProtocolError as exc:
@@ -271,6 +299,18 @@ class Broker:
                     self.log(f"{public} left before its peer came")
                 return
 
+    async def _probe_unsolicited(self, conn: int, public: Endpoint) -> str | None:
+        """One unsolicited SYN to the client's public endpoint, from our address it
+        reached: "reject" if anything answers (RST, ICMP), "drop" if nothing does within
+        a few of its RTTs, None if we cannot tell. An ordinary connect(): no privilege."""
+        rtt = self.rtt_s(conn) or 0.0
+        wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 3 * rtt + 0.05))
+        reached = self.local_endpoint(conn)
+        result = await probe_unsolicited(public, reached.ip if reached else "0.0.0.0", wait_s)
+        self.log(f"syn probe {public}: {result or 'unknown'} (waited at most "
+                 f"{wait_s * 1000:.0f} ms)")
+        return result
+
     def _youare(self, conn: int, public: Endpoint, close: bool) -> Reply:
         """The client's public endpoint, and another address of ours (a different IP, so
         that a NAT maps it as another destination) for the client to ask again: a NAT
@@ -291,6 +331,45 @@ class Broker:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
 
 
+def _known(value: str | None, allowed: tuple[str, ...]) -> str | None:
+    """A REGISTER fact the broker knows, else None (unknown values are ignored: room to
+    grow, as for unknown fields)."""
+    return value if value in allowed else None
+
+
+def sync_delays(rtts_s: list[float | None]) -> list[float]:
+    """How long to hold each of several messages so that all arrive at the same moment:
+    each one-way time taken as RTT/2 (what libp2p's DCUtR does). With an RTT unknown,
+    none is held."""
+    if not rtts_s or any(r is None for r in rtts_s):
+        return [0.0] * len(rtts_s)
+    one_way = [r / 2 for r in rtts_s if r is not None]
+    return [min(SYNC_MAX_DELAY_S, max(one_way) - w) for w in one_way]
+
+
+async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> str | None:
+    """Send one SYN to ``target`` from ``source_ip`` (a fresh port): what comes back?"""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((source_ip, 0))
+        await asyncio.wait_for(loop.sock_connect(sock, (target.ip, target.port)), wait_s)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
+        return "drop"
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "reject"  # an RST, or an ICMP unreachable (port, host, admin-prohibited)
+        return None  # our own side failed (EPERM from a local firewall, EADDRNOTAVAIL...)
+    else:
+        return "reject"  # something there answered with a SYN+ACK: an early SYN is answered
+    finally:
+        # An RST, not a FIN, if it did connect; nothing at all from SYN-SENT.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        sock.close()
+
+
 def _same_scope(alt: str, reached: str) -> bool:
     """Another address a client that reached ``reached`` can reach too: a different IP of
     the same kind (no loopback or private address offered to a client that came over a
@@ -303,11 +382,13 @@ def _same_scope(alt: str, reached: str) -> bool:
 
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,
-               services: dict[str, Service] | None = None) -> int:
-    """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind."""
+               services: dict[str, Service] | None = None, syn_probe: bool = False) -> int:
+    """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind.
+    ``syn_probe``: learn what each registering client's NAT does to an unsolicited SYN
+    (``Broker.syn_probe``)."""
 
     async def main() -> int:
-        broker = Broker(binds, log=log, services=dict(services or {}))
+        broker = Broker(binds, log=log, services=dict(services or {}), syn_probe=syn_probe)
         await broker.start()
         stop = asyncio.Event()
         got: list[int] = []

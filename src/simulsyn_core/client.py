@@ -25,6 +25,9 @@ from .wire import (
     looks_like_rendezvous,
 )
 
+# The strategies whose PEER keeps the connection for PRIMED -> GO (rendezvous.EXCHANGED;
+# the client does not import the broker's table).
+EXCHANGED = ("prime", "order")
 BROKER_CONNECT_TIMEOUT_S = 5.0
 WHOAMI_TIMEOUT_S = 2.0  # each answer of the mapping check, at most
 TUPLE_BUSY_S = 2.0  # reconnecting to an older broker: how long our old 4-tuple may linger
@@ -44,8 +47,30 @@ class Rendezvous:
     role: str | None = None  # "first" (registered first) or "second"
     known_at: float = 0.0  # time.monotonic() when the peer became known
     known_wall: float = 0.0  # time.time() of the same moment
-    strategy: str | None = None  # what the broker chose for the pair ("prime"), if any
+    strategy: str | None = None  # what the broker chose for the pair, if one we offered
     control: Control | None = None  # the broker connection, kept for the ordering exchange
+    why: str | None = None  # the broker's reason for the strategy
+
+
+@dataclass(frozen=True)
+class NatFacts:
+    """What an earlier `synprobe nat-check` found about our NAT; the core reads no files,
+    the caller passes it. Told to the broker (REGISTER ``unsolicited=``, ``reply_syn=``)
+    and used for the priming TTL only when the broker sees us at ``public_ip``: the same
+    network as that nat-check."""
+
+    public_ip: str
+    unsolicited: str | None = None  # "drop" or "reject"
+    reply_syn: str | None = None  # "pass" or "blocked"
+    ttl: int | None = None  # a TTL that crosses our NAT(s) and dies before the peer's
+    age_s: float = 0.0
+
+    def describe(self) -> str:
+        known = [f"{k}={v}" for k, v in (("unsolicited", self.unsolicited),
+                                         ("reply_syn", self.reply_syn), ("ttl", self.ttl))
+                 if v is not None]
+        return (f"nat-check of {self.public_ip}, {self.age_s / 3600:.1f} h old: "
+                + (", ".join(known) or "nothing usable"))
 
 
 class Control:
@@ -175,18 +200,23 @@ def _whoami(sock: socket.socket, broker: Endpoint, deadline: float, close: bool
 
 def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadline: float,
                   event: Event, on_alt: Callable[[Endpoint], None] | None = None
-                  ) -> tuple[str | None, bool]:
+                  ) -> tuple[str | None, bool, Endpoint | None]:
     """Is our NAT's mapping the same towards another destination? Ask the broker on
     ``sock`` and through its other address (``alt``) from the same local port: two public
     ports mean a port-randomising (endpoint-dependent) NAT. Returns (mapping: "same",
-    "varies" or None when the broker cannot tell, whether ``sock`` is still usable)."""
+    "varies" or None when the broker cannot tell, whether ``sock`` is still usable, our
+    public endpoint as the broker sees it, if it said)."""
     first = _whoami(sock, broker, deadline, close=False)
     if first is None:
-        return None, False  # an older broker refused the verb and closed
+        return None, False, None  # an older broker refused the verb and closed
+    try:
+        public = first.endpoint("public")
+    except ProtocolError:
+        public = None
     alt = first.endpoint("alt") if first.get("alt") else None
     if alt is None:
         event("mapping check skipped: the broker has one address")
-        return None, True
+        return None, True, public
     if on_alt is not None:
         on_alt(alt)
     # Best effort: an alt we cannot reach (a broker behind a 1:1 NAT advertising its
@@ -201,36 +231,47 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
             other.close()
     except ToolError as exc:
         event(f"mapping check skipped: the broker's other address: {exc.message}")
-        return None, True
+        return None, True, public
     if second is None:
-        return None, True
+        return None, True, public
     try:
         seen = (first.endpoint("public"), second.endpoint("public"))
     except ProtocolError as exc:
         event(f"mapping check skipped: {exc}")
-        return None, True
+        return None, True, public
     mapping = "same" if seen[0] == seen[1] else "varies"
     event(f"mapping check: the broker sees us as {seen[0]} via {broker} and as {seen[1]} via "
           f"{alt}: " + ("one mapping for both" if mapping == "same"
                         else "our NAT maps each destination to another public port"))
-    return mapping, True
+    return mapping, True, public
 
 
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                event: Event, strategies: tuple[str, ...] = (),
-               on_alt: Callable[[Endpoint], None] | None = None) -> Rendezvous:
+               on_alt: Callable[[Endpoint], None] | None = None,
+               facts: NatFacts | None = None) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
     First the mapping check (``check_mapping``): a port-randomising NAT is declared in
     REGISTER, and the broker tells both peers at once that no punch can work.
     ``strategies`` are offered to the broker (``strategies=`` of REGISTER); when it
     answers PEER with one of them, the connection stays open as ``Rendezvous.control``
-    and the caller closes it."""
+    and the caller closes it. ``facts`` (an earlier nat-check's) are told to the broker
+    when it sees us at the same public address."""
     sock = _connect_broker(broker, local_port, deadline)
     keep = False
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
-        mapping, usable = check_mapping(sock, broker, local_port, deadline, event, on_alt)
+        mapping, usable, public_seen = check_mapping(sock, broker, local_port, deadline,
+                                                     event, on_alt)
+        told = {}
+        if facts is not None and public_seen is not None:
+            if public_seen.ip == facts.public_ip:
+                told = {"unsolicited": facts.unsolicited, "reply_syn": facts.reply_syn}
+                event(f"telling the broker what the last {facts.describe()}")
+            else:
+                event(f"the last nat-check was of {facts.public_ip}, the broker sees us at "
+                      f"{public_seen.ip}: another network, not used")
         if not usable:
             # An older broker refused the verb and closes: let it close first (TIME_WAIT
             # on its side, not on our port), then register as before from the same port
@@ -242,7 +283,7 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
         try:
             sock.sendall(encode_message("REGISTER", session=session, local=local,
                                         strategies=",".join(strategies) or None,
-                                        mapping=mapping))
+                                        mapping=mapping, **told))
         except OSError as exc:
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                             f"broker {broker}: {exc.strerror or exc}") from None
@@ -300,9 +341,11 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
         raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                         f"broker {broker}: protocol error: {exc}") from None
     strategy = msg.get("strategy")
+    why = (msg.get("why") or "").replace("_", " ") or None
     if strategy is not None and strategy in strategies:
+        control = Control(sock, broker, decoder) if strategy in EXCHANGED else None
         return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
-                          Control(sock, broker, decoder))
+                          control, why)
     return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall)
 
 

@@ -46,7 +46,7 @@ RETRY_INTERVAL_S = 0.01  # pause after an attempt that was refused at once (RST/
 RETRY_JITTER = 0.5  # each pause is the interval times a factor in [1 - j, 1 + j]
 ATTEMPT_TIMEOUT_S = 10.0  # one connect() waits this long while the kernel resends the SYN
 PUNCH_TIMEOUT_S = 30.0  # the whole run, waiting for the peer included
-STRATEGIES = ("auto", "plain", "prime")  # --strategy (session.py runs them)
+STRATEGIES = ("auto", "plain", "sync", "order", "prime")  # --strategy (session.py runs them)
 
 
 @dataclass(frozen=True)

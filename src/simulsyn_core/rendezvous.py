@@ -18,6 +18,13 @@ MAX_WAITING_SESSIONS = 4096  # bound on memory a flood of registrations can take
 MAX_WAITING_PER_IP = 16  # so that one host cannot fill the table
 PRIME_WAIT_MAX_S = 10.0  # a primed pair must finish its ordering exchange within this
 STRATEGY_PRIME = "prime"
+STRATEGY_ORDER = "order"
+STRATEGY_SYNC = "sync"
+# Strategies that keep both connections after PEER for the PRIMED -> GO exchange.
+EXCHANGED = frozenset({STRATEGY_PRIME, STRATEGY_ORDER})
+# What a client may say of its NAT in REGISTER (docs/protocol.md, "What the broker knows"):
+UNSOLICITED = ("drop", "reject")  # an unsolicited inbound SYN: silently dropped, or answered
+REPLY_SYN = ("pass", "blocked")  # a SYN in reply to the host's own SYN: passes, or not
 
 
 class SeedList:
@@ -45,6 +52,7 @@ class Reply:
     conn: Hashable
     data: bytes
     close: bool
+    sync: bool = False  # one of the replies to deliver so that all arrive at one moment
 
 
 @dataclass
@@ -55,6 +63,86 @@ class _Waiting:
     since: float
     strategies: frozenset[str] = frozenset()
     mapping: str | None = None  # "same" or "varies" (REGISTER's mapping=), None: unknown
+    unsolicited: str | None = None  # one of UNSOLICITED, None: unknown
+    reply_syn: str | None = None  # one of REPLY_SYN, None: unknown
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What one client's REGISTER (or the broker's own probe) says of its NAT."""
+
+    strategies: frozenset[str] = frozenset()
+    mapping: str | None = None
+    unsolicited: str | None = None
+    reply_syn: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a pair punches: ``strategy`` (None: plain), whether the client that registered
+    first gets ``role=first`` (the side whose SYN crosses into the other's open hole),
+    and why, in a few words for both clients' --verbose and JSON."""
+
+    strategy: str | None
+    waiting_is_first: bool
+    why: str
+
+
+def plan_pair(waiting: Facts, joining: Facts) -> Plan:
+    """Choose the strategy of a pair from what both offered and what is known of their
+    NATs (pure: tested on every combination).
+
+    Roles: ``first`` sends the SYN that crosses into the other side's open hole; the
+    ``second``'s NAT must therefore pass a SYN that comes as the reply to its own host's
+    SYN. A NAT that drops such SYNs makes its side ``first`` (prime, order).
+
+    - sync: both NATs drop unsolicited SYNs silently (and pass reply SYNs): an early SYN
+      harms nobody, so both connect() at once, told at the same moment;
+    - order: ``second`` (whose NAT may answer an unsolicited SYN) sends first, while the
+      ``first``'s NAT silently drops that early SYN; ``first`` sends after GO;
+    - prime: both open their own holes with TTL-limited SYNs, then ``first`` sends;
+      needs no knowledge of the NATs, only a TTL between them.
+    """
+    offered = waiting.strategies & joining.strategies
+    sides = (waiting, joining)
+
+    def first_can_be(first: Facts, second: Facts) -> bool:
+        return second.reply_syn != "blocked"
+
+    blocked = [f.reply_syn == "blocked" for f in sides]
+    if STRATEGY_SYNC in offered and all(f.unsolicited == "drop" for f in sides) \
+            and not any(blocked):
+        return Plan(STRATEGY_SYNC, True, "both NATs drop an unsolicited SYN silently: both "
+                                         "connect at once, told at the same moment")
+    if STRATEGY_ORDER in offered:
+        # (waiting first, joining first): the first's NAT must drop the second's early SYN.
+        options = [(w_first, first, second) for w_first, first, second in
+                   ((True, waiting, joining), (False, joining, waiting))
+                   if first.unsolicited == "drop" and first_can_be(first, second)]
+        # The side whose NAT answers sends first (it must never meet an early SYN).
+        options.sort(key=lambda o: o[2].unsolicited != "reject")
+        if options:
+            w_first, _, second = options[0]
+            who = ("the side whose NAT answers unsolicited SYNs"
+                   if second.unsolicited == "reject" else "one side")
+            return Plan(STRATEGY_ORDER, w_first,
+                        f"{who} sends first (role second); the other's NAT drops that early "
+                        "SYN silently, and it sends after GO (role first)")
+        if STRATEGY_PRIME not in offered:
+            # Asked for by both, with too little known: the joining side sends first.
+            w_first = not (joining.unsolicited == "drop" or waiting.unsolicited == "reject")
+            return Plan(STRATEGY_ORDER, w_first, "order asked for by both peers; what their "
+                                                 "NATs do to an unsolicited SYN is not known")
+    if STRATEGY_PRIME in offered:
+        w_first = not blocked[1] or blocked[0]
+        return Plan(STRATEGY_PRIME, w_first,
+                    "both sides open their own NAT's hole with a TTL-limited SYN, then one "
+                    "SYN crosses" + (" (the side whose NAT drops reply SYNs sends it)"
+                                     if any(blocked) else ""))
+    if STRATEGY_SYNC in offered:
+        return Plan(STRATEGY_SYNC, True, "sync asked for by both peers: both connect at "
+                                         "once, told at the same moment")
+    return Plan(None, True, "plain: connect() with retries from both sides")
 
 
 # What each side is told when one NAT's mapping varies with the destination.
@@ -68,6 +156,8 @@ UNTRAVERSABLE = {
 
 UNTRAVERSABLE_BOTH = ("both NATs map each destination to another public port "
                       "(port-randomising): only a relay can join you")
+UNTRAVERSABLE_REPLY_SYN = ("both NATs drop a SYN even when it is the reply to their own "
+                           "host's SYN: no simultaneous open can pass both")
 
 
 @dataclass
@@ -108,10 +198,12 @@ class SessionTable:
     def register(self, conn: Hashable, session: str, public: Endpoint,
                  local: Endpoint | None, now: float,
                  strategies: frozenset[str] = frozenset(),
-                 mapping: str | None = None) -> list[Reply]:
+                 mapping: str | None = None, unsolicited: str | None = None,
+                 reply_syn: str | None = None) -> list[Reply]:
         """``strategies``: what the client offers beyond the plain punch (REGISTER's
-        ``strategies=`` field); a pair that both offer ``prime`` is told
-        ``strategy=prime`` and keeps its connections for the ordering exchange."""
+        ``strategies=`` field); ``mapping``, ``unsolicited``, ``reply_syn``: what is known
+        of its NAT (None: unknown). The pair's plan is ``plan_pair``'s; a pair in an
+        ordering exchange (prime, order) keeps its connections for PRIMED -> GO."""
         if not SESSION_RE.fullmatch(session):
             return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
         if conn in self._session_of or conn in self._priming:
@@ -123,14 +215,15 @@ class SessionTable:
             self._session_of.pop(other.conn, None)
             replaced = _error(other.conn, "replaced", "a newer registration from this endpoint")
             return [replaced, *self.register(conn, session, public, local, now, strategies,
-                                             mapping)]
+                                             mapping, unsolicited, reply_syn)]
         if other is None:
             if len(self._waiting) >= self.max_waiting:
                 return [_error(conn, "busy", "too many waiting sessions; try later")]
             if sum(w.public.ip == public.ip for w in self._waiting.values()) >= \
                     self.max_waiting_per_ip:
                 return [_error(conn, "busy", "too many waiting sessions from this address")]
-            self._waiting[session] = _Waiting(conn, public, local, now, strategies, mapping)
+            self._waiting[session] = _Waiting(conn, public, local, now, strategies, mapping,
+                                              unsolicited, reply_syn)
             self._session_of[conn] = session
             return [Reply(conn, encode_message("REGISTERED", session=session, public=public),
                           close=False)]
@@ -143,27 +236,40 @@ class SessionTable:
             return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
                            else UNTRAVERSABLE[m == "varies"])
                     for c, m in ((other.conn, other.mapping), (conn, mapping))]
-        prime = STRATEGY_PRIME in other.strategies and STRATEGY_PRIME in strategies
-        strategy = STRATEGY_PRIME if prime else None
-        if prime:
-            pair = _Priming(session, other.conn, conn, now)
+        if other.reply_syn == reply_syn == "blocked":
+            return [_error(c, "untraversable", UNTRAVERSABLE_REPLY_SYN)
+                    for c in (other.conn, conn)]
+        plan = plan_pair(Facts(other.strategies, other.mapping, other.unsolicited,
+                               other.reply_syn),
+                         Facts(strategies, mapping, unsolicited, reply_syn))
+        exchange = plan.strategy in EXCHANGED
+        first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
+        if exchange:
+            pair = _Priming(session, first, second, now)
             self._priming[other.conn] = self._priming[conn] = pair
+        # Only a client that offered strategies reads why=; an older one gets none.
+        why = {c: plan.why if offered else None
+               for c, offered in ((other.conn, other.strategies), (conn, strategies))}
         return [
             Reply(other.conn, encode_message(
                 "PEER", session=session, public=other.public, peer=public,
-                peer_local=local, role="first", strategy=strategy), close=not prime),
+                peer_local=local, role="first" if other.conn == first else "second",
+                strategy=plan.strategy, why=why[other.conn]), close=not exchange,
+                sync=plan.strategy == STRATEGY_SYNC),
             Reply(conn, encode_message(
                 "PEER", session=session, public=public, peer=other.public,
-                peer_local=other.local, role="second", strategy=strategy),
-                close=not prime),
+                peer_local=other.local, role="first" if conn == first else "second",
+                strategy=plan.strategy, why=why[conn]), close=not exchange,
+                sync=plan.strategy == STRATEGY_SYNC),
         ]
 
     def priming(self, conn: Hashable) -> bool:
-        """True while ``conn`` is in a prime ordering exchange."""
+        """True while ``conn`` is in an ordering exchange (prime, order)."""
         return conn in self._priming
 
     def step(self, conn: Hashable, verb: str) -> list[Reply]:
-        """PRIMED from a client of a primed pair: GO to both once both said it."""
+        """PRIMED from a client of a pair in an ordering exchange (prime, order): GO to
+        both once both said it."""
         pair = self._priming.get(conn)
         if pair is None:
             return [_error(conn, "bad-request", f"{verb} outside a primed pair")]

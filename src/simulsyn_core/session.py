@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from .chat import chat, close_cleanly, confirm_path, hello_exchange
-from .client import Control, Rendezvous, rendezvous, seed_rendezvous
+from .client import Control, NatFacts, Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
 from .prime import (
     DEFAULT_TTL,
+    FULL_TTL,
     ICMP_TIME_EXCEEDED,
     NO_ANSWER,
     TCP_CLOSE,
@@ -36,6 +37,13 @@ from .sockets import bound_socket
 
 PRIME_EXCHANGE_S = 5.0  # the ordering exchange at the broker, at most (then: plain)
 CONTROL_CLOSE_S = 1.0  # for the broker to close the kept connection first
+# Without a synprobe broker (--peer, --seed-broker), --first connects this long after the
+# peer is known: the --second side, started first, has opened its hole by then.
+FIRST_WAIT_S = 0.5
+# What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
+# broker chooses from what it knows of both NATs (rendezvous.plan_pair).
+OFFERS = {"auto": ("prime", "order", "sync"), "plain": (), "prime": ("prime",),
+          "order": ("order",), "sync": ("sync",)}
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,9 @@ class PunchConfig:
     retry_interval_s: float = RETRY_INTERVAL_S
     attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
     strategy: str = "auto"  # one of STRATEGIES
-    ttl: int | None = None  # the priming TTL; None: measured towards the peer
+    ttl: int | None = None  # the priming TTL; None: nat-check's, else measured
+    role: str | None = None  # without a synprobe broker: "first" or "second" (order)
+    facts: NatFacts | None = None  # what the last nat-check found (synprobe passes it)
 
     @property
     def mode(self) -> str:
@@ -80,10 +90,11 @@ class PunchReport:
     peer_known_at: float | None = None  # Unix time the peer's endpoint became known
     established_at: float | None = None  # Unix time the connection came up
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
-    strategy: str | None = None  # what ran: "plain" or "prime"
+    strategy: str | None = None  # what ran: "plain", "sync", "order" or "prime"
+    strategy_reason: str | None = None  # why (the broker's reason, or the options')
     ttl: int | None = None  # prime: the TTL of the priming SYN
-    ttl_source: str | None = None  # prime: "--ttl", "measured" or "default"
-    phases: list[dict[str, Any]] = field(default_factory=list)  # prime: steps and times
+    ttl_source: str | None = None  # prime: "--ttl", "nat-check", "measured" or "default"
+    phases: list[dict[str, Any]] = field(default_factory=list)  # steps and their times
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,28 +168,7 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     # Both sides of a broker session are synprobe: prove the path before calling it up.
     # The original's peers (seed-broker, direct) would not answer the check.
     confirm = confirm_path if cfg.mode == "broker" else None
-    report.strategy = "plain"
-    pending = None
-    if rdv.control is not None:
-        report.strategy = "prime"
-        try:
-            pending = _prime(cfg, rdv, rdv.control, port, deadline, event, report)
-        except ToolError as exc:
-            # Closed at once: the broker tells a peer still waiting for GO that we left
-            # (peer-gone), and it punches plain too.
-            rdv.control.sock.close()
-            if exc.status != ExitStatus.PUNCH_FAILED:
-                raise
-            event(f"prime: {exc.message}; going on with the plain punch")
-            report.strategy = "plain"
-        except BaseException:
-            rdv.control.sock.close()
-            raise
-        else:
-            rdv.control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
-    elif cfg.strategy == "prime":
-        event("prime: the broker did not offer it (an older broker, or the peer did not "
-              "ask for it); punching plain")
+    pending = _choose(cfg, rdv, port, deadline, event, report)
     result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm, pending)
     if result.sock is not None:
         clear_minttl(result.sock)
@@ -204,6 +194,123 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
         return chat(sock, stdin_fd, out, event, initial=result.leftover)
 
 
+def _choose(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
+            event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
+    """Run what comes before the punch's connect()s for the strategy the broker chose
+    (or the options, without a synprobe broker). Returns the socket the punch's first
+    attempt waits on, or None."""
+    report.strategy, report.strategy_reason = rdv.strategy or "plain", rdv.why
+    control = rdv.control
+    if rdv.strategy is not None:
+        event(f"{rdv.strategy}: {rdv.why}" if rdv.why else f"strategy {rdv.strategy}")
+    if control is not None:
+        try:
+            pending = _exchange(cfg, rdv, control, port, deadline, event, report)
+        except ToolError as exc:
+            # Closed at once: the broker tells a peer still waiting for GO that we left
+            # (peer-gone), and it punches plain too.
+            control.sock.close()
+            if exc.status != ExitStatus.PUNCH_FAILED:
+                raise
+            event(f"{rdv.strategy}: {exc.message}; going on with the plain punch")
+            report.strategy = "plain"
+            return None
+        except BaseException:
+            control.sock.close()
+            raise
+        control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
+        return pending
+    if cfg.mode != "broker" and (cfg.role is not None or cfg.ttl is not None):
+        return _without_broker(cfg, rdv, port, event, report)
+    if cfg.mode == "broker" and cfg.strategy not in ("auto", "plain") and \
+            rdv.strategy != cfg.strategy:
+        event(f"{cfg.strategy}: the broker did not offer it (an older broker, or the peer "
+              f"did not ask for it); punching {report.strategy}")
+    return None
+
+
+def _phase(report: PunchReport, known_at: float, name: str, **more: Any) -> None:
+    report.phases.append({"phase": name, "t_s": round(time.monotonic() - known_at, 6),
+                          **more})
+
+
+def _without_broker(cfg: PunchConfig, rdv: Rendezvous, port: int,
+                    event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
+    """--peer / --seed-broker with --first, --second or --ttl: the order is the user's
+    (the --second side is started first), the clock stands in for GO."""
+    report.strategy = "prime" if cfg.ttl is not None else "order"
+    report.strategy_reason = (f"--{cfg.role}" if cfg.role else "") + \
+        (f" --ttl {cfg.ttl}" if cfg.ttl is not None else "")
+    report.strategy_reason = report.strategy_reason.strip()
+    if cfg.ttl is not None:
+        report.ttl, report.ttl_source = cfg.ttl, "--ttl"
+    ttl = cfg.ttl if cfg.ttl is not None else FULL_TTL
+    if cfg.role == "first":
+        if cfg.ttl is not None:
+            prime(port, rdv.peer, ttl).sock.close()  # in SYN-SENT a close sends nothing
+            _phase(report, rdv.known_at, "primed", ttl=ttl)
+            event(f"prime: our NAT's hole opened with a TTL {ttl} SYN")
+        event(f"--first: connecting in {FIRST_WAIT_S:.1f} s, once the --second side's hole "
+              "is open")
+        time.sleep(FIRST_WAIT_S)
+        _phase(report, rdv.known_at, "go")
+        return None
+    try:
+        opened = prime(port, rdv.peer, ttl)
+    except OSError as exc:
+        raise ToolError(ExitStatus.PUNCH_FAILED,
+                        f"opening our hole failed: {exc.strerror or exc}") from None
+    opened.open_up()  # the SYN+ACK it answers the peer's SYN with needs a full TTL
+    _phase(report, rdv.known_at, "primed" if cfg.ttl is not None else "sent", ttl=ttl)
+    event(f"{'prime' if cfg.ttl is not None else 'order'}: our SYN (TTL {ttl}) opened our "
+          "NAT's hole; waiting on that socket for the peer's SYN")
+    return opened.sock
+
+
+def _exchange(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
+              deadline: float, event: Callable[[str], None], report: PunchReport
+              ) -> socket.socket | None:
+    """The PRIMED -> GO exchange of prime and order (docs/protocol.md). Returns the
+    socket the punch's first attempt waits on (the second's), or None for a fresh
+    connect() (the first). Raises ToolError(PUNCH_FAILED) when it cannot work or finish:
+    the run punches plain then."""
+    if rdv.strategy == "order":
+        return _order(rdv, control, port, deadline, event, report)
+    return _prime(cfg, rdv, control, port, deadline, event, report)
+
+
+def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
+           event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
+    """order: the second sends its SYN at once (the first's NAT drops it silently, so
+    the second's hole stays open) and waits on that socket; the first sends after GO."""
+    opened = None
+    if rdv.role == "second":
+        try:
+            opened = prime(port, rdv.peer, FULL_TTL)
+        except OSError as exc:
+            raise ToolError(ExitStatus.PUNCH_FAILED,
+                            f"sending our SYN failed: {exc.strerror or exc}") from None
+        _phase(report, rdv.known_at, "sent")
+        event("order: our SYN is out (the peer's NAT drops it silently); our hole is open")
+    try:
+        control.send("PRIMED")
+        control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
+        _phase(report, rdv.known_at, "go")
+        if opened is None:
+            event("order: GO: the peer's hole is open; we connect")
+            return None
+        if not opened.alive:
+            raise ToolError(ExitStatus.PUNCH_FAILED,
+                            f"our early SYN was answered (TCP state {opened.state}): the "
+                            "peer's NAT does not drop unsolicited SYNs")
+        event("order: GO: waiting for the peer's SYN on our open socket")
+        return opened.sock
+    except BaseException:
+        if opened is not None:
+            opened.sock.close()
+        raise
+
+
 def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadline: float,
            event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
     """Open our NAT's hole with a TTL-limited SYN whose socket stays in SYN-SENT, tell the
@@ -213,11 +320,15 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
     cannot finish: the run punches plain then."""
 
     def phase(name: str, **more: Any) -> None:
-        report.phases.append({"phase": name, "t_s": round(time.monotonic() - rdv.known_at, 6),
-                              **more})
+        _phase(report, rdv.known_at, name, **more)
 
+    facts = cfg.facts
     if cfg.ttl is not None:
         ttl, report.ttl_source = cfg.ttl, "--ttl"
+    elif facts is not None and facts.ttl is not None and rdv.public is not None and \
+            rdv.public.ip == facts.public_ip:
+        ttl, report.ttl_source = facts.ttl, "nat-check"
+        event(f"prime: TTL {ttl} from the last {facts.describe()}")
     else:
         answers = measure_hops(rdv.peer.ip)
         found, why = choose_ttl(answers, rdv.peer.ip)
@@ -276,9 +387,8 @@ def _learn_peer(cfg: PunchConfig, port: int, deadline: float, event: Callable[[s
     if cfg.broker is not None:
         assert cfg.session is not None
         event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
-        offer = ("prime",) if cfg.strategy in ("auto", "prime") else ()
-        return rendezvous(cfg.broker, cfg.session, port, deadline, event, offer,
-                          on_broker_address)
+        return rendezvous(cfg.broker, cfg.session, port, deadline, event,
+                          OFFERS[cfg.strategy], on_broker_address, cfg.facts)
     if cfg.seed_broker is not None:
         event(f"polling list broker {cfg.seed_broker} for another endpoint")
         return seed_rendezvous(cfg.seed_broker, port, deadline, event)

@@ -6,6 +6,7 @@ import errno
 import os
 import selectors
 import socket
+import struct
 import time
 
 from .endpoint import Endpoint
@@ -111,3 +112,18 @@ def enable_keepalive(sock: socket.socket, idle_s: int = 30, interval_s: int = 10
                        ("TCP_KEEPCNT", count)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt (microseconds), Linux's layout
+
+
+def tcp_rtt_s(sock: socket.socket) -> float | None:
+    """The kernel's smoothed RTT of a connected TCP socket (TCP_INFO), None if unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < TCP_INFO_RTT_OFFSET + 4:
+        return None
+    (rtt_us,) = struct.unpack_from("I", info, TCP_INFO_RTT_OFFSET)
+    return rtt_us / 1e6 if rtt_us else None

@@ -114,6 +114,7 @@ MAGIC = "SSYN1"
 LINE_MAX = 512
 MESSAGE_MAX = 160  # an error message is cut to this (it may quote what the client sent)
 SESSION_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TEXT_KEYS = ("message", "why")  # free text: spaces travel as "_", cut to MESSAGE_MAX
 _KEY_RE = re.compile(r"[a-z_]{1,32}")
 _VALUE_RE = re.compile(r"[!-~]{0,200}")  # printable ASCII without spaces
 
@@ -149,7 +150,7 @@ def encode_message(verb: str, **fields: object) -> bytes:
         if value is None:
             continue
         text = str(value)
-        if key == "message":
+        if key in TEXT_KEYS:
             text = text.replace(" ", "_")[:MESSAGE_MAX]
         if not _KEY_RE.fullmatch(key) or not _VALUE_RE.fullmatch(text):
             raise ValueError(f"cannot encode {key}={text!r}")

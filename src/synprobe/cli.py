@@ -102,8 +102,13 @@ def cli(ctx: click.Context, traceback: bool) -> None:
               help="Serve `synprobe nat-check` too: also listen on PORT+1 of each address "
                    "and send raw probes from PORT+2 (README: safety of the probe server). "
                    "Raw probes need CAP_NET_RAW and CAP_NET_ADMIN; without them only the "
-                   "mapping probe is served.")
-def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
+                   "mapping probe is served. Implies --syn-probe.")
+@click.option("--syn-probe", is_flag=True,
+              help="Send each registering client one unsolicited SYN (an ordinary connect() "
+                   "to its public endpoint, no privilege) to learn whether its NAT drops it "
+                   "or answers it (RST, ICMP): the pair's strategy is chosen from that "
+                   "(docs/protocol.md). Delays REGISTERED by up to 1 s for a dropping NAT.")
+def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: bool) -> None:
     """Run the rendezvous broker.
 
     \b
@@ -125,7 +130,7 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
 
         sys.exit(run_probing_broker(list(binds), log))
     try:
-        status = run_broker(list(binds), log=log)
+        status = run_broker(list(binds), log=log, syn_probe=syn_probe)
     except OSError as exc:
         raise ToolError(ExitStatus.ADDRESS_IN_USE,
                         f"cannot listen: {exc.strerror or exc}") from None
@@ -159,13 +164,28 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
               default=ATTEMPT_TIMEOUT_S, show_default=True,
               help="Seconds one connect() may wait while the kernel resends the SYN.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
-              help="prime: open our NAT's hole with a TTL-limited SYN first and connect in "
-                   "the order the broker sets (needs a synprobe broker and peer that offer "
-                   "it); plain: connect() with retries, as the original; auto: prime when "
-                   "the broker offers it, else plain.")
+              help="auto: offer all and let the broker choose from what it knows of both "
+                   "NATs (README: strategies); plain: connect() with retries, as the "
+                   "original; sync: plain, with both peers told at the same moment; order: "
+                   "the side whose NAT answers unsolicited SYNs sends first, the other after "
+                   "the broker's GO; prime: both open their own NAT's hole with a "
+                   "TTL-limited SYN, then one SYN crosses. sync, order and prime need a "
+                   "synprobe broker and a peer that offer them.")
 @click.option("--ttl", type=click.IntRange(1, 64), default=None,
               help="TTL of the priming SYN: it must cross our NAT(s) and die before the "
-                   "peer's [default: measured towards the peer with UDP probes].")
+                   "peer's [default: the last nat-check's for this network, else measured "
+                   "towards the peer with UDP probes]. With --peer or --seed-broker: prime.")
+@click.option("--first", "role", flag_value="first", default=None,
+              help="With --peer or --seed-broker (order without a broker): connect "
+                   "0.5 s after the peer is known, once the --second side's hole is open.")
+@click.option("--second", "role", flag_value="second",
+              help="With --peer or --seed-broker: send our SYN at once and wait on that "
+                   "socket for the peer's (start this side first; with --ttl its SYN dies "
+                   "on the way).")
+@click.option("--nat-check/--no-nat-check", "use_natcheck", default=True, show_default=True,
+              help="Use the last `synprobe nat-check` of this network (same public address, "
+                   "under a day old): tell the broker what our NAT does to unsolicited and "
+                   "reply SYNs, and take its TTL.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
               help="Exit 0 once connected and both sides exchanged one framed hello.")
@@ -179,15 +199,18 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool) -> None:
 def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,
-          verbose: bool, no_chat: bool, as_json: bool, pcap_path: str | None) -> None:
+          role: str | None, use_natcheck: bool, verbose: bool, no_chat: bool, as_json: bool,
+          pcap_path: str | None) -> None:
     """Connect to a peer by TCP simultaneous open, then chat.
 
     \b
     Binds one local port (SO_REUSEADDR on every socket), learns its public endpoint
     and the peer's from the broker, and calls connect() towards the peer until the two
-    SYNs meet. With a synprobe broker both sides first prime (--strategy): each opens
-    its own NAT's hole with a SYN that dies on the way, and only then does one full SYN
-    cross, so that no NAT answers an early SYN with RST or ICMP.
+    SYNs meet. With a synprobe broker the pair's strategy is the broker's choice
+    (--strategy auto), so that no full SYN reaches a NAT that would answer it (RST,
+    ICMP) before that NAT's own host has opened its hole: sync when both NATs drop an
+    early SYN silently; order when one does (the other side sends first); prime
+    otherwise (both open their holes with SYNs that die on the way, then one crosses).
 
     \b
     Then stdin lines go to the peer and the peer's lines come to stdout, framed as the
@@ -197,7 +220,7 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     \b
     Needs no privileges. JSON keys: established, mode, session, local, public, peer,
     peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
-    established_at, attempt_log, strategy, ttl, ttl_source, phases.
+    established_at, attempt_log, strategy, strategy_reason, ttl, ttl_source, phases.
     """
     from simulsyn_core.session import PunchConfig, PunchReport, run_punch
 
@@ -216,11 +239,19 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
             raise click.BadParameter("1-64 of A-Z a-z 0-9 . _ -", param_hint="--session")
     if peer_ep is not None and not local_port:
         raise click.UsageError("--peer needs --local-port (the peer must know where to aim)")
+    if role is not None and broker_ep is not None:
+        raise click.UsageError(f"--{role} goes with --peer or --seed-broker (a synprobe broker "
+                               "sets the order itself)")
     reporter = Reporter(verbose)
+    facts = None
+    if use_natcheck and broker_ep is not None:
+        from .state import last_natcheck_facts
+
+        facts = last_natcheck_facts()
     cfg = PunchConfig(local_port=local_port, broker=broker_ep, session=session,
                       seed_broker=seed_ep, peer=peer_ep, retries=retries, timeout_s=timeout_s,
                       retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s,
-                      strategy=strategy, ttl=ttl)
+                      strategy=strategy, ttl=ttl, role=role, facts=facts)
 
     def on_report(report: PunchReport) -> None:
         if as_json:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simulsyn_core.client import NatFacts
+
 NATCHECK_FILE = "natcheck-last.json"
 PCAP_INDEX_FILE = "pcaps.jsonl"
 MAX_RECORDED_PCAPS = 20  # the index keeps the newest entries only
@@ -80,6 +82,43 @@ def load_last_natcheck() -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+NATCHECK_FACTS_MAX_AGE_S = 24 * 3600.0  # an older nat-check is not used by the punch
+
+
+def last_natcheck_facts(now: float | None = None) -> NatFacts | None:
+    """What the punch may use of the last nat-check (its --json result): what the NAT
+    does to an unsolicited SYN and to a reply SYN, and the TTL it recommends for a
+    hole-opening SYN. None if there is none, it failed, or it is over a day old. The
+    punch uses it only when the broker sees it at the same public address."""
+    record = load_last_natcheck()
+    if record is None:
+        return None
+    result = record.get("result")
+    try:
+        age = (time.time() if now is None else now) - float(record.get("time", 0))
+        assert isinstance(result, dict) and not result.get("error")
+        public = str(result["public"][0]).rsplit(":", 1)[0]
+    except (AssertionError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not 0 <= age <= NATCHECK_FACTS_MAX_AGE_S:
+        return None
+    unsolicited = result.get("unsolicited_syn")
+    reply = result.get("reply_syn")
+    try:
+        ttl = result["recommendation"]["ttl"]["value"]
+    except (KeyError, TypeError):
+        ttl = None
+    return NatFacts(
+        public_ip=public,
+        # Anything but a silent drop answers a peer's early SYN (the NAT, or the host
+        # behind it with "pass"): an RST or ICMP that hurts the peer's hole.
+        unsolicited=None if not isinstance(unsolicited, str) else
+        "drop" if unsolicited == "drop" else "reject",
+        reply_syn=reply if reply in ("pass", "blocked") else None,
+        ttl=ttl if isinstance(ttl, int) and 1 <= ttl <= 64 else None,
+        age_s=age)
 
 
 def record_pcap(path: str | os.PathLike[str], argv: Sequence[str] | None = None) -> None:

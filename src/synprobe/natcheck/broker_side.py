@@ -63,7 +63,8 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
             fw = (probe_firewall(firewall, ports, log) if not problem
                   else contextlib.nullcontext())
             with fw:
-                return run_broker(probe_binds(binds), log=log, services=server.services())
+                return run_broker(probe_binds(binds), log=log, services=server.services(),
+                                  syn_probe=True)
         except FirewallError as exc:
             raise ToolError(ExitStatus.ERROR, f"broker --probe: {exc}") from None
         except OSError as exc:
