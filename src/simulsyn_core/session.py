@@ -299,10 +299,10 @@ def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
         if opened is None:
             event("order: GO: the peer's hole is open; we connect")
             return None
-        if not opened.alive:
+        if opened.state == TCP_CLOSE:  # SYN-RECEIVED or later: the peer's SYN came
             raise ToolError(ExitStatus.PUNCH_FAILED,
-                            f"our early SYN was answered (TCP state {opened.state}): the "
-                            "peer's NAT does not drop unsolicited SYNs")
+                            "our early SYN was answered (an RST or ICMP ended the socket): "
+                            "the peer's NAT does not drop unsolicited SYNs")
         event("order: GO: waiting for the peer's SYN on our open socket")
         return opened.sock
     except BaseException:

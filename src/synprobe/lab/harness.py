@@ -89,9 +89,11 @@ GATE_TIMEOUT_S = 30.0
 def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
                timeout_s: float = 30.0, broker: str | None = None,
-               side_args: dict[str, Sequence[str]] | None = None) -> tuple[PeerRun, PeerRun]:
+               side_args: dict[str, Sequence[str]] | None = None,
+               side_env: dict[str, dict[str, str]] | None = None) -> tuple[PeerRun, PeerRun]:
     """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
-    ``args`` go to both, ``side_args["a"]``/``["b"]`` to one side only.
+    ``args`` go to both, ``side_args["a"]``/``["b"]`` to one side only; ``side_env``:
+    environment variables added for one side (its own SYNPROBE_STATE_DIR, say).
 
     Both are started and their imports done before either runs; then ``first`` runs
     ``stagger_s`` before the other, so the order of start is known.
@@ -110,7 +112,7 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                 target, "--session", session, "--json", "--timeout", str(timeout_s), *args,
                 *(side_args or {}).get(side, ())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(go_r, ready_w))
+                pass_fds=(go_r, ready_w), env={**os.environ, **(side_env or {}).get(side, {})})
             os.close(go_r)
             os.close(ready_w)
             gates[side] = go_w
