@@ -3,7 +3,11 @@ times under one link-delay setting, and print the counts: the figures of the ada
 issue and of the README's "Which pairs connect". Needs root; takes minutes.
 
     sudo .venv/bin/python scripts/lab_matrix.py --setting a --runs 5 [--strategy auto]
-        [--workers 4] [--json out.json] [--markdown]
+        [--syn-probe] [--workers 4] [--json out.json] [--markdown]
+
+--syn-probe: the broker probes each registering client's NAT with one SYN, and auto
+chooses sync, order or prime from that; without it the broker knows nothing of the NATs
+and auto primes every pair.
 
 Settings (one-way delay on each link to the router):
   a  no added delay
@@ -49,14 +53,14 @@ PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
          for first in ("a", "b")]
 
 
-def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: int
-        ) -> dict[str, object]:
+def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: int,
+        broker_args: tuple[str, ...] = ()) -> dict[str, object]:
     kind, _ = expectation(a, b)
     result: dict[str, object] = {"a": a, "b": b, "first": first, "expected": kind}
     timeout_s = TIMEOUT_S + 2 * links.broker
     try:
         with labmod.Lab(a, b, lab_id=f"{LAB_PREFIX}x{n}", links=links) as lab:
-            labmod.start_broker(lab)
+            labmod.start_broker(lab, broker_args)
             msgs = (f"from A behind {a}\n", f"from B behind {b}\n")
             run_a, run_b = labmod.punch_pair(lab, "m", messages=msgs, first=first,
                                              timeout_s=timeout_s,
@@ -81,7 +85,9 @@ def one(a: str, b: str, first: str, links: labmod.LinkDelays, strategy: str, n: 
     if not in_time:
         outcome += " (late)"
     return {**result, "outcome": outcome, "rc": [r.returncode for r in runs],
-            "strategy": reports[0].get("strategy"), "elapsed_s": reports[0].get("elapsed_s"),
+            "strategy": reports[0].get("strategy"),
+            "strategies": [rep.get("strategy") for rep in reports],
+            "elapsed_s": reports[0].get("elapsed_s"),
             "attempts": [rep.get("attempts") for rep in reports], "errors": errors,
             "run_s": [round(r.elapsed_s, 3) for r in runs]}
 
@@ -91,6 +97,8 @@ def main() -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="a")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--syn-probe", action="store_true",
+                        help="start the broker with --syn-probe")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--json", help="write every run's result here")
     parser.add_argument("--markdown", action="store_true",
@@ -104,7 +112,8 @@ def main() -> int:
     try:
         with sigterm_as_interrupt():
             results = list(pool.map(
-                lambda job: one(*job, links, args.strategy, next(counter)), jobs))
+                lambda job: one(*job, links, args.strategy, next(counter),
+                                ("--syn-probe",) if args.syn_probe else ()), jobs))
     finally:
         # Ctrl-C or SIGTERM: drop what has not started, let the running runs end (each is
         # bounded by its --timeout), then sweep whatever lab is left.
@@ -113,8 +122,11 @@ def main() -> int:
     took = time.monotonic() - start
     tally = collections.Counter((r["expected"], r["outcome"]) for r in results)
     misses = [r for r in results if r["outcome"] != r["expected"]]
-    print(f"setting {args.setting} ({what}), strategy {args.strategy}: {len(results)} runs "
+    print(f"setting {args.setting} ({what}), strategy {args.strategy}"
+          f"{', broker --syn-probe' if args.syn_probe else ''}: {len(results)} runs "
           f"({args.runs} x {len(PAIRS)}) in {took:.0f} s")
+    ran = collections.Counter(str(s) for r in results for s in r.get("strategies") or ())
+    print(f"  strategies that ran (per side): {dict(sorted(ran.items()))}")
     for (expected, outcome), count in sorted(tally.items()):
         print(f"  expected {expected:7s} got {outcome:7s} {count}")
     per_run = collections.Counter(i // len(PAIRS) for i, r in enumerate(results)
@@ -125,7 +137,8 @@ def main() -> int:
               f"got {r['outcome']} rc={r.get('rc')} {r.get('errors') or r.get('error')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": args.setting, "strategy":
-                                               args.strategy, "runs": results}, indent=1))
+                                               args.strategy, "syn_probe": args.syn_probe,
+                                               "runs": results}, indent=1))
     if args.markdown:
         print_markdown(results)
     return 1 if misses else 0

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -106,3 +107,95 @@ def test_forced_strategy(make_lab, strategy: str, profile_a: str, profile_b: str
     for run in (run_a, run_b):
         assert run.report is not None and run.report["strategy"] == strategy, diag
     assert_chatted(lab, run_a, run_b, f"--strategy {strategy}")
+
+
+NATCHECKED = [("syn-drop-all", "syn-drop-all"), ("syn-drop-all", "original"),
+              ("original", "original")]
+
+
+@pytest.mark.parametrize("profile_a, profile_b", NATCHECKED,
+                         ids=[f"{a}-{b}" for a, b in NATCHECKED])
+def test_the_last_nat_check_informs_the_choice(make_lab, tmp_path, profile_a: str,
+                                               profile_b: str) -> None:
+    """Each host runs a real nat-check first (its own state directory); the punch tells the
+    broker what it found. Both NATs dropping reply SYNs: refused within 2 s, exit 5. One:
+    order, its side sending the crossing SYN (role first). Both rejecting: prime, with
+    nat-check's TTL."""
+    lab = make_lab(profile_a, profile_b)
+    labmod.start_broker(lab, ["--probe", "-q"])
+    server = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+    envs: dict[str, dict[str, str]] = {}
+    for side in "ab":
+        envs[side] = {"SYNPROBE_STATE_DIR": str(tmp_path / side)}
+        check = lab.run("h" + side, [*labmod.SYNPROBE, "nat-check", "--server", server,
+                                     "--json"], timeout=60, env={**os.environ, **envs[side]})
+        assert (tmp_path / side / "natcheck-last.json").is_file(), check.stderr
+        assert json.loads(check.stdout)["error"] is None, check.stdout
+    run_a, run_b = labmod.punch_pair(lab, "informed", messages=MSGS, timeout_s=TIMEOUT_S,
+                                     stagger_s=0.2, args=["-v"], side_env=envs)
+    diag = _diag(lab, run_a, run_b, "after nat-check")
+    for run in (run_a, run_b):
+        assert "telling the broker what the last nat-check" in run.stderr, diag
+    if profile_a == profile_b == "syn-drop-all":
+        for run in (run_a, run_b):
+            assert run.returncode == 5 and run.report is not None, diag
+            assert run.report["error"].startswith("untraversable: both NATs drop a SYN even "
+                                                  "when it is the reply"), diag
+            assert run.elapsed_s < REFUSED_WITHIN_S, diag
+        return
+    assert_chatted(lab, run_a, run_b, "after nat-check")
+    reports = [run_a.report or {}, run_b.report or {}]
+    if "syn-drop-all" in (profile_a, profile_b):
+        assert [r["strategy"] for r in reports] == ["order", "order"], diag
+        # the side whose NAT drops reply SYNs sends the crossing SYN
+        assert [r["role"] for r in reports] == ["first" if p == "syn-drop-all" else "second"
+                                                for p in (profile_a, profile_b)], diag
+    else:
+        assert [(r["strategy"], r["ttl"], r["ttl_source"]) for r in reports] == [
+            ("prime", 2, "nat-check")] * 2, diag
+
+
+def _direct(lab: labmod.Lab, node: str, peer: str, port: int, message: str,
+            extra: list[str]) -> subprocess.Popen[bytes]:
+    proc = lab.popen(node, [*labmod.SYNPROBE, "punch", "--peer", peer, "--local-port",
+                            str(port), "--json", "--timeout", "6", *extra],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(message.encode())
+    proc.stdin.close()
+    proc.stdin = None  # written and closed: communicate() must not touch it
+    return proc
+
+
+DIRECT = [("reject-icmp-port", "home", []), ("original", "reject-rst", ["--ttl", "2"]),
+          ("reject-icmp-admin", "reject-icmp-port", ["--ttl", "2"])]
+
+
+@pytest.mark.parametrize("profile_a, profile_b, ttl", DIRECT,
+                         ids=[f"{a}-{b}{'-ttl' if t else ''}" for a, b, t in DIRECT])
+def test_order_without_a_broker(make_lab, profile_a: str, profile_b: str,
+                                ttl: list[str]) -> None:
+    """--peer with --second on A (started first: its NAT answers unsolicited SYNs) and
+    --first on B; with --ttl both hole first, so both NATs may answer."""
+    lab = make_lab(profile_a, profile_b)
+    pa, pb = 41001, 41002
+    a_public = f"{lab.side('a').public}:{pa}"
+    b_public = f"{lab.side('b').public}:{pb}"
+    second = _direct(lab, "ha", b_public, pa, MSGS[0], ["--second", *ttl])
+    time.sleep(0.2)
+    first = _direct(lab, "hb", a_public, pb, MSGS[1], ["--first", *ttl])
+    outs = []
+    for proc in (second, first):
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=5)
+        outs.append((proc.returncode, out.decode(), err.decode()))
+    diag = f"{outs}\nconntrack A:\n{lab.conntrack('a')}\nconntrack B:\n{lab.conntrack('b')}"
+    for (rc, out, _), peer_msg in zip(outs, (MSGS[1], MSGS[0]), strict=True):
+        assert rc == 0, diag
+        report = json.loads(out.splitlines()[0])
+        assert report["mode"] == "direct" and report["established"], diag
+        assert report["strategy"] == ("prime" if ttl else "order"), diag
+        assert out.splitlines()[1:] == [peer_msg.strip()], diag
