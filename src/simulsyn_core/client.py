@@ -242,7 +242,8 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
     mapping = "same" if seen[0] == seen[1] else "varies"
     event(f"mapping check: the broker sees us as {seen[0]} via {broker} and as {seen[1]} via "
           f"{alt}: " + ("one mapping for both" if mapping == "same"
-                        else "our NAT maps each destination to another public port"))
+                        else "our NAT maps each destination to another public "
+                             + ("port" if seen[0].ip == seen[1].ip else "address")))
     return mapping, True, public
 
 

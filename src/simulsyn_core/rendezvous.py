@@ -147,15 +147,15 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
 
 # What each side is told when one NAT's mapping varies with the destination.
 UNTRAVERSABLE = {
-    True: "your NAT maps each destination to another public port (port-randomising): "
-          "the peer cannot aim at your punch",
-    False: "the peer's NAT maps each destination to another public port "
-           "(port-randomising): there is no port to aim at",
+    True: "your NAT maps each destination to another public endpoint (port-randomising, or "
+          "an address pool): the peer cannot aim at your punch",
+    False: "the peer's NAT maps each destination to another public endpoint "
+           "(port-randomising, or an address pool): there is no port to aim at",
 }
 
 
-UNTRAVERSABLE_BOTH = ("both NATs map each destination to another public port "
-                      "(port-randomising): only a relay can join you")
+UNTRAVERSABLE_BOTH = ("both NATs map each destination to another public endpoint "
+                      "(port-randomising, or an address pool): only a relay can join you")
 UNTRAVERSABLE_REPLY_SYN = ("both NATs drop a SYN even when it is the reply to their own "
                            "host's SYN: no simultaneous open can pass both")
 
