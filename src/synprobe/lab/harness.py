@@ -8,6 +8,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,19 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
     Both are started and their imports done before either runs; then ``first`` runs
     ``stagger_s`` before the other, so the order of start is known.
     """
+    # An empty state directory unless one is given: no punch in the lab reads the user's
+    # last nat-check (the lab's public addresses are the same in every lab).
+    with tempfile.TemporaryDirectory(prefix="synprobe-lab-state-") as state:
+        env = {side: {"SYNPROBE_STATE_DIR": state, **(side_env or {}).get(side, {})}
+               for side in "ab"}
+        return _punch_pair(lab, session, messages, args, first, stagger_s, timeout_s,
+                           broker, side_args, env)
+
+
+def _punch_pair(lab: Lab, session: str, messages: tuple[str, str], args: Sequence[str],
+                first: str, stagger_s: float, timeout_s: float, broker: str | None,
+                side_args: dict[str, Sequence[str]] | None,
+                side_env: dict[str, dict[str, str]]) -> tuple[PeerRun, PeerRun]:
     target = broker or f"{BROKER_IPS[0]}:{BROKER_PORT}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     gates: dict[str, int] = {}
@@ -112,7 +126,7 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                 target, "--session", session, "--json", "--timeout", str(timeout_s), *args,
                 *(side_args or {}).get(side, ())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(go_r, ready_w), env={**os.environ, **(side_env or {}).get(side, {})})
+                pass_fds=(go_r, ready_w), env={**os.environ, **side_env[side]})
             os.close(go_r)
             os.close(ready_w)
             gates[side] = go_w
