@@ -17,7 +17,14 @@ import time
 import pytest
 
 from synprobe import lab as labmod
-from tests.test_lab_punch import ENDING_S, REFUSED_WITHIN_S, TIMEOUT_S, expectation
+from tests.test_lab_punch import (
+    ENDING_S,
+    FAR_BROKER,
+    FAR_BROKER_PAIRS,
+    REFUSED_WITHIN_S,
+    TIMEOUT_S,
+    expectation,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -47,9 +54,9 @@ def _diag(lab: labmod.Lab, run_a: labmod.PeerRun, run_b: labmod.PeerRun, what: s
 
 
 def assert_chatted(lab: labmod.Lab, run_a: labmod.PeerRun, run_b: labmod.PeerRun,
-                   what: str) -> None:
+                   what: str, timeout_s: float = TIMEOUT_S) -> None:
     diag = _diag(lab, run_a, run_b, what)
-    assert max(run_a.elapsed_s, run_b.elapsed_s) < TIMEOUT_S + ENDING_S, diag
+    assert max(run_a.elapsed_s, run_b.elapsed_s) < timeout_s + ENDING_S, diag
     for run, peer_msg in ((run_a, MSGS[1]), (run_b, MSGS[0])):
         assert run.returncode == 0 and run.report is not None, diag
         assert run.report["established"] is True and run.report["error"] is None, diag
@@ -62,17 +69,31 @@ def test_auto_with_a_syn_probing_broker(make_lab, profile_a: str, profile_b: str
                                         first: str) -> None:
     """The broker probes each registering client's NAT with one SYN and chooses; every
     pair that can be traversed connects, whatever the choice."""
-    lab = make_lab(profile_a, profile_b)
+    check_auto(make_lab(profile_a, profile_b), profile_a, profile_b, first)
+
+
+@pytest.mark.parametrize("profile_a, profile_b, first", FAR_BROKER_PAIRS,
+                         ids=[f"{a}-{b}-{f}first" for a, b, f in FAR_BROKER_PAIRS])
+def test_auto_with_a_syn_probing_broker_far_away(make_lab, profile_a: str, profile_b: str,
+                                                 first: str) -> None:
+    """The same with the broker 50 +- 10 ms away and the peers 0.5 ms from the router,
+    for the pairs with a NAT that answers an early SYN (order and prime)."""
+    check_auto(make_lab(profile_a, profile_b, FAR_BROKER), profile_a, profile_b, first,
+               TIMEOUT_S + 2 * FAR_BROKER.broker)
+
+
+def check_auto(lab: labmod.Lab, profile_a: str, profile_b: str, first: str,
+               timeout_s: float = TIMEOUT_S) -> None:
     labmod.start_broker(lab, ["--syn-probe"])
     run_a, run_b = labmod.punch_pair(lab, "auto", messages=MSGS, first=first,
-                                     timeout_s=TIMEOUT_S, stagger_s=0.2)
+                                     timeout_s=timeout_s, stagger_s=0.2)
     kind, why = expectation(profile_a, profile_b)
     diag = _diag(lab, run_a, run_b, f"expected {kind} ({why})")
     if kind == "refused":
         for run in (run_a, run_b):
             assert run.returncode == 5 and run.report is not None, diag
             assert run.report["error"].startswith("untraversable: "), diag
-            assert run.elapsed_s < REFUSED_WITHIN_S, diag
+            assert run.elapsed_s < REFUSED_WITHIN_S + (timeout_s - TIMEOUT_S), diag
         return
     strategy, second = auto_choice(profile_a, profile_b)
     for side, run in (("a", run_a), ("b", run_b)):
@@ -83,7 +104,7 @@ def test_auto_with_a_syn_probing_broker(make_lab, profile_a: str, profile_b: str
     if kind == "fail":
         assert (run_a.returncode, run_b.returncode) == (5, 5), diag
         return
-    assert_chatted(lab, run_a, run_b, f"expected {kind} ({why}) with {strategy}")
+    assert_chatted(lab, run_a, run_b, f"expected {kind} ({why}) with {strategy}", timeout_s)
 
 
 FORCED = [("order", "reject-icmp-port", "home"), ("order", "home", "original"),

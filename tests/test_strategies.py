@@ -101,8 +101,18 @@ def test_table_tells_roles_strategy_and_why_and_keeps_order_pairs_open() -> None
                                                ("b", "order", "first", False, False)]
     assert "sends_first" in told[0][1].fields["why"]
     assert table.priming("a") and table.priming("b")
-    table.step("a", "PRIMED")
-    assert sorted(r.conn for r in table.step("b", "PRIMED")) == ["a", "b"]
+    # GO as soon as the second (here "a", which sends first) said PRIMED
+    go = _lines(table.step("a", "PRIMED"))
+    assert sorted((c, m.verb, close) for c, m, close, _ in go) == [("a", "GO", True),
+                                                                  ("b", "GO", True)]
+    assert not table.priming("a") and not table.priming("b")
+    # the first of an order pair has nothing to say
+    table = SessionTable()
+    table.register("a", "s", A, None, 0.0, ALL, unsolicited="reject")
+    table.register("b", "s", B, None, 0.1, ALL, unsolicited="drop")
+    told = _lines(table.step("b", "PRIMED"))
+    assert sorted((c, m.fields["code"]) for c, m, _, _ in told) == [("a", "peer-gone"),
+                                                                     ("b", "bad-request")]
 
 
 def test_sync_pairs_are_closed_and_marked_for_timed_delivery() -> None:

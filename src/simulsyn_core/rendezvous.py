@@ -172,6 +172,9 @@ class _Priming:
     second: Hashable
     since: float
     primed: set[Hashable] = field(default_factory=set)
+    # Whose PRIMED GO waits for: both (prime), the second only (order: the first does
+    # nothing before GO, so waiting for it would only add its round trip to the broker).
+    waits_for: frozenset[Hashable] = frozenset()
 
 
 class SessionTable:
@@ -245,7 +248,8 @@ class SessionTable:
         exchange = plan.strategy in EXCHANGED
         first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
         if exchange:
-            pair = _Priming(session, first, second, now)
+            waits = frozenset({second} if plan.strategy == STRATEGY_ORDER else {first, second})
+            pair = _Priming(session, first, second, now, waits_for=waits)
             self._priming[other.conn] = self._priming[conn] = pair
         # Only a client that offered strategies reads why=; an older one gets none.
         why = {c: plan.why if offered else None
@@ -273,9 +277,9 @@ class SessionTable:
         pair = self._priming.get(conn)
         if pair is None:
             return [_error(conn, "bad-request", f"{verb} outside a primed pair")]
-        if verb == "PRIMED" and conn not in pair.primed:
+        if verb == "PRIMED" and conn not in pair.primed and conn in pair.waits_for:
             pair.primed.add(conn)
-            if len(pair.primed) < 2:
+            if pair.primed != pair.waits_for:
                 return []
             self._end_priming(pair)
             # In one step, as PEER: both learn it at the same moment.

@@ -282,7 +282,8 @@ def _exchange(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
 def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
            event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
     """order: the second sends its SYN at once (the first's NAT drops it silently, so
-    the second's hole stays open) and waits on that socket; the first sends after GO."""
+    the second's hole stays open), says PRIMED, and waits on that socket; the first
+    sends after GO (which the broker sends as soon as the second said PRIMED)."""
     opened = None
     if rdv.role == "second":
         try:
@@ -293,7 +294,8 @@ def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
         _phase(report, rdv.known_at, "sent")
         event("order: our SYN is out (the peer's NAT drops it silently); our hole is open")
     try:
-        control.send("PRIMED")
+        if opened is not None:
+            control.send("PRIMED")
         control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
         _phase(report, rdv.known_at, "go")
         if opened is None:
