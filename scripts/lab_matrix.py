@@ -145,17 +145,23 @@ def main() -> int:
 
 
 def print_markdown(results: list[dict[str, object]]) -> None:
-    """Rows: A's profile; columns: B's; a cell: connected runs / runs (both orders)."""
+    """Rows: A's profile; columns: B's; a cell: connected runs / runs (both orders), and
+    the strategy that ran when it was the same in every run of the pair."""
     names = list(labmod.PROFILES)
     cells: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    ran: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
     for r in results:
         cell = cells[(str(r["a"]), str(r["b"]))]
         cell[0] += r["outcome"] == "connect"
         cell[1] += 1
+        if r.get("outcome") == "connect":
+            ran[(str(r["a"]), str(r["b"]))].update(str(s) for s in r.get("strategies") or ())
     print("| A \\ B | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for a in names:
-        row = [f"{cells[(a, b)][0]}/{cells[(a, b)][1]}" for b in names]
+        row = [f"{cells[(a, b)][0]}/{cells[(a, b)][1]}"
+               + (f" {next(iter(ran[(a, b)]))}" if len(ran[(a, b)]) == 1 else "")
+               for b in names]
         print(f"| {a} | " + " | ".join(row) + " |")
 
 
