@@ -68,6 +68,6 @@ def test_punch_pcaps_in_the_lab(make_lab: Callable[..., labmod.Lab], tmp_path: P
     # attempt in each capture); the first sends the full SYN from a fresh socket, which
     # the second's primed socket answers: "three-way" at the first, "primed" (established)
     # at the second.
-    second = next(side for side, (_, err, _) in runs.items() if "we registered second" in err)
+    second = next(side for side, (_, err, _) in runs.items() if "our role: second" in err)
     first = "b" if second == "a" else "a"
     assert (kinds[first], kinds[second]) == ("three-way", "primed")

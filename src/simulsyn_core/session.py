@@ -163,7 +163,7 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     report.role = rdv.role
     report.peer_known_at = rdv.known_wall
     event(f"peer {rdv.peer}" + (f" (its local endpoint {rdv.peer_local})" if rdv.peer_local
-                                else "") + (f"; we registered {rdv.role}" if rdv.role else ""))
+                                else "") + (f"; our role: {rdv.role}" if rdv.role else ""))
     schedule = PunchSchedule(cfg.retries, cfg.retry_interval_s, cfg.attempt_timeout_s)
     # Both sides of a broker session are synprobe: prove the path before calling it up.
     # The original's peers (seed-broker, direct) would not answer the check.
