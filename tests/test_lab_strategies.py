@@ -140,8 +140,7 @@ def test_the_last_nat_check_informs_the_choice(make_lab, tmp_path, profile_a: st
                                                profile_b: str) -> None:
     """Each host runs a real nat-check first (its own state directory); the punch tells the
     broker what it found. Both NATs dropping reply SYNs: refused within 2 s, exit 5. One:
-    order, its side sending the crossing SYN (role first). Both rejecting: prime, with
-    nat-check's TTL."""
+    order, its side sending the crossing SYN (role first). Both rejecting: prime."""
     lab = make_lab(profile_a, profile_b)
     labmod.start_broker(lab, ["--probe", "-q"])
     server = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
@@ -172,8 +171,10 @@ def test_the_last_nat_check_informs_the_choice(make_lab, tmp_path, profile_a: st
         assert [r["role"] for r in reports] == ["first" if p == "syn-drop-all" else "second"
                                                 for p in (profile_a, profile_b)], diag
     else:
+        # the measure towards the peer answered, so its TTL is used (nat-check's stands in
+        # only when no hop answers: it was measured towards the server, not the peer)
         assert [(r["strategy"], r["ttl"], r["ttl_source"]) for r in reports] == [
-            ("prime", 2, "nat-check")] * 2, diag
+            ("prime", 2, "measured")] * 2, diag
 
 
 def _direct(lab: labmod.Lab, node: str, peer: str, port: int, message: str,

@@ -66,6 +66,15 @@ def test_the_choice_is_only_among_what_both_offered() -> None:
     only_order = frozenset({"order"})
     plan = plan_pair(facts(offers=only_order), facts(offers=only_order))
     assert (plan.strategy, plan.waiting_is_first) == ("order", True)
+    # forced order: a side whose NAT drops reply SYNs is always first, and the reason
+    # says when the facts are against it
+    plan = plan_pair(facts(None, "pass", only_order), facts(None, "blocked", only_order))
+    assert (plan.strategy, plan.waiting_is_first) == ("order", False)
+    plan = plan_pair(facts("reject", "blocked", only_order), facts("drop", "pass", only_order))
+    assert (plan.strategy, plan.waiting_is_first) == ("order", True)
+    assert "safer" in plan.why
+    plan = plan_pair(facts("reject", offers=only_order), facts("reject", offers=only_order))
+    assert plan.strategy == "order" and "safer" in plan.why
     # forced sync where order would be safer: asked for, given
     only_sync = frozenset({"sync"})
     assert plan_pair(facts("reject", offers=only_sync),
@@ -201,3 +210,16 @@ def test_the_last_nat_check_gives_facts_for_its_network_only_when_fresh() -> Non
     assert state.last_natcheck_facts() is None  # too old
     _save({**result, "error": "the broker did not answer"}, time.time())
     assert state.last_natcheck_facts() is None  # a failed nat-check says nothing
+
+
+def test_the_broker_probes_only_registrations_it_can_use() -> None:
+    table = SessionTable()
+    assert table.worth_probing("a", "s", ALL, "same")
+    assert table.worth_probing("a", "s", frozenset({"sync"}), None)
+    assert not table.worth_probing("a", "s", frozenset({"prime"}), None)  # an older punch
+    assert not table.worth_probing("a", "s", frozenset(), None)  # plain
+    assert not table.worth_probing("a", "s", ALL, "varies")  # refused anyway
+    assert not table.worth_probing("a", "bad name!", ALL, None)
+    table.register("a", "s", A, None, 0.0, ALL, mapping="varies")
+    assert not table.worth_probing("a", "s2", ALL, None)  # registered already
+    assert not table.worth_probing("b", "s", ALL, None)  # its peer's NAT randomises

@@ -117,6 +117,7 @@ class Broker:
     _per_ip: dict[str, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
+    sync_hold_s: dict[int, float] = field(default_factory=dict)  # for the log line, then gone
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
@@ -180,6 +181,7 @@ class Broker:
             delays = sync_delays([self.rtt_s(r.conn) for r in synced])  # type: ignore[arg-type]
             loop = asyncio.get_running_loop()
             for reply, delay in zip(synced, delays, strict=True):
+                self.sync_hold_s[reply.conn] = delay  # type: ignore[index]
                 if delay > 0:
                     loop.call_later(delay, self._carry_out, [Reply(reply.conn, reply.data,
                                                                    reply.close)])
@@ -271,15 +273,16 @@ class Broker:
                     local = msg.endpoint("local") if msg.get("local") else None
                     offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
                     unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
-                    if unsolicited is None and self.syn_probe:
+                    if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
+                            conn, session, offered, msg.get("mapping")):
                         unsolicited = await self._probe_unsolicited(conn, public)
                         if conn not in self._writers:
                             return
                     replies = self.sessions.register(
                         conn, session, public, local, time.monotonic(), offered,
                         msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN))
-                    self._log_replies(public, session, replies)
                     self._carry_out(replies)
+                    self._log_replies(public, session, replies)
             except ProtocolError as exc:
                 self.log(f"bad request from {public}: {exc}")
                 self._carry_out([Reply(conn, encode_message(
@@ -304,7 +307,7 @@ class Broker:
         reached: "reject" if anything answers (RST, ICMP), "drop" if nothing does within
         a few of its RTTs, None if we cannot tell. An ordinary connect(): no privilege."""
         rtt = self.rtt_s(conn) or 0.0
-        wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 3 * rtt + 0.05))
+        wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 2 * rtt + 0.05))
         reached = self.local_endpoint(conn)
         result = await probe_unsolicited(public, reached.ip if reached else "0.0.0.0", wait_s)
         self.log(f"syn probe {public}: {result or 'unknown'} (waited at most "
@@ -324,7 +327,9 @@ class Broker:
         for reply in replies:
             verb = reply.data.split(b" ", 2)[1].decode()
             if verb == "PEER":
-                self.log(f"session {session}: paired, told {reply.data.decode().strip()}")
+                hold = self.sync_hold_s.pop(reply.conn, None)  # type: ignore[call-overload]
+                held = f" (held {hold * 1000:.1f} ms: sync)" if hold is not None else ""
+                self.log(f"session {session}: paired, told {reply.data.decode().strip()}{held}")
             elif verb == "REGISTERED":
                 self.log(f"session {session}: {public} waits for its peer")
             else:
@@ -350,7 +355,10 @@ def sync_delays(rtts_s: list[float | None]) -> list[float]:
 async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> str | None:
     """Send one SYN to ``target`` from ``source_ip`` (a fresh port): what comes back?"""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:  # out of descriptors: the client registers with this unknown
+        return None
     try:
         sock.setblocking(False)
         sock.bind((source_ip, 0))

@@ -129,10 +129,20 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
                         f"{who} sends first (role second); the other's NAT drops that early "
                         "SYN silently, and it sends after GO (role first)")
         if STRATEGY_PRIME not in offered:
-            # Asked for by both, with too little known: the joining side sends first.
-            w_first = not (joining.unsolicited == "drop" or waiting.unsolicited == "reject")
-            return Plan(STRATEGY_ORDER, w_first, "order asked for by both peers; what their "
-                                                 "NATs do to an unsolicited SYN is not known")
+            # Asked for by both where it is not known to be safe: a side whose NAT drops
+            # reply SYNs sends the crossing SYN (first); else a side known to drop early
+            # SYNs is first; else the waiting side.
+            if blocked[0] != blocked[1]:
+                w_first = blocked[0]
+            else:
+                w_first = not (joining.unsolicited == "drop" or waiting.unsolicited == "reject")
+            first = waiting if w_first else joining
+            known_bad = first.unsolicited == "reject" or any(blocked)
+            return Plan(STRATEGY_ORDER, w_first,
+                        "order asked for by both peers: " + (
+                            "the first's NAT answers an early SYN, or a NAT drops reply "
+                            "SYNs: prime would be safer" if known_bad else
+                            "what the NATs do to an early SYN is not known"))
     if STRATEGY_PRIME in offered:
         w_first = not blocked[1] or blocked[0]
         return Plan(STRATEGY_PRIME, w_first,
@@ -266,6 +276,19 @@ class SessionTable:
                 strategy=plan.strategy, why=why[conn]), close=not exchange,
                 sync=plan.strategy == STRATEGY_SYNC),
         ]
+
+    def worth_probing(self, conn: Hashable, session: str, strategies: frozenset[str],
+                      mapping: str | None) -> bool:
+        """Would a SYN probe of this registration's NAT change anything? Only for a client
+        that offered a strategy chosen from it (order, sync), in a valid session, not
+        registered yet, and in a pair that will not be refused anyway."""
+        if not strategies & {STRATEGY_ORDER, STRATEGY_SYNC} or mapping == "varies":
+            return False
+        if not SESSION_RE.fullmatch(session) or conn in self._session_of \
+                or conn in self._priming:
+            return False
+        other = self._waiting.get(session)
+        return other is None or other.mapping != "varies"
 
     def priming(self, conn: Hashable) -> bool:
         """True while ``conn`` is in an ordering exchange (prime, order)."""

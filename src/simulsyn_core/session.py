@@ -221,7 +221,7 @@ def _choose(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
         control.close(min(deadline, time.monotonic() + CONTROL_CLOSE_S))
         return pending
     if cfg.mode != "broker" and (cfg.role is not None or cfg.ttl is not None):
-        return _without_broker(cfg, rdv, port, event, report)
+        return _without_broker(cfg, rdv, port, deadline, event, report)
     if cfg.mode == "broker" and cfg.strategy not in ("auto", "plain") and \
             rdv.strategy != cfg.strategy:
         event(f"{cfg.strategy}: the broker did not offer it (an older broker, or the peer "
@@ -234,7 +234,7 @@ def _phase(report: PunchReport, known_at: float, name: str, **more: Any) -> None
                           **more})
 
 
-def _without_broker(cfg: PunchConfig, rdv: Rendezvous, port: int,
+def _without_broker(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
                     event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
     """--peer / --seed-broker with --first, --second or --ttl: the order is the user's
     (the --second side is started first), the clock stands in for GO."""
@@ -245,22 +245,30 @@ def _without_broker(cfg: PunchConfig, rdv: Rendezvous, port: int,
     if cfg.ttl is not None:
         report.ttl, report.ttl_source = cfg.ttl, "--ttl"
     ttl = cfg.ttl if cfg.ttl is not None else FULL_TTL
-    if cfg.role == "first":
-        if cfg.ttl is not None:
-            prime(port, rdv.peer, ttl).sock.close()  # in SYN-SENT a close sends nothing
-            _phase(report, rdv.known_at, "primed", ttl=ttl)
-            event(f"prime: our NAT's hole opened with a TTL {ttl} SYN")
-        event(f"--first: connecting in {FIRST_WAIT_S:.1f} s, once the --second side's hole "
-              "is open")
-        time.sleep(FIRST_WAIT_S)
-        _phase(report, rdv.known_at, "go")
-        return None
+    opened = None
     try:
-        opened = prime(port, rdv.peer, ttl)
+        if cfg.role == "second" or cfg.ttl is not None:
+            opened = prime(port, rdv.peer, ttl)
+        if opened is not None:
+            opened.open_up()  # the SYN+ACK it answers the peer's SYN with needs a full TTL
     except OSError as exc:
+        if opened is not None:
+            opened.sock.close()
         raise ToolError(ExitStatus.PUNCH_FAILED,
                         f"opening our hole failed: {exc.strerror or exc}") from None
-    opened.open_up()  # the SYN+ACK it answers the peer's SYN with needs a full TTL
+    if cfg.role != "second":  # --first, or --ttl alone: our hole, then connect()s
+        if opened is not None:
+            opened.sock.close()  # in SYN-SENT a close sends nothing; the NAT's entry stays
+            _phase(report, rdv.known_at, "primed", ttl=ttl)
+            event(f"prime: our NAT's hole opened with a TTL {ttl} SYN")
+        if cfg.role == "first":
+            wait_s = max(0.0, min(FIRST_WAIT_S, deadline - time.monotonic()))
+            event(f"--first: connecting in {wait_s:.1f} s, once the --second side's hole is "
+                  "open")
+            time.sleep(wait_s)
+            _phase(report, rdv.known_at, "go")
+        return None
+    assert opened is not None
     _phase(report, rdv.known_at, "primed" if cfg.ttl is not None else "sent", ttl=ttl)
     event(f"{'prime' if cfg.ttl is not None else 'order'}: our SYN (TTL {ttl}) opened our "
           "NAT's hole; waiting on that socket for the peer's SYN")
@@ -301,7 +309,9 @@ def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
         if opened is None:
             event("order: GO: the peer's hole is open; we connect")
             return None
-        if opened.state == TCP_CLOSE:  # SYN-RECEIVED or later: the peer's SYN came
+        # Any state but CLOSE is fine: SYN-SENT, or SYN-RECEIVED and later when the
+        # peer's SYN came before we read GO.
+        if opened.state == TCP_CLOSE:
             raise ToolError(ExitStatus.PUNCH_FAILED,
                             "our early SYN was answered (an RST or ICMP ended the socket): "
                             "the peer's NAT does not drop unsolicited SYNs")
@@ -324,13 +334,15 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
     def phase(name: str, **more: Any) -> None:
         _phase(report, rdv.known_at, name, **more)
 
+    # nat-check's TTL was measured towards its server, not the peer: only the measure
+    # sees a peer too close to prime (no router between the NATs). It stands in for the
+    # blind default when no hop answered the measure.
     facts = cfg.facts
+    if facts is not None and (facts.ttl is None or rdv.public is None
+                              or rdv.public.ip != facts.public_ip):
+        facts = None
     if cfg.ttl is not None:
         ttl, report.ttl_source = cfg.ttl, "--ttl"
-    elif facts is not None and facts.ttl is not None and rdv.public is not None and \
-            rdv.public.ip == facts.public_ip:
-        ttl, report.ttl_source = facts.ttl, "nat-check"
-        event(f"prime: TTL {ttl} from the last {facts.describe()}")
     else:
         answers = measure_hops(rdv.peer.ip)
         found, why = choose_ttl(answers, rdv.peer.ip)
@@ -340,6 +352,9 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
         if found is not None:
             ttl, report.ttl_source = found, "measured"
             event(f"prime: TTL {ttl}: {why} (time-exceeded from: {path})")
+        elif why == NO_ANSWER and facts is not None and facts.ttl is not None:
+            ttl, report.ttl_source = facts.ttl, "nat-check"
+            event(f"prime: {why}; TTL {ttl} from the last {facts.describe()}")
         elif why == NO_ANSWER:
             ttl, report.ttl_source = DEFAULT_TTL, "default"
             event(f"prime: {why}; trying TTL {ttl} (a home NAT and one router)")

@@ -173,8 +173,9 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "synprobe broker and a peer that offer them.")
 @click.option("--ttl", type=click.IntRange(1, 64), default=None,
               help="TTL of the priming SYN: it must cross our NAT(s) and die before the "
-                   "peer's [default: the last nat-check's for this network, else measured "
-                   "towards the peer with UDP probes]. With --peer or --seed-broker: prime.")
+                   "peer's [default: measured towards the peer with UDP probes; when no hop "
+                   "answers, the last nat-check's for this network, else 2]. With --peer or "
+                   "--seed-broker: prime.")
 @click.option("--first", "role", flag_value="first", default=None,
               help="With --peer or --seed-broker (order without a broker): connect "
                    "0.5 s after the peer is known, once the --second side's hole is open.")
@@ -185,7 +186,8 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
 @click.option("--nat-check/--no-nat-check", "use_natcheck", default=True, show_default=True,
               help="Use the last `synprobe nat-check` of this network (same public address, "
                    "under a day old): tell the broker what our NAT does to unsolicited and "
-                   "reply SYNs, and take its TTL.")
+                   "reply SYNs; its TTL stands in when the measure towards the peer gets no "
+                   "answer.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
               help="Exit 0 once connected and both sides exchanged one framed hello.")

@@ -8,11 +8,12 @@ import fcntl
 import socket
 import struct
 
+from simulsyn_core import sockets
+
 CAP_NET_ADMIN = 12  # linux/capability.h
 CAP_NET_RAW = 13
 _CAP_NAMES = {CAP_NET_RAW: "CAP_NET_RAW", CAP_NET_ADMIN: "CAP_NET_ADMIN"}
 SIOCGIFADDR = 0x8915
-TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt, microseconds (linux/tcp.h)
 
 
 def effective_capabilities() -> int:
@@ -53,13 +54,7 @@ def interface_of(ip: str) -> str:
 
 def tcp_rtt_s(sock: socket.socket) -> float:
     """The kernel's smoothed RTT of a connected TCP socket (0.0 if unknown)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return 0.0
-    if len(info) < TCP_INFO_RTT_OFFSET + 4:
-        return 0.0
-    return int(struct.unpack_from("I", info, TCP_INFO_RTT_OFFSET)[0]) / 1e6
+    return sockets.tcp_rtt_s(sock) or 0.0
 
 
 def send_ipv4(packets: list[bytes]) -> int:
