@@ -29,14 +29,16 @@ PAIRS = [("home", "original"), ("home-nft", "reject-rst"),
          ("syn-sent-5s", "firewall"), ("dmz", "carrier")]
 
 
-def _check(lab: labmod.Lab, side: str, pcap: str | None) -> subprocess.Popen[bytes]:
+def _check(lab: labmod.Lab, side: str, pcap: str | None, state_dir: str | None = None
+           ) -> subprocess.Popen[bytes]:
     profile = lab.profile_a if side == "a" else lab.profile_b
     argv = [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json",
             *EXTRA.get(profile, [])]
     if pcap:
         argv += ["--pcap", pcap]
+    env = {**os.environ, **({"SYNPROBE_STATE_DIR": state_dir} if state_dir else {})}
     return lab.popen("h" + side, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     stdin=subprocess.DEVNULL)
+                     stdin=subprocess.DEVNULL, env=env)
 
 
 def _tagged_rules(lab: labmod.Lab, node: str) -> list[str]:
@@ -61,7 +63,9 @@ def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
             lab.up()
             labmod.start_broker(lab, extra=["--probe", "-q"])
             for i, side in enumerate("ab"):
-                proc = _check(lab, side, str(tmp / f"{pair[i]}-{side}.pcap"))
+                # Each check its own state directory: the fixture outlives any one test's.
+                state_dir = str(tmp / f"state-{pair[i]}-{side}")
+                proc = _check(lab, side, str(tmp / f"{pair[i]}-{side}.pcap"), state_dir)
                 try:
                     out, err = proc.communicate(timeout=CHECK_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
@@ -71,6 +75,7 @@ def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
                     "json": json.loads(out) if out.strip() else None,
                     "rc": proc.returncode, "stderr": err.decode(errors="replace"),
                     "pcap": str(tmp / f"{pair[i]}-{side}.pcap"), "side": side,
+                    "state_dir": state_dir,
                     "rules_left": _tagged_rules(lab, "h" + side)})
         finally:
             left = take_down_and_check(lab)
@@ -113,7 +118,8 @@ def test_natcheck_profile_reports_every_key(natcheck: Callable[[str], dict],
         assert report["duration_s"] < 5.0
 
 
-def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict]) -> None:
+def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     tshark = shutil.which("tshark")
     assert tshark, "tshark is missing: apt-get install tshark"
     run = natcheck("original")
@@ -129,6 +135,7 @@ def test_natcheck_pcap_is_read_by_tshark(natcheck: Callable[[str], dict]) -> Non
     assert any(r[0] == labmod.BROKER_IPS[0] and r[3] == "1" and r[4] == "0" for r in rows)
     from synprobe import state
 
+    monkeypatch.setenv("SYNPROBE_STATE_DIR", run["state_dir"])
     last = state.load_last_natcheck()  # kept for `synprobe report`
     assert last is not None and "nat-check" in last["command"]
     assert last["result"]["verdict"]
