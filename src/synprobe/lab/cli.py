@@ -143,9 +143,10 @@ def demo(profile_a: str, profile_b: str, timeout_s: float, lab_id: str | None,
         a, b = the_lab.side("a"), the_lab.side("b")
         click.echo(f"NAT lab up: host A {a.host} behind '{profile_a}' ({a.public})  <-- "
                    f"router -->  ({b.public}) '{profile_b}' in front of host B {b.host}")
-        click.echo(f"broker on {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}\n")
+        click.echo(f"broker on {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} (--syn-probe: it "
+                   "learns what each NAT does to an early SYN, and chooses the strategy)\n")
         broker_log = tempfile.TemporaryFile()
-        labmod.start_broker(the_lab, stderr=broker_log)
+        labmod.start_broker(the_lab, ["--syn-probe"], stderr=broker_log)
         msgs = (f"hello from A ({a.host})\n", f"hello from B ({b.host})\n")
         click.echo(f"A and B run: synprobe punch --broker "
                    f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} "
