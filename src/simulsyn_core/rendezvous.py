@@ -139,7 +139,7 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
             first = waiting if w_first else joining
             known_bad = first.unsolicited == "reject" or any(blocked)
             return Plan(STRATEGY_ORDER, w_first,
-                        "order asked for by both peers: " + (
+                        "order is the one strategy both peers offered: " + (
                             "the first's NAT answers an early SYN, or a NAT drops reply "
                             "SYNs: prime would be safer" if known_bad else
                             "what the NATs do to an early SYN is not known"))
@@ -150,8 +150,8 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
                     "SYN crosses" + (" (the side whose NAT drops reply SYNs sends it)"
                                      if any(blocked) else ""))
     if STRATEGY_SYNC in offered:
-        return Plan(STRATEGY_SYNC, True, "sync asked for by both peers: both connect at "
-                                         "once, told at the same moment")
+        return Plan(STRATEGY_SYNC, True, "sync is the one strategy both peers offered: both "
+                                         "connect at once, told at the same moment")
     return Plan(None, True, "plain: connect() with retries from both sides")
 
 
