@@ -223,3 +223,11 @@ def test_the_broker_probes_only_registrations_it_can_use() -> None:
     table.register("a", "s", A, None, 0.0, ALL, mapping="varies")
     assert not table.worth_probing("a", "s2", ALL, None)  # registered already
     assert not table.worth_probing("b", "s", ALL, None)  # its peer's NAT randomises
+
+
+def test_first_and_second_go_with_peer_or_seed_broker_only(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from synprobe.cli import main
+
+    assert main(["punch", "--broker", "127.0.0.1:9", "--session", "s", "--first"]) == 2
+    assert "--first goes with --peer or --seed-broker" in capsys.readouterr().err
