@@ -154,10 +154,12 @@ def test_both_nats_dropping_reply_syns_are_refused_at_once() -> None:
 
 
 def test_sync_delays_hold_the_nearer_peer_back_by_half_the_rtt_difference() -> None:
-    assert sync_delays([0.100, 0.020]) == pytest.approx([0.0, 0.040])
-    assert sync_delays([0.010, 0.010]) == [0.0, 0.0]
-    assert sync_delays([None, 0.020]) == [0.0, 0.0]  # unknown: nobody is held
-    assert sync_delays([5.0, 0.0001])[1] == 1.0  # bounded
+    assert sync_delays([(0.100, 0.005), (0.020, 0.002)]) == pytest.approx([0.0, 0.040])
+    assert sync_delays([(0.010, 0.001), (0.010, 0.001)]) == [0.0, 0.0]
+    # a difference within the paths' own jitter is not held for: it is noise
+    assert sync_delays([(0.108, 0.010), (0.100, 0.010)]) == [0.0, 0.0]
+    assert sync_delays([None, (0.020, 0.001)]) == [0.0, 0.0]  # unknown: nobody is held
+    assert sync_delays([(5.0, 0.1), (0.0001, 0.0)])[1] == 1.0  # bounded
 
 
 def test_syn_probe_tells_an_answered_syn_from_a_dropped_one() -> None:

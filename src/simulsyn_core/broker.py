@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
 from .rendezvous import REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
-from .sockets import enable_keepalive, tcp_rtt_s
+from .sockets import enable_keepalive, tcp_rtt
 from .wire import (
     LINE_MAX,
     LineDecoder,
@@ -166,11 +166,12 @@ class Broker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
 
-    def rtt_s(self, conn: int) -> float | None:
-        """The kernel's smoothed RTT of connection ``conn`` (TCP_INFO), None if unknown."""
+    def rtt(self, conn: int) -> tuple[float, float] | None:
+        """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
+        (TCP_INFO), None if unknown."""
         writer = self._writers.get(conn)
         sock = writer.get_extra_info("socket") if writer is not None else None
-        return tcp_rtt_s(sock) if sock is not None else None
+        return tcp_rtt(sock) if sock is not None else None
 
     def _carry_out(self, replies: list[Reply]) -> None:
         # Written in one step without awaiting, so both peers of a pair are told at
@@ -178,7 +179,7 @@ class Broker:
         # they arrive at the same moment (sync_delays).
         synced = [r for r in replies if r.sync]
         if synced:
-            delays = sync_delays([self.rtt_s(r.conn) for r in synced])  # type: ignore[arg-type]
+            delays = sync_delays([self.rtt(r.conn) for r in synced])  # type: ignore[arg-type]
             loop = asyncio.get_running_loop()
             for reply, delay in zip(synced, delays, strict=True):
                 self.sync_hold_s[reply.conn] = delay  # type: ignore[index]
@@ -306,7 +307,7 @@ class Broker:
         """One unsolicited SYN to the client's public endpoint, from our address it
         reached: "reject" if anything answers (RST, ICMP), "drop" if nothing does within
         a few of its RTTs, None if we cannot tell. An ordinary connect(): no privilege."""
-        rtt = self.rtt_s(conn) or 0.0
+        rtt = (self.rtt(conn) or (0.0, 0.0))[0]
         wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 2 * rtt + 0.05))
         reached = self.local_endpoint(conn)
         result = await probe_unsolicited(public, reached.ip if reached else "0.0.0.0", wait_s)
@@ -342,14 +343,23 @@ def _known(value: str | None, allowed: tuple[str, ...]) -> str | None:
     return value if value in allowed else None
 
 
-def sync_delays(rtts_s: list[float | None]) -> list[float]:
-    """How long to hold each of several messages so that all arrive at the same moment:
-    each one-way time taken as RTT/2 (what libp2p's DCUtR does). With an RTT unknown,
-    none is held."""
-    if not rtts_s or any(r is None for r in rtts_s):
-        return [0.0] * len(rtts_s)
-    one_way = [r / 2 for r in rtts_s if r is not None]
-    return [min(SYNC_MAX_DELAY_S, max(one_way) - w) for w in one_way]
+def sync_delays(rtts: list[tuple[float, float] | None]) -> list[float]:
+    """How long to hold each of several messages so that all arrive at the same moment,
+    from each connection's (RTT, mean deviation): each one-way time taken as RTT/2 (what
+    libp2p's DCUtR does). A difference within the RTTs' own deviations is noise (jitter
+    on the path), and holding on noise only spreads the arrivals: nothing is held then,
+    nor with an RTT unknown."""
+    if not rtts or any(r is None for r in rtts):
+        return [0.0] * len(rtts)
+    known = [r for r in rtts if r is not None]
+    far = max(known, key=lambda r: r[0])
+    out = []
+    for rtt, var in known:
+        if far[0] - rtt <= far[1] + var:
+            out.append(0.0)
+        else:
+            out.append(min(SYNC_MAX_DELAY_S, (far[0] - rtt) / 2))
+    return out
 
 
 async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> str | None:

@@ -114,16 +114,23 @@ def enable_keepalive(sock: socket.socket, idle_s: int = 30, interval_s: int = 10
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
-TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt (microseconds), Linux's layout
+TCP_INFO_RTT_OFFSET = 68  # struct tcp_info: tcpi_rtt, tcpi_rttvar (microseconds), Linux's layout
 
 
-def tcp_rtt_s(sock: socket.socket) -> float | None:
-    """The kernel's smoothed RTT of a connected TCP socket (TCP_INFO), None if unknown."""
+def tcp_rtt(sock: socket.socket) -> tuple[float, float] | None:
+    """The kernel's smoothed RTT of a connected TCP socket and its mean deviation
+    (TCP_INFO tcpi_rtt, tcpi_rttvar), in seconds; None if unknown."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     except (OSError, AttributeError):
         return None
-    if len(info) < TCP_INFO_RTT_OFFSET + 4:
+    if len(info) < TCP_INFO_RTT_OFFSET + 8:
         return None
-    (rtt_us,) = struct.unpack_from("I", info, TCP_INFO_RTT_OFFSET)
-    return rtt_us / 1e6 if rtt_us else None
+    rtt_us, var_us = struct.unpack_from("II", info, TCP_INFO_RTT_OFFSET)
+    return (rtt_us / 1e6, var_us / 1e6) if rtt_us else None
+
+
+def tcp_rtt_s(sock: socket.socket) -> float | None:
+    """The kernel's smoothed RTT of a connected TCP socket (TCP_INFO), None if unknown."""
+    known = tcp_rtt(sock)
+    return known[0] if known else None
