@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
 from .rendezvous import REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
-from .sockets import enable_keepalive, tcp_rtt
+from .sockets import abort, enable_keepalive, tcp_rtt
 from .wire import (
     LINE_MAX,
     LineDecoder,
@@ -382,10 +382,7 @@ async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> 
     else:
         return "reject"  # something there answered with a SYN+ACK: an early SYN is answered
     finally:
-        # An RST, not a FIN, if it did connect; nothing at all from SYN-SENT.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        sock.close()
+        abort(sock)  # an RST, not a FIN, if it did connect; nothing at all from SYN-SENT
 
 
 def _same_scope(alt: str, reached: str) -> bool:

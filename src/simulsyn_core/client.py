@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
+from .rendezvous import EXCHANGED
 from .sockets import bound_socket, connect_nonblocking, describe_errno, recv_until_eof
 from .wire import (
     LineDecoder,
@@ -25,9 +26,6 @@ from .wire import (
     looks_like_rendezvous,
 )
 
-# The strategies whose PEER keeps the connection for PRIMED -> GO (rendezvous.EXCHANGED;
-# the client does not import the broker's table).
-EXCHANGED = ("prime", "order")
 BROKER_CONNECT_TIMEOUT_S = 5.0
 WHOAMI_TIMEOUT_S = 2.0  # each answer of the mapping check, at most
 TUPLE_BUSY_S = 2.0  # reconnecting to an older broker: how long our old 4-tuple may linger

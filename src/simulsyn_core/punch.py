@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import random
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from .endpoint import Endpoint
 from .sockets import (
     ERRNO_MEANING,
+    abort,
     bound_socket,
     connect_nonblocking,
     errno_name,
@@ -158,7 +158,7 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
         step = schedule.next(deadline - time.monotonic())
         if isinstance(step, GiveUp):
             if pending is not None:
-                _abort(pending)
+                abort(pending)
             return PunchResult(None, schedule.attempts, local, step.reason)
         if isinstance(step, Pause):
             time.sleep(step.seconds)
@@ -192,7 +192,7 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
                 schedule.attempts[-1] = Attempt(number, started - known_at,
                                                 time.monotonic() - started, "unconfirmed")
                 event(schedule.attempts[-1].describe())
-                _abort(sock)
+                abort(sock)
                 continue
             event(f"attempt {number}: path confirmed: data passed both ways in "
                   f"{(time.monotonic() - ended) * 1000:.1f} ms")
@@ -204,7 +204,7 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             sock.setblocking(True)
             local = Endpoint.from_sockaddr(sock.getsockname())
             return PunchResult(sock, schedule.attempts, local, None, ended)
-        _abort(sock)
+        abort(sock)
 
 
 def _reset_at_once(sock: socket.socket) -> int:
@@ -215,11 +215,3 @@ def _reset_at_once(sock: socket.socket) -> int:
     except OSError as exc:
         return exc.errno or errno.ENOTCONN
     return 0
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close with an RST, not a FIN: if the kernel got as far as SYN-RECEIVED (a peer SYN
-    came in before the error), the peer must not take it for a finished chat. A socket
-    still in SYN-SENT sends nothing either way."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()

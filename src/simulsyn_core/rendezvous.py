@@ -55,26 +55,23 @@ class Reply:
     sync: bool = False  # one of the replies to deliver so that all arrive at one moment
 
 
-@dataclass
-class _Waiting:
-    conn: Hashable
-    public: Endpoint
-    local: Endpoint | None
-    since: float
+@dataclass(frozen=True)
+class Facts:
+    """What one client's REGISTER (or the broker's own probe) says of its NAT."""
+
     strategies: frozenset[str] = frozenset()
     mapping: str | None = None  # "same" or "varies" (REGISTER's mapping=), None: unknown
     unsolicited: str | None = None  # one of UNSOLICITED, None: unknown
     reply_syn: str | None = None  # one of REPLY_SYN, None: unknown
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What one client's REGISTER (or the broker's own probe) says of its NAT."""
-
-    strategies: frozenset[str] = frozenset()
-    mapping: str | None = None
-    unsolicited: str | None = None
-    reply_syn: str | None = None
+@dataclass
+class _Waiting:
+    conn: Hashable
+    public: Endpoint
+    local: Endpoint | None
+    since: float
+    facts: Facts = Facts()
 
 
 @dataclass(frozen=True)
@@ -106,9 +103,6 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
     offered = waiting.strategies & joining.strategies
     sides = (waiting, joining)
 
-    def first_can_be(first: Facts, second: Facts) -> bool:
-        return second.reply_syn != "blocked"
-
     blocked = [f.reply_syn == "blocked" for f in sides]
     if STRATEGY_SYNC in offered and all(f.unsolicited == "drop" for f in sides) \
             and not any(blocked):
@@ -118,7 +112,7 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
         # (waiting first, joining first): the first's NAT must drop the second's early SYN.
         options = [(w_first, first, second) for w_first, first, second in
                    ((True, waiting, joining), (False, joining, waiting))
-                   if first.unsolicited == "drop" and first_can_be(first, second)]
+                   if first.unsolicited == "drop" and second.reply_syn != "blocked"]
         # The side whose NAT answers sends first (it must never meet an early SYN).
         options.sort(key=lambda o: o[2].unsolicited != "reject")
         if options:
@@ -221,6 +215,7 @@ class SessionTable:
             return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
         if conn in self._session_of or conn in self._priming:
             return [_error(conn, "bad-request", "already registered on this connection")]
+        facts = Facts(strategies, mapping, unsolicited, reply_syn)
         other = self._waiting.get(session)
         if other is not None and other.public == public:
             # The same endpoint registering again (a client that restarted): replace it.
@@ -235,26 +230,24 @@ class SessionTable:
             if sum(w.public.ip == public.ip for w in self._waiting.values()) >= \
                     self.max_waiting_per_ip:
                 return [_error(conn, "busy", "too many waiting sessions from this address")]
-            self._waiting[session] = _Waiting(conn, public, local, now, strategies, mapping,
-                                              unsolicited, reply_syn)
+            self._waiting[session] = _Waiting(conn, public, local, now, facts)
             self._session_of[conn] = session
             return [Reply(conn, encode_message("REGISTERED", session=session, public=public),
                           close=False)]
         del self._waiting[session]
         self._session_of.pop(other.conn, None)
-        if "varies" in (other.mapping, mapping):
+        theirs = other.facts
+        if "varies" in (theirs.mapping, mapping):
             # No punch can aim at a port that changes with each destination: both are
             # told now, not after their whole --timeout.
-            both = other.mapping == mapping
+            both = theirs.mapping == mapping
             return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
                            else UNTRAVERSABLE[m == "varies"])
-                    for c, m in ((other.conn, other.mapping), (conn, mapping))]
-        if other.reply_syn == reply_syn == "blocked":
+                    for c, m in ((other.conn, theirs.mapping), (conn, mapping))]
+        if theirs.reply_syn == reply_syn == "blocked":
             return [_error(c, "untraversable", UNTRAVERSABLE_REPLY_SYN)
                     for c in (other.conn, conn)]
-        plan = plan_pair(Facts(other.strategies, other.mapping, other.unsolicited,
-                               other.reply_syn),
-                         Facts(strategies, mapping, unsolicited, reply_syn))
+        plan = plan_pair(theirs, facts)
         exchange = plan.strategy in EXCHANGED
         first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
         if exchange:
@@ -263,7 +256,7 @@ class SessionTable:
             self._priming[other.conn] = self._priming[conn] = pair
         # Only a client that offered strategies reads why=; an older one gets none.
         why = {c: plan.why if offered else None
-               for c, offered in ((other.conn, other.strategies), (conn, strategies))}
+               for c, offered in ((other.conn, theirs.strategies), (conn, strategies))}
         return [
             Reply(other.conn, encode_message(
                 "PEER", session=session, public=other.public, peer=public,
@@ -288,7 +281,7 @@ class SessionTable:
                 or conn in self._priming:
             return False
         other = self._waiting.get(session)
-        return other is None or other.mapping != "varies"
+        return other is None or other.facts.mapping != "varies"
 
     def priming(self, conn: Hashable) -> bool:
         """True while ``conn`` is in an ordering exchange (prime, order)."""

@@ -33,6 +33,7 @@ from .punch import (
     PunchSchedule,
     punch,
 )
+from .rendezvous import STRATEGY_ORDER, STRATEGY_PRIME, STRATEGY_SYNC
 from .sockets import bound_socket
 
 PRIME_EXCHANGE_S = 5.0  # the ordering exchange at the broker, at most (then: plain)
@@ -42,8 +43,8 @@ CONTROL_CLOSE_S = 1.0  # for the broker to close the kept connection first
 FIRST_WAIT_S = 0.5
 # What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
 # broker chooses from what it knows of both NATs (rendezvous.plan_pair).
-OFFERS = {"auto": ("prime", "order", "sync"), "plain": (), "prime": ("prime",),
-          "order": ("order",), "sync": ("sync",)}
+OFFERS = {"auto": (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC), "plain": (),
+          **{name: (name,) for name in (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC)}}
 
 
 @dataclass(frozen=True)
@@ -239,9 +240,8 @@ def _without_broker(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: floa
     """--peer / --seed-broker with --first, --second or --ttl: the order is the user's
     (the --second side is started first), the clock stands in for GO."""
     report.strategy = "prime" if cfg.ttl is not None else "order"
-    report.strategy_reason = (f"--{cfg.role}" if cfg.role else "") + \
-        (f" --ttl {cfg.ttl}" if cfg.ttl is not None else "")
-    report.strategy_reason = report.strategy_reason.strip()
+    report.strategy_reason = " ".join(
+        ([f"--{cfg.role}"] if cfg.role else []) + ([f"--ttl {cfg.ttl}"] if cfg.ttl else []))
     if cfg.ttl is not None:
         report.ttl, report.ttl_source = cfg.ttl, "--ttl"
     ttl = cfg.ttl if cfg.ttl is not None else FULL_TTL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -130,7 +131,10 @@ def tcp_rtt(sock: socket.socket) -> tuple[float, float] | None:
     return (rtt_us / 1e6, var_us / 1e6) if rtt_us else None
 
 
-def tcp_rtt_s(sock: socket.socket) -> float | None:
-    """The kernel's smoothed RTT of a connected TCP socket (TCP_INFO), None if unknown."""
-    known = tcp_rtt(sock)
-    return known[0] if known else None
+def abort(sock: socket.socket) -> None:
+    """Close with an RST, not a FIN (SO_LINGER 0): no TIME_WAIT, and a peer that got as
+    far as SYN-RECEIVED is not left to take it for a finished exchange. A socket still in
+    SYN-SENT sends nothing either way."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

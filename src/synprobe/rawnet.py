@@ -54,7 +54,8 @@ def interface_of(ip: str) -> str:
 
 def tcp_rtt_s(sock: socket.socket) -> float:
     """The kernel's smoothed RTT of a connected TCP socket (0.0 if unknown)."""
-    return sockets.tcp_rtt_s(sock) or 0.0
+    known = sockets.tcp_rtt(sock)
+    return known[0] if known else 0.0
 
 
 def send_ipv4(packets: list[bytes]) -> int:
