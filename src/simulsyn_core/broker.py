@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .birthday import Offer
 from .endpoint import Endpoint
 from .rendezvous import REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
 from .sockets import abort, enable_keepalive, tcp_rtt
@@ -281,7 +282,8 @@ class Broker:
                             return
                     replies = self.sessions.register(
                         conn, session, public, local, time.monotonic(), offered,
-                        msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN))
+                        msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
+                        Offer.parse(msg.get))
                     self._carry_out(replies)
                     self._log_replies(public, session, replies)
             except ProtocolError as exc:

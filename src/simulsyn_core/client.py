@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import birthday as bday
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
 from .rendezvous import EXCHANGED
@@ -48,6 +49,7 @@ class Rendezvous:
     strategy: str | None = None  # what the broker chose for the pair, if one we offered
     control: Control | None = None  # the broker connection, kept for the ordering exchange
     why: str | None = None  # the broker's reason for the strategy
+    birthday: tuple[str, bday.Plan] | None = None  # strategy birthday: our side, the plan
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class NatFacts:
     reply_syn: str | None = None  # "pass" or "blocked"
     ttl: int | None = None  # a TTL that crosses our NAT(s) and dies before the peer's
     age_s: float = 0.0
+    port_range: tuple[int, int] | None = None  # a port-randomising NAT's external range
+    port_hot: tuple[int, int] | None = None  # a band of it allocated more often
 
     def describe(self) -> str:
         known = [f"{k}={v}" for k, v in (("unsolicited", self.unsolicited),
@@ -248,7 +252,9 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                event: Event, strategies: tuple[str, ...] = (),
                on_alt: Callable[[Endpoint], None] | None = None,
-               facts: NatFacts | None = None) -> Rendezvous:
+               facts: NatFacts | None = None,
+               birthday: tuple[int, int] = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES)
+               ) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
     First the mapping check (``check_mapping``): a port-randomising NAT is declared in
@@ -256,16 +262,20 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
     ``strategies`` are offered to the broker (``strategies=`` of REGISTER); when it
     answers PEER with one of them, the connection stays open as ``Rendezvous.control``
     and the caller closes it. ``facts`` (an earlier nat-check's) are told to the broker
-    when it sees us at the same public address."""
+    when it sees us at the same public address. ``birthday``: the (sockets, guesses)
+    offered for birthday punching; the one of our side is told (sockets when our
+    mapping varies)."""
     sock = _connect_broker(broker, local_port, deadline)
     keep = False
     try:
         local = Endpoint.from_sockaddr(sock.getsockname())
         mapping, usable, public_seen = check_mapping(sock, broker, local_port, deadline,
                                                      event, on_alt)
-        told = {}
+        told: dict[str, str | None] = {}
+        known = facts if facts is not None and public_seen is not None and \
+            public_seen.ip == facts.public_ip else None
         if facts is not None and public_seen is not None:
-            if public_seen.ip == facts.public_ip:
+            if known is not None:
                 told = {"unsolicited": facts.unsolicited, "reply_syn": facts.reply_syn}
                 event(f"telling the broker what the last {facts.describe()}")
             else:
@@ -278,6 +288,11 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
             _finish(sock, min(deadline, time.monotonic() + 1.0))
             sock.close()
             sock = _connect_broker(broker, local_port, deadline, busy_s=TUPLE_BUSY_S)
+        if "birthday" in strategies:
+            told.update((bday.Offer(sockets=birthday[0],
+                                    port_range=known.port_range if known else None,
+                                    port_hot=known.port_hot if known else None)
+                         if mapping == "varies" else bday.Offer(guesses=birthday[1])).fields())
         sock.setblocking(True)
         try:
             sock.sendall(encode_message("REGISTER", session=session, local=local,
@@ -342,9 +357,14 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
     strategy = msg.get("strategy")
     why = (msg.get("why") or "").replace("_", " ") or None
     if strategy is not None and strategy in strategies:
+        plan = bday.Plan.parse(msg.get) if strategy == "birthday" else None
+        if strategy == "birthday" and plan is None:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"broker {broker}: protocol error: PEER strategy=birthday without "
+                            "a whole plan")
         control = Control(sock, broker, decoder) if strategy in EXCHANGED else None
         return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
-                          control, why)
+                          control, why, plan)
     return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall)
 
 

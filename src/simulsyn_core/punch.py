@@ -46,7 +46,8 @@ RETRY_INTERVAL_S = 0.01  # pause after an attempt that was refused at once (RST/
 RETRY_JITTER = 0.5  # each pause is the interval times a factor in [1 - j, 1 + j]
 ATTEMPT_TIMEOUT_S = 10.0  # one connect() waits this long while the kernel resends the SYN
 PUNCH_TIMEOUT_S = 30.0  # the whole run, waiting for the peer included
-STRATEGIES = ("auto", "plain", "sync", "order", "prime")  # --strategy (session.py runs them)
+# --strategy (session.py runs them)
+STRATEGIES = ("auto", "plain", "sync", "order", "prime", "birthday")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class PunchResult:
     established_at: float | None = None  # time.monotonic()
     leftover: bytes = b""  # bytes the peer sent after confirming (the chat's first)
     confirmed: bool = False
+    peer: Endpoint | None = None  # set when it differs from the peer the broker named
 
 
 # Checks that data passes both ways on a fresh connection; returns the bytes received

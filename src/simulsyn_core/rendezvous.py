@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from . import birthday as bday
 from .endpoint import Endpoint
 from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
 
 SEED_MAX_AGE_S = 60.0
+NO_OFFER = bday.Offer()
 SESSION_WAIT_MAX_S = 300.0  # how long a lone client may wait for its peer at the broker
 MAX_WAITING_SESSIONS = 4096  # bound on memory a flood of registrations can take
 MAX_WAITING_PER_IP = 16  # so that one host cannot fill the table
@@ -20,8 +22,9 @@ PRIME_WAIT_MAX_S = 10.0  # a primed pair must finish its ordering exchange withi
 STRATEGY_PRIME = "prime"
 STRATEGY_ORDER = "order"
 STRATEGY_SYNC = "sync"
+STRATEGY_BIRTHDAY = "birthday"
 # Strategies that keep both connections after PEER for the PRIMED -> GO exchange.
-EXCHANGED = frozenset({STRATEGY_PRIME, STRATEGY_ORDER})
+EXCHANGED = frozenset({STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_BIRTHDAY})
 # What a client may say of its NAT in REGISTER (docs/protocol.md, "What the broker knows"):
 UNSOLICITED = ("drop", "reject")  # an unsolicited inbound SYN: silently dropped, or answered
 REPLY_SYN = ("pass", "blocked")  # a SYN in reply to the host's own SYN: passes, or not
@@ -63,6 +66,7 @@ class Facts:
     mapping: str | None = None  # "same" or "varies" (REGISTER's mapping=), None: unknown
     unsolicited: str | None = None  # one of UNSOLICITED, None: unknown
     reply_syn: str | None = None  # one of REPLY_SYN, None: unknown
+    birthday: bday.Offer = NO_OFFER  # sockets=, guesses=, port_range=, port_hot=
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Plan:
     strategy: str | None
     waiting_is_first: bool
     why: str
+    birthday: bday.Plan | None = None  # strategy birthday: N, M, the range, who goes first
 
 
 def plan_pair(waiting: Facts, joining: Facts) -> Plan:
@@ -102,6 +107,14 @@ def plan_pair(waiting: Facts, joining: Facts) -> Plan:
     """
     offered = waiting.strategies & joining.strategies
     sides = (waiting, joining)
+    varies = [f.mapping == "varies" for f in sides]
+    if varies[0] != varies[1] and STRATEGY_BIRTHDAY in offered:
+        rnd, easy = sides if varies[0] else sides[::-1]
+        b = bday.plan(rnd.birthday, easy.birthday, (rnd.unsolicited, rnd.reply_syn),
+                      (easy.unsolicited, easy.reply_syn))
+        # role second: the side whose SYNs leave first (its holes open before GO).
+        random_second = b.order == bday.ORDER_SOCKETS_FIRST
+        return Plan(STRATEGY_BIRTHDAY, varies[0] != random_second, bday.describe(b), b)
 
     blocked = [f.reply_syn == "blocked" for f in sides]
     if STRATEGY_SYNC in offered and all(f.unsolicited == "drop" for f in sides) \
@@ -206,7 +219,8 @@ class SessionTable:
                  local: Endpoint | None, now: float,
                  strategies: frozenset[str] = frozenset(),
                  mapping: str | None = None, unsolicited: str | None = None,
-                 reply_syn: str | None = None) -> list[Reply]:
+                 reply_syn: str | None = None, birthday: bday.Offer = NO_OFFER
+                 ) -> list[Reply]:
         """``strategies``: what the client offers beyond the plain punch (REGISTER's
         ``strategies=`` field); ``mapping``, ``unsolicited``, ``reply_syn``: what is known
         of its NAT (None: unknown). The pair's plan is ``plan_pair``'s; a pair in an
@@ -215,7 +229,7 @@ class SessionTable:
             return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
         if conn in self._session_of or conn in self._priming:
             return [_error(conn, "bad-request", "already registered on this connection")]
-        facts = Facts(strategies, mapping, unsolicited, reply_syn)
+        facts = Facts(strategies, mapping, unsolicited, reply_syn, birthday)
         other = self._waiting.get(session)
         if other is not None and other.public == public:
             # The same endpoint registering again (a client that restarted): replace it.
@@ -223,7 +237,7 @@ class SessionTable:
             self._session_of.pop(other.conn, None)
             replaced = _error(other.conn, "replaced", "a newer registration from this endpoint")
             return [replaced, *self.register(conn, session, public, local, now, strategies,
-                                             mapping, unsolicited, reply_syn)]
+                                             mapping, unsolicited, reply_syn, birthday)]
         if other is None:
             if len(self._waiting) >= self.max_waiting:
                 return [_error(conn, "busy", "too many waiting sessions; try later")]
@@ -237,51 +251,63 @@ class SessionTable:
         del self._waiting[session]
         self._session_of.pop(other.conn, None)
         theirs = other.facts
-        if "varies" in (theirs.mapping, mapping):
-            # No punch can aim at a port that changes with each destination: both are
-            # told now, not after their whole --timeout.
-            both = theirs.mapping == mapping
-            return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
-                           else UNTRAVERSABLE[m == "varies"])
-                    for c, m in ((other.conn, theirs.mapping), (conn, mapping))]
         if theirs.reply_syn == reply_syn == "blocked":
             return [_error(c, "untraversable", UNTRAVERSABLE_REPLY_SYN)
                     for c in (other.conn, conn)]
         plan = plan_pair(theirs, facts)
+        if "varies" in (theirs.mapping, mapping) and plan.strategy != STRATEGY_BIRTHDAY:
+            # No plain punch can aim at a port that changes with each destination (only
+            # birthday punching, when one side's NAT keeps its port and both offered
+            # it): both are told now, not after their whole --timeout.
+            both = theirs.mapping == mapping
+            return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
+                           else UNTRAVERSABLE[m == "varies"])
+                    for c, m in ((other.conn, theirs.mapping), (conn, mapping))]
         exchange = plan.strategy in EXCHANGED
         first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
         if exchange:
-            waits = frozenset({second} if plan.strategy == STRATEGY_ORDER else {first, second})
+            waits = frozenset({first, second} if plan.strategy == STRATEGY_PRIME else {second})
             pair = _Priming(session, first, second, now, waits_for=waits)
             self._priming[other.conn] = self._priming[conn] = pair
         # Only a client that offered strategies reads why=; an older one gets none.
         why = {c: plan.why if offered else None
                for c, offered in ((other.conn, theirs.strategies), (conn, strategies))}
+        extra: dict[Hashable, dict[str, str | None]] = {other.conn: {}, conn: {}}
+        if plan.birthday is not None:
+            for c, m in ((other.conn, theirs.mapping), (conn, mapping)):
+                side = bday.SIDE_SOCKETS if m == "varies" else bday.SIDE_GUESSES
+                extra[c] = plan.birthday.fields(side)
         return [
             Reply(other.conn, encode_message(
                 "PEER", session=session, public=other.public, peer=public,
                 peer_local=local, role="first" if other.conn == first else "second",
-                strategy=plan.strategy, why=why[other.conn]), close=not exchange,
-                sync=plan.strategy == STRATEGY_SYNC),
+                strategy=plan.strategy, why=why[other.conn], **extra[other.conn]),
+                close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
             Reply(conn, encode_message(
                 "PEER", session=session, public=public, peer=other.public,
                 peer_local=other.local, role="first" if conn == first else "second",
-                strategy=plan.strategy, why=why[conn]), close=not exchange,
-                sync=plan.strategy == STRATEGY_SYNC),
+                strategy=plan.strategy, why=why[conn], **extra[conn]),
+                close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
         ]
 
     def worth_probing(self, conn: Hashable, session: str, strategies: frozenset[str],
                       mapping: str | None) -> bool:
         """Would a SYN probe of this registration's NAT change anything? Only for a client
-        that offered a strategy chosen from it (order, sync), in a valid session, not
+        that offered a strategy chosen from it (order, sync, birthday), in a valid session, not
         registered yet, and in a pair that will not be refused anyway."""
-        if not strategies & {STRATEGY_ORDER, STRATEGY_SYNC} or mapping == "varies":
+        birthday = STRATEGY_BIRTHDAY in strategies
+        if not strategies & {STRATEGY_ORDER, STRATEGY_SYNC, STRATEGY_BIRTHDAY} or \
+                (mapping == "varies" and not birthday):
             return False
         if not SESSION_RE.fullmatch(session) or conn in self._session_of \
                 or conn in self._priming:
             return False
         other = self._waiting.get(session)
-        return other is None or other.facts.mapping != "varies"
+        if other is None or "varies" not in (other.facts.mapping, mapping):
+            return True
+        # One side's mapping varies: only a birthday pair (the other's does not) punches.
+        return birthday and STRATEGY_BIRTHDAY in other.facts.strategies and \
+            other.facts.mapping != mapping
 
     def priming(self, conn: Hashable) -> bool:
         """True while ``conn`` is in an ordering exchange (prime, order)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from . import birthday as bday
 from .chat import chat, close_cleanly, confirm_path, hello_exchange
 from .client import Control, NatFacts, Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
@@ -27,24 +29,31 @@ from .prime import (
 )
 from .punch import (
     ATTEMPT_TIMEOUT_S,
+    CONFIRM_TIMEOUT_S,
     DEFAULT_RETRIES,
     PUNCH_TIMEOUT_S,
     RETRY_INTERVAL_S,
+    Attempt,
+    PunchResult,
     PunchSchedule,
     punch,
 )
-from .rendezvous import STRATEGY_ORDER, STRATEGY_PRIME, STRATEGY_SYNC
+from .rendezvous import STRATEGY_BIRTHDAY, STRATEGY_ORDER, STRATEGY_PRIME, STRATEGY_SYNC
 from .sockets import bound_socket
+from .spray import Pool, raise_nofile
 
 PRIME_EXCHANGE_S = 5.0  # the ordering exchange at the broker, at most (then: plain)
 CONTROL_CLOSE_S = 1.0  # for the broker to close the kept connection first
 # Without a synprobe broker (--peer, --seed-broker), --first connects this long after the
 # peer is known: the --second side, started first, has opened its hole by then.
 FIRST_WAIT_S = 0.5
+# Birthday punching: after the last SYN of the side that sends after GO, its guesses get
+# this long to be answered (the kernel's own retransmission of each, 1 s later, included).
+BIRTHDAY_LINGER_S = 1.2
 # What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
 # broker chooses from what it knows of both NATs (rendezvous.plan_pair).
-OFFERS = {"auto": (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC), "plain": (),
-          **{name: (name,) for name in (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC)}}
+_ALL = (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC, STRATEGY_BIRTHDAY)
+OFFERS = {"auto": _ALL, "plain": (), **{name: (name,) for name in _ALL}}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,10 @@ class PunchConfig:
     ttl: int | None = None  # the priming TTL; None: nat-check's, else measured
     role: str | None = None  # without a synprobe broker: "first" or "second" (order)
     facts: NatFacts | None = None  # what the last nat-check found (synprobe passes it)
+    birthday_sockets: int = bday.DEFAULT_SOCKETS  # N, when our NAT randomises ports
+    birthday_guesses: int = bday.DEFAULT_GUESSES  # M, when the peer's does
+    birthday_rate: float = bday.DEFAULT_RATE  # new SYNs per second, at most
+    birthday_seed: int | None = None  # the guesses' random order (tests); None: fresh
 
     @property
     def mode(self) -> str:
@@ -96,6 +109,7 @@ class PunchReport:
     ttl: int | None = None  # prime: the TTL of the priming SYN
     ttl_source: str | None = None  # prime: "--ttl", "nat-check", "measured" or "default"
     phases: list[dict[str, Any]] = field(default_factory=list)  # steps and their times
+    birthday: dict[str, Any] | None = None  # strategy birthday: N, M, range, chance, winner
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,8 +183,12 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     # Both sides of a broker session are synprobe: prove the path before calling it up.
     # The original's peers (seed-broker, direct) would not answer the check.
     confirm = confirm_path if cfg.mode == "broker" else None
-    pending = _choose(cfg, rdv, port, deadline, event, report)
-    result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm, pending)
+    if rdv.birthday is not None and rdv.control is not None:
+        result = _birthday(cfg, rdv, rdv.control, port, deadline, event, report)
+    else:
+        pending = _choose(cfg, rdv, port, deadline, event, report)
+        result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm,
+                       pending)
     if result.sock is not None:
         clear_minttl(result.sock)
     report.attempts = len(result.attempts)
@@ -182,10 +200,12 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     assert result.established_at is not None
     report.established = True
     report.local = str(result.local)
+    if rdv.birthday is not None and result.peer is not None:
+        report.peer = str(result.peer)  # the guess that won
     report.elapsed_s = round(result.established_at - rdv.known_at, 6)
     report.established_at = rdv.known_wall + (result.established_at - rdv.known_at)
-    event(f"connected: {result.local} <-> {rdv.peer} after {report.attempts} attempt(s), "
-          f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
+    event(f"connected: {result.local} <-> {result.peer or rdv.peer} after {report.attempts} "
+          f"attempt(s), {report.elapsed_s * 1000:.1f} ms after the peer was known")
     on_report(report)
     with result.sock as sock:
         if chat_mode == "hello":
@@ -193,6 +213,117 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
                 return close_cleanly(sock)
             return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
         return chat(sock, stdin_fd, out, event, initial=result.leftover)
+
+
+def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
+              deadline: float, event: Callable[[str], None], report: PunchReport
+              ) -> PunchResult:
+    """Birthday punching (birthday.py says why it works, spray.py how the sockets go).
+
+    The side whose SYNs go first (role second) sends them all, says PRIMED and waits;
+    the other sends after GO, and stops at its first connection. The easy side (the
+    guesses) decides which connection wins: it runs the path check on the first that
+    comes up and resets any other; the random side answers the path check on whichever
+    connection the easy side's HELLO arrives first, so both keep the same one."""
+    assert rdv.birthday is not None
+    side, plan = rdv.birthday
+    report.strategy, report.strategy_reason = STRATEGY_BIRTHDAY, rdv.why
+    spraying = side == bday.SIDE_SOCKETS
+    wanted = plan.sockets if spraying else plan.guesses
+    count = raise_nofile(wanted)
+    rate = cfg.birthday_rate
+    first_out = (plan.order == bday.ORDER_SOCKETS_FIRST) == spraying
+    info: dict[str, Any] = {
+        "side": side, "order": plan.order, "sockets": plan.sockets, "guesses": plan.guesses,
+        "range": list(plan.port_range), "hot_band": list(plan.port_hot) if plan.port_hot
+        else None, "p_expected": round(plan.p_expected(), 4),
+        "p_uniform": round(plan.p_uniform(), 4), "rate": rate, "sockets_used": 0,
+        "syns_sent": 0, "errors": {}, "winner": None}
+    report.birthday = info
+    event(f"birthday: our NAT {'randomises ports: we open' if spraying else 'keeps its port: '}"
+          f"{' sockets' if spraying else 'we send guesses'}; {bday.summary(plan)}")
+    if count < wanted:
+        event(f"birthday: RLIMIT_NOFILE lets us open {count} of {wanted} sockets")
+    ttl = None
+    if spraying and first_out and plan.ttl_limited:
+        ttl = _priming_ttl(cfg, rdv, event, report)
+        report.ttl = ttl
+    if spraying:
+        targets = [rdv.peer] * count
+        local: int | None = None
+    else:
+        guesses = bday.guess_ports(count, plan.port_range, random.Random(cfg.birthday_seed))
+        targets = [Endpoint(rdv.peer.ip, g) for g in guesses]
+        local = port
+    pool = Pool(watch_read=spraying)
+    winner: tuple[socket.socket, int, bytes] | None = None
+    try:
+        sent = 0
+        try:
+            if first_out:
+                sent = pool.burst(targets, 0, local, rate, ttl, deadline, stop_on_connect=False)
+                _phase(report, rdv.known_at, "sent", syns=pool.opened, ttl=ttl)
+                event(f"birthday: {pool.opened} SYNs out" + (f" with TTL {ttl}" if ttl else "")
+                      + "; waiting for GO")
+                control.send("PRIMED")
+            control.wait("GO", min(deadline, time.monotonic() + PRIME_EXCHANGE_S))
+        except ToolError as exc:
+            control.sock.close()
+            raise ToolError(ExitStatus.PUNCH_FAILED, f"birthday: {exc.message}") from None
+        go = time.monotonic()
+        _phase(report, rdv.known_at, "go")
+        control.close(min(deadline, go + CONTROL_CLOSE_S))
+        # How long to keep watching: the side sending after GO stops LINGER after its last
+        # SYN; the other waits for all of that, and the random side (which follows the
+        # easy side's choice) a path check longer.
+        other = plan.guesses if spraying else plan.sockets
+        follow_s = CONFIRM_TIMEOUT_S if spraying else 0.0
+        until = (min(deadline, go + other / rate + BIRTHDAY_LINGER_S + follow_s)
+                 if first_out else deadline)
+        while (now := time.monotonic()) < until:
+            candidates = pool.readable if spraying else pool.connected
+            if candidates:
+                sock, index = candidates.pop(0)
+                leftover = confirm_path(sock, min(CONFIRM_TIMEOUT_S, deadline - now))
+                if leftover is not None:
+                    winner = (sock, index, leftover)
+                    break
+                event(f"birthday: {targets[index] if not spraying else 'a connection'} came "
+                      "up but the path check failed: dropped")
+                pool.drop(sock)
+                continue
+            if not first_out and sent < len(targets) and not pool.connected:
+                sent = pool.burst(targets, sent, local, rate, None, until, stop_on_connect=True)
+                if sent == len(targets):
+                    until = min(deadline, time.monotonic() + BIRTHDAY_LINGER_S + follow_s)
+                continue
+            pool.poll(min(until - now, 0.05))
+    finally:
+        keep = winner[0] if winner else None
+        pool.close(keep=keep)
+        info["sockets_used"] = pool.opened
+        info["syns_sent"] = pool.syns_sent
+        info["errors"] = dict(pool.failed)
+    attempt_time = (pool.first_sent or go) - rdv.known_at
+    if winner is None:
+        report.attempt_log = []
+        return PunchResult(None, [Attempt(1, attempt_time, time.monotonic() - go, "ETIMEDOUT")],
+                           None, f"birthday: no guess matched: {plan.sockets} sockets x "
+                           f"{plan.guesses} guesses (p = {plan.p_expected():.3f}), "
+                           f"{pool.opened} SYNs of ours out, {pool.syns_sent} with the "
+                           "kernel's retransmissions")
+    sock, index, leftover = winner
+    ended = time.monotonic()
+    sock.setblocking(True)
+    mine = Endpoint.from_sockaddr(sock.getsockname())
+    theirs = Endpoint.from_sockaddr(sock.getpeername())
+    info["winner"] = {"local": str(mine), "peer": str(theirs), "index": index,
+                      "t_s": round(ended - rdv.known_at, 6)}
+    event(f"birthday: {'socket' if spraying else 'guess'} #{index + 1} won: {mine} <-> "
+          f"{theirs}; every other socket closed ({pool.opened} opened, {pool.syns_sent} "
+          "SYNs with retransmissions)")
+    return PunchResult(sock, [Attempt(1, attempt_time, ended - go, "connected")], mine, None,
+                       ended, leftover, True, theirs)
 
 
 def _choose(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
@@ -323,13 +454,11 @@ def _order(rdv: Rendezvous, control: Control, port: int, deadline: float,
         raise
 
 
-def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadline: float,
-           event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
-    """Open our NAT's hole with a TTL-limited SYN whose socket stays in SYN-SENT, tell the
-    broker, wait for GO (prime.py says why). Returns the socket the punch's first
-    attempt waits on (the second's primed one), or None for a fresh connect() (the
-    first). Raises ToolError(PUNCH_FAILED) when priming cannot work or the exchange
-    cannot finish: the run punches plain then."""
+def _priming_ttl(cfg: PunchConfig, rdv: Rendezvous, event: Callable[[str], None],
+                 report: PunchReport) -> int:
+    """The TTL of a hole-opening SYN: --ttl, else measured towards the peer (nat-check's
+    when no hop answered, else a default). Raises ToolError(PUNCH_FAILED) when no TTL can
+    leave our NAT without reaching the peer's."""
 
     def phase(name: str, **more: Any) -> None:
         _phase(report, rdv.known_at, name, **more)
@@ -361,6 +490,21 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
         else:
             # Any TTL that leaves our NAT reaches the peer's: priming would wedge it.
             raise ToolError(ExitStatus.PUNCH_FAILED, f"{why} (time-exceeded from: {path})")
+    return ttl
+
+
+def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadline: float,
+           event: Callable[[str], None], report: PunchReport) -> socket.socket | None:
+    """Open our NAT's hole with a TTL-limited SYN whose socket stays in SYN-SENT, tell the
+    broker, wait for GO (prime.py says why). Returns the socket the punch's first
+    attempt waits on (the second's primed one), or None for a fresh connect() (the
+    first). Raises ToolError(PUNCH_FAILED) when priming cannot work or the exchange
+    cannot finish: the run punches plain then."""
+
+    def phase(name: str, **more: Any) -> None:
+        _phase(report, rdv.known_at, name, **more)
+
+    ttl = _priming_ttl(cfg, rdv, event, report)
     report.ttl = ttl
     try:
         primed = prime(port, rdv.peer, ttl)
@@ -405,7 +549,8 @@ def _learn_peer(cfg: PunchConfig, port: int, deadline: float, event: Callable[[s
         assert cfg.session is not None
         event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
         return rendezvous(cfg.broker, cfg.session, port, deadline, event,
-                          OFFERS[cfg.strategy], on_broker_address, cfg.facts)
+                          OFFERS[cfg.strategy], on_broker_address, cfg.facts,
+                          (cfg.birthday_sockets, cfg.birthday_guesses))
     if cfg.seed_broker is not None:
         event(f"polling list broker {cfg.seed_broker} for another endpoint")
         return seed_rendezvous(cfg.seed_broker, port, deadline, event)

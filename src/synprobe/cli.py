@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING
 import click
 
 from simulsyn_core import __version__
+from simulsyn_core.birthday import (
+    DEFAULT_GUESSES,
+    DEFAULT_RATE,
+    DEFAULT_SOCKETS,
+    MAX_GUESSES,
+    MAX_RATE,
+    MAX_SOCKETS,
+)
 from simulsyn_core.exitcodes import ExitStatus, ToolError
 from simulsyn_core.punch import (
     ATTEMPT_TIMEOUT_S,
@@ -169,8 +177,11 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "original; sync: plain, with both peers told at the same moment; order: "
                    "the side whose NAT answers unsolicited SYNs sends first, the other after "
                    "the broker's GO; prime: both open their own NAT's hole with a "
-                   "TTL-limited SYN, then one SYN crosses. sync, order and prime need a "
-                   "synprobe broker and a peer that offer them.")
+                   "TTL-limited SYN, then one SYN crosses; birthday: through a "
+                   "port-randomising NAT on one side, many sockets on that side and many "
+                   "guessed ports from the other (chosen by auto when the broker's mapping "
+                   "check sees exactly one such NAT). sync, order, prime and birthday need "
+                   "a synprobe broker and a peer that offer them.")
 @click.option("--ttl", type=click.IntRange(1, 64), default=None,
               help="TTL of the priming SYN: it must cross our NAT(s) and die before the "
                    "peer's [default: measured towards the peer with UDP probes; when no hop "
@@ -188,6 +199,18 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "under a day old): tell the broker what our NAT does to unsolicited and "
                    "reply SYNs; its TTL stands in when the measure towards the peer gets no "
                    "answer.")
+@click.option("--birthday-sockets", type=click.IntRange(1, MAX_SOCKETS), default=DEFAULT_SOCKETS,
+              show_default=True,
+              help="Birthday punching, when our NAT randomises ports: open this many "
+                   "sockets (N) towards the peer, each from its own local port. "
+                   "RLIMIT_NOFILE is raised within its hard limit.")
+@click.option("--birthday-guesses", type=click.IntRange(1, MAX_GUESSES),
+              default=DEFAULT_GUESSES, show_default=True,
+              help="Birthday punching, when the peer's NAT randomises ports: send SYNs to "
+                   "this many guessed ports (M) of its address, from our one port. "
+                   "P(success) ~ 1 - exp(-N*M/R) for R ports in the random NAT's range.")
+@click.option("--birthday-rate", type=click.FloatRange(1, MAX_RATE), default=DEFAULT_RATE,
+              show_default=True, help="Birthday punching: new SYNs per second at most.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
               help="Exit 0 once connected and both sides exchanged one framed hello.")
@@ -201,7 +224,8 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
 def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,
-          role: str | None, use_natcheck: bool, verbose: bool, no_chat: bool, as_json: bool,
+          role: str | None, use_natcheck: bool, birthday_sockets: int, birthday_guesses: int,
+          birthday_rate: float, verbose: bool, no_chat: bool, as_json: bool,
           pcap_path: str | None) -> None:
     """Connect to a peer by TCP simultaneous open, then chat.
 
@@ -212,7 +236,9 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     (--strategy auto), so that no full SYN reaches a NAT that would answer it (RST,
     ICMP) before that NAT's own host has opened its hole: sync when both NATs drop an
     early SYN silently; order when one does (the other side sends first); prime
-    otherwise (both open their holes with SYNs that die on the way, then one crosses).
+    otherwise (both open their holes with SYNs that die on the way, then one crosses);
+    birthday when exactly one NAT randomises its ports (N sockets on that side, M
+    guessed ports from the other; two such NATs are refused at once, exit 5).
 
     \b
     Then stdin lines go to the peer and the peer's lines come to stdout, framed as the
@@ -222,7 +248,8 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     \b
     Needs no privileges. JSON keys: established, mode, session, local, public, peer,
     peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
-    established_at, attempt_log, strategy, strategy_reason, ttl, ttl_source, phases.
+    established_at, attempt_log, strategy, strategy_reason, ttl, ttl_source, phases,
+    birthday (null unless birthday punching ran).
     """
     from simulsyn_core.session import PunchConfig, PunchReport, run_punch
 
@@ -253,7 +280,9 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     cfg = PunchConfig(local_port=local_port, broker=broker_ep, session=session,
                       seed_broker=seed_ep, peer=peer_ep, retries=retries, timeout_s=timeout_s,
                       retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s,
-                      strategy=strategy, ttl=ttl, role=role, facts=facts)
+                      strategy=strategy, ttl=ttl, role=role, facts=facts,
+                      birthday_sockets=birthday_sockets, birthday_guesses=birthday_guesses,
+                      birthday_rate=birthday_rate)
 
     def on_report(report: PunchReport) -> None:
         if as_json:
