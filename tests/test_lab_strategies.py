@@ -40,6 +40,13 @@ MSGS = ("hello from A\n", "hello from B\n")
 def auto_choice(a: str, b: str) -> tuple[str, str | None]:
     """(strategy, the side with role second or None) a --syn-probe broker must choose."""
     rejects = [p in ANSWERS for p in (a, b)]
+    if "random" in (a, b):
+        # Birthday. The random NAT drops the unsolicited SYN of the probe: where the other
+        # NAT answers, the guesses go first (they die silently at the random NAT) and the
+        # random side's SYNs cross; else the random side's SYNs go first (dropped silently
+        # at the other NAT) and the guesses cross.
+        easy = "b" if a == "random" else "a"
+        return "birthday", easy if any(rejects) else ("a" if easy == "b" else "b")
     if not any(rejects):
         return "sync", None  # an early SYN is dropped silently on both sides: no harm
     if all(rejects):
