@@ -1,0 +1,177 @@
+"""nat-check's port_range: the pure classification on synthetic samples (uniform, the Linux
+u16 model, a --to-ports range, too few) and the chi-square tail against closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from synprobe.natcheck import port_range as pr
+
+
+def linux_u16(rng: random.Random, lo: int, hi: int, n: int) -> list[int]:
+    """What nf_nat_l4proto_unique_tuple does with --random-fully: lo + u16 % size."""
+    size = hi - lo + 1
+    return [lo + rng.getrandbits(16) % size for _ in range(n)]
+
+
+def uniform(rng: random.Random, lo: int, hi: int, n: int) -> list[int]:
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+# --- the chi-square tail ----------------------------------------------------------------------
+
+def _q_even(x: float, df: int) -> float:
+    """Closed form of the chi-square tail for an even df: e^-h sum_{i<df/2} h^i / i!."""
+    h = x / 2
+    return math.exp(-h) * sum(h ** i / math.factorial(i) for i in range(df // 2))
+
+
+@pytest.mark.parametrize(("x", "df"), [(0.5, 2), (10.0, 4), (18.3, 10), (67.5, 50),
+                                       (100.0, 50), (40.0, 64), (300.0, 64)])
+def test_chi2_sf_meets_the_closed_form(x: float, df: int) -> None:
+    assert pr.chi2_sf(x, df) == pytest.approx(_q_even(x, df), rel=1e-9, abs=1e-300)
+
+
+def test_chi2_sf_at_known_critical_values() -> None:
+    assert pr.chi2_sf(3.841459, 1) == pytest.approx(0.05, abs=1e-6)  # odd df: no closed form
+    assert pr.chi2_sf(6.634897, 1) == pytest.approx(0.01, abs=1e-6)
+    assert pr.chi2_sf(11.0705, 5) == pytest.approx(0.05, abs=1e-5)
+    assert pr.chi2_sf(0.0, 3) == 1.0
+    with pytest.raises(ValueError):
+        pr.chi2_sf(1.0, 0)
+
+
+def test_chi2_uniform_bins_follow_their_widths() -> None:
+    # every port of 1..10 once: exactly uniform, whatever the bins' widths
+    stat, df = pr.chi2_uniform(list(range(1, 11)) * 30, 1, 10)
+    assert stat == pytest.approx(0.0) and df >= 1
+    stat, _ = pr.chi2_uniform([1] * 300, 1, 10)  # everything in the first bin
+    assert stat > 1000
+
+
+# --- the Linux model ------------------------------------------------------------------------
+
+def test_linux_band_of_the_default_range_is_1024_2047_twice_as_likely() -> None:
+    band = pr.linux_band(1024, 65535)
+    assert band is not None
+    (lo, hi), p_uniform, p_model = band
+    assert (lo, hi) == (1024, 2047)
+    assert p_uniform == pytest.approx(1024 / 64512)
+    assert p_model == pytest.approx(2048 / 65536)  # each port 2/65536 against 1/65536
+
+
+def test_linux_band_of_a_to_ports_range_and_of_one_without() -> None:
+    band = pr.linux_band(20000, 29999)  # 65536 = 6 * 10000 + 5536
+    assert band is not None and band[0] == (20000, 25535)
+    assert band[2] == pytest.approx(5536 * 7 / 65536)
+    assert pr.linux_band(32768, 65535) is None  # 32768 ports divide 65536: no band
+
+
+def test_the_lab_measurement_shows_the_hot_band() -> None:
+    # measured behind the lab's `random` profile: 622 of 20000 in 1024-2047
+    rng = random.Random(7)
+    ports = uniform(rng, 1024, 2047, 622) + uniform(rng, 2048, 65535, 20000 - 622)
+    got = pr.classify(ports)
+    assert got.range == (1024, 65535)
+    assert (got.uniform, got.hot_band) == (False, (1024, 2047))
+    assert "holds 622" in got.reason
+
+
+# --- classify on synthetic samples ------------------------------------------------------------
+
+def test_uniform_over_the_default_range() -> None:
+    got = pr.classify(uniform(random.Random(1), 1024, 65535, 4000))
+    assert got.samples == 4000 and got.range == (1024, 65535)
+    assert got.uniform is True and got.hot_band is None
+    assert got.chi2 is not None and got.p_value is not None and got.p_value > pr.ALPHA_CHI2
+    assert "no hot band shown" in got.reason
+
+
+def test_the_linux_u16_model_over_the_default_range() -> None:
+    got = pr.classify(linux_u16(random.Random(1), 1024, 65535, 4000))
+    assert got.range == (1024, 65535)
+    assert got.uniform is False and got.hot_band == (1024, 2047)
+    assert "a hot band" in got.reason
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_to_ports_range_uniform(seed: int) -> None:
+    # --to-ports 20000-29999, uniform: the range comes out within a few gaps of it
+    ports = uniform(random.Random(seed), 20000, 29999, 1000)
+    got = pr.classify(ports)
+    assert got.range is not None
+    lo, hi = got.range
+    assert 19960 <= lo <= min(ports) and max(ports) <= hi <= 30040
+    assert (got.min, got.max) == (min(ports), max(ports))
+    assert got.uniform is True and got.hot_band is None
+    assert "widened by the expected gap" in got.reason
+
+
+def test_a_to_ports_range_with_the_u16_model_shows_its_band() -> None:
+    # 7 against 6 draws per port: enough samples show 20000-25535
+    got = pr.classify(linux_u16(random.Random(3), 20000, 29999, 30000))
+    assert got.uniform is False and got.hot_band is not None
+    assert abs(got.hot_band[0] - 20000) <= 5 and abs(got.hot_band[1] - 25535) <= 100
+
+
+def test_not_uniform_but_not_the_linux_band() -> None:
+    rng = random.Random(2)
+    ports = uniform(rng, 1024, 65535, 900) + uniform(rng, 40000, 41000, 300)
+    got = pr.classify(ports)
+    assert got.uniform is False and got.hot_band is None
+    assert "not Linux's hot band" in got.reason
+
+
+def test_too_few_samples_say_how_many_are_needed() -> None:
+    got = pr.classify(uniform(random.Random(4), 1024, 65535, 50))
+    assert got.samples == 50 and got.range is not None
+    assert (got.uniform, got.chi2, got.p_value, got.hot_band) == (None, None, None, None)
+    assert f"at least {pr.MIN_SAMPLES} are needed" in got.reason
+
+
+def test_a_band_too_narrow_for_the_samples_is_not_tested() -> None:
+    got = pr.classify(uniform(random.Random(5), 1024, 65535, 200))
+    assert got.uniform is True and got.hot_band is None
+    assert "too narrow to test with 200 samples (needs 315)" in got.reason
+
+
+@pytest.mark.parametrize("ports", [[], [4000], [4000, 4000, 4000]])
+def test_no_range_from_nothing_or_one_port(ports: list[int]) -> None:
+    got = pr.classify(ports)
+    assert got.samples == len(ports) and got.range is None and got.uniform is None
+    assert got.reason
+    assert json.dumps(got.to_json())
+
+
+@pytest.mark.parametrize("bad", [0, 65536, -1])
+def test_a_bad_port_is_a_value_error(bad: int) -> None:
+    with pytest.raises(ValueError, match="not a port"):
+        pr.classify([1024, bad])
+
+
+def test_likely_range_is_clamped() -> None:
+    assert pr.likely_range(1, 100, 2)[0] == (1, 199)
+    assert pr.likely_range(65000, 65535, 3)[0] == (64732, 65535)  # gap 267.5
+
+
+def test_to_json_holds_every_key() -> None:
+    got = pr.classify(linux_u16(random.Random(1), 1024, 65535, 4000)).to_json()
+    assert set(got) == {"samples", "min", "max", "range", "uniform", "chi2", "p_value",
+                        "hot_band", "reason"}
+    assert got["range"] == [1024, 65535] and got["hot_band"] == [1024, 2047]
+
+
+@pytest.mark.parametrize(("behind", "mapping", "asked", "skips"), [
+    (True, "address-and-port-dependent", 1000, False),
+    (True, "address-dependent", 1000, False),
+    (True, "address-and-port-dependent", 0, True),
+    (True, "endpoint-independent", 1000, True),
+    (True, None, 1000, True),
+    (False, "none", 1000, True),
+])
+def test_skip_reason(behind: bool, mapping: str | None, asked: int, skips: bool) -> None:
+    assert (pr.skip_reason(behind, mapping, asked) is not None) == skips
