@@ -1,15 +1,34 @@
 """nat-check's port_range: the pure classification on synthetic samples (uniform, the Linux
-u16 model, a --to-ports range, too few) and the chi-square tail against closed forms."""
+u16 model, a --to-ports range, too few), the chi-square tail against closed forms, the
+decision and the JSON/table/advice built from it, and the sampler against a broker on
+loopback (no lab, no privileges)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from simulsyn_core.broker import Broker
+from simulsyn_core.endpoint import Endpoint
 from synprobe.natcheck import port_range as pr
+from synprobe.natcheck import port_samples
+from synprobe.natcheck.evidence import Evidence, decide, probes_of
+from synprobe.natcheck.port_samples import Sampled
+from synprobe.natcheck.recommend import recommend, verdict
+from synprobe.natcheck.render import table
+from synprobe.natcheck.report import NatCheckReport
+from synprobe.natcheck.server import ProbeServer
+from synprobe.packets.seen import seen_from_pcap
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
 
 
 def linux_u16(rng: random.Random, lo: int, hi: int, n: int) -> list[int]:
@@ -175,3 +194,105 @@ def test_to_json_holds_every_key() -> None:
 ])
 def test_skip_reason(behind: bool, mapping: str | None, asked: int, skips: bool) -> None:
     assert (pr.skip_reason(behind, mapping, asked) is not None) == skips
+
+
+# --- the decision, the JSON, the table, the advice ------------------------------------------
+
+def _evidence(profile: str) -> Evidence:
+    record = json.loads((CAPTURES / f"{profile}-evidence.json").read_text())
+    data = (CAPTURES / f"{profile}-client.pcap").read_bytes()
+    return Evidence.from_json(record["evidence"],
+                              seen_from_pcap(data, [record["evidence"]["host_ip"]]))
+
+
+def _report(ev: Evidence) -> NatCheckReport:
+    f = decide(ev).findings
+    return NatCheckReport("192.0.2.10:8086", f, recommend(f), verdict(f), 0.0,
+                          probes=probes_of(ev))
+
+
+def test_the_random_profile_with_samples_reports_port_range() -> None:
+    ports = linux_u16(random.Random(9), 1024, 65535, 4000)
+    ev = replace(_evidence("random"), port_samples_asked=4000,
+                 port_samples=Sampled(4000, tuple(ports), 0, 8.1))
+    report = _report(ev)
+    data = json.loads(json.dumps(report.to_json()))
+    got = data["port_range"]
+    assert got["range"] == [1024, 65535] and got["hot_band"] == [1024, 2047]
+    assert got["uniform"] is False and got["samples"] == 4000
+    assert got["reason"].startswith("4000 of 4000 fresh connections answered OBSERVE")
+    assert data["reasons"]["port_range"] == got["reason"]
+    assert data["probes"]["port_samples"] == {"asked": 4000, "answered": 4000, "failed": 0,
+                                              "duration_s": 8.1}
+    assert "most often 1024-2047" in data["recommendation"]["retries"]["reason"]
+    assert data["verdict"].startswith("Hard NAT") and "1024-65535" in data["verdict"]
+    assert "1024-65535, hot 1024-2047" in table(report)  # the row (its value wraps)
+    # the evidence keeps the samples: the decision can be made again from its JSON
+    again = Evidence.from_json(json.loads(json.dumps(ev.to_json())), ev.raw.seen if ev.raw
+                               else ())
+    assert again == ev
+
+
+def test_the_random_profile_not_sampled_says_why() -> None:
+    ev = _evidence("random")  # recorded before sampling: nothing asked
+    data = _report(ev).to_json()
+    assert data["port_range"] is None
+    assert data["reasons"]["port_range"] == "not sampled: --port-samples 0"
+    assert "port_samples" not in ev.to_json()  # the recordings stay as they were
+
+
+def test_an_endpoint_independent_mapping_is_not_sampled() -> None:
+    ev = replace(_evidence("home"), port_samples_asked=1000)
+    data = _report(ev).to_json()
+    assert data["port_range"] is None
+    assert data["reasons"]["port_range"].startswith(
+        "not sampled: the mapping is endpoint-independent")
+
+
+# --- the sampler against a broker on loopback ------------------------------------------------
+
+def _sample_on_loopback(count: int, **kwargs: object) -> Sampled:
+    async def scenario() -> Sampled:
+        server = ProbeServer(["127.0.0.1"], raw_reason="off", log=lambda _line: None)
+        broker = Broker([Endpoint("127.0.0.1", 0)], log=lambda _line: None,
+                        services=server.services())
+        await broker.start()
+        try:
+            return await asyncio.to_thread(lambda: port_samples.run(
+                broker.listening[0], count, **kwargs))  # type: ignore[arg-type]
+        finally:
+            await broker.close()
+
+    return asyncio.run(scenario())
+
+
+def test_sampler_reads_one_public_port_per_fresh_connection() -> None:
+    shown: list[tuple[float, float]] = []
+    got = _sample_on_loopback(200, progress=lambda d, t: shown.append((d, t)))
+    # no NAT on loopback: each public port is the kernel's fresh local port
+    assert got.asked == 200 and len(got.ports) == 200 and len(set(got.ports)) == 200
+    assert got.failed == 0 and got.stopped == ""
+    assert got.duration_s >= 199 / port_samples.RATE_PER_S - 0.01  # paced
+    assert shown[-1] == (200, 200)
+
+
+def test_sampler_stops_after_failures_to_connect() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, never listening: connect() is refused
+        closed = Endpoint("127.0.0.1", holder.getsockname()[1])
+        start = time.monotonic()
+        got = port_samples.run(closed, 1000)
+    assert got.ports == () and got.failed == port_samples.max_failures(1000)
+    assert "connections failed" in got.stopped and "ECONNREFUSED" in got.first_error
+    assert time.monotonic() - start < 2.0
+
+
+def test_sampler_is_bounded_by_time_when_nothing_answers() -> None:
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(128)  # the kernel accepts; nobody ever answers OBSERVE
+        start = time.monotonic()
+        got = port_samples.run(Endpoint(*mute.getsockname()), 50, max_open=8, limit_s=1.0)
+        elapsed = time.monotonic() - start
+    assert got.ports == () and "time limit" in got.stopped
+    assert elapsed < 1.5
