@@ -1,7 +1,7 @@
 """nat-check's port_range: the pure classification on synthetic samples (uniform, the Linux
 u16 model, a --to-ports range, too few), the chi-square tail against closed forms, the
-decision and the JSON/table/advice built from it, and the sampler against a broker on
-loopback (no lab, no privileges)."""
+decision and the JSON/table/advice built from it, what the punch reads back (state), and
+the sampler against a broker on loopback (no lab, no privileges)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import math
 import random
 import socket
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from simulsyn_core.broker import Broker
+from simulsyn_core.client import NatFacts
 from simulsyn_core.endpoint import Endpoint
+from synprobe import state
 from synprobe.natcheck import port_range as pr
 from synprobe.natcheck import port_samples
 from synprobe.natcheck.evidence import Evidence, decide, probes_of
@@ -247,6 +249,41 @@ def test_an_endpoint_independent_mapping_is_not_sampled() -> None:
     assert data["port_range"] is None
     assert data["reasons"]["port_range"].startswith(
         "not sampled: the mapping is endpoint-independent")
+
+
+# --- what the punch reads back ----------------------------------------------------------------
+
+RESULT = {"public": ["198.51.100.2:40001"], "unsolicited_syn": "drop", "reply_syn": "pass",
+          "recommendation": {"ttl": {"value": None, "reason": ""}}, "error": None}
+
+
+@pytest.mark.parametrize(("saved", "expected"), [
+    ({"range": [1024, 65535], "uniform": False, "hot_band": [1024, 2047]},
+     ((1024, 65535), (1024, 2047))),
+    ({"range": [1024, 65535], "uniform": True, "hot_band": None}, ((1024, 65535), None)),
+    ({"range": [1024, 65535], "uniform": None, "hot_band": [1024, 2047]},
+     ((1024, 65535), None)),
+    ({"range": [20000, 29999], "uniform": False, "hot_band": [1024, 2047]},
+     ((20000, 29999), None)),  # a band outside the range is not believed
+    (None, (None, None)),
+    ({"range": [2000, 1000], "uniform": False, "hot_band": [1024, 2047]}, (None, None)),
+    ({"range": "1024-65535"}, (None, None)),
+    ({"range": [True, 65535]}, (None, None)),
+    ([1, 2], (None, None)),
+])
+def test_last_natcheck_facts_carry_the_port_range(saved: object, expected: tuple) -> None:
+    state.save_last_natcheck({**RESULT, "port_range": saved}, ["synprobe", "nat-check"])
+    facts = state.last_natcheck_facts()
+    assert facts is not None
+    assert (facts.port_range, facts.port_hot) == expected
+
+
+def test_nat_facts_end_with_the_port_fields() -> None:
+    # the names, types and defaults the punch side adds to NatFacts too (a trivial merge)
+    last = [(f.name, f.type, f.default) for f in fields(NatFacts)][-3:]
+    assert last == [("age_s", "float", 0.0),
+                    ("port_range", "tuple[int, int] | None", None),
+                    ("port_hot", "tuple[int, int] | None", None)]
 
 
 # --- the sampler against a broker on loopback ------------------------------------------------

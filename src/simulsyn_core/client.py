@@ -62,6 +62,8 @@ class NatFacts:
     reply_syn: str | None = None  # "pass" or "blocked"
     ttl: int | None = None  # a TTL that crosses our NAT(s) and dies before the peer's
     age_s: float = 0.0
+    port_range: tuple[int, int] | None = None
+    port_hot: tuple[int, int] | None = None
 
     def describe(self) -> str:
         known = [f"{k}={v}" for k, v in (("unsolicited", self.unsolicited),
