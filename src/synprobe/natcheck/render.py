@@ -47,7 +47,7 @@ def _port_range(value: dict[str, Any] | None) -> str:
     if value["hot_band"]:
         how = "hot {}-{}".format(*value["hot_band"])
     else:
-        how = {True: "uniform", False: "not uniform", None: "too few to tell"}[value["uniform"]]
+        how = {True: "uniform", False: "not uniform", None: "uniform not told"}[value["uniform"]]
     return f"{lo}-{hi}, {how} ({value['samples']} samples)"
 
 
