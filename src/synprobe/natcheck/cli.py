@@ -49,8 +49,8 @@ def _samples_bar(done: float, total: float) -> None:
               help="When the mapping is endpoint-dependent: open K connections from fresh "
                    f"local ports (at most {RATE_PER_S:.0f}/s, {MAX_OPEN} at once) to learn "
                    "the NAT's public port range (port_range); 0 skips it. 1000 take about "
-                   "2 s and show Linux's --random-fully hot band 3 times in 4; 2200 show it "
-                   "39 times in 40.")
+                   "2 s and show Linux's --random-fully hot band 7 times in 10; 2200 show "
+                   "it 39 times in 40.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
               pcap: str | None, port_samples: int, verbose: bool) -> None:

@@ -11,8 +11,8 @@ ports of K fresh connections (``port_samples``, the I/O) this says:
   and the count in the Linux model's hot band: a hot band when it is 3 sigma above what
   uniform gives; uniform when uniform explains the count 20 times better than the model
   (the likelihood ratio of the two binomials); between the two: None, and how many
-  samples would tell (1000 samples over 1024-65535 decide 3 times in 4, about 2200
-  nearly always);
+  samples would tell (1000 samples from Linux's model over 1024-65535 show the band 7
+  times in 10, about 2200 nearly always);
 * the hot band. Linux's ``nf_nat_l4proto_unique_tuple`` (MASQUERADE/SNAT --random-fully)
   draws ``off = get_random_u16()`` and takes port ``lo + off % S`` for a range [lo, hi]
   of S ports, so ports lo .. lo + (65536 mod S) - 1 get weight floor(65536/S) + 1, the
