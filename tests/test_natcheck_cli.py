@@ -20,7 +20,8 @@ from synprobe.natcheck.server import ProbeServer
 def test_help_lists_every_key_and_exit_code() -> None:
     result = CliRunner().invoke(cli, ["nat-check", "--help"])
     assert result.exit_code == 0
-    for word in ("--server", "--timers", "--max-wait", "--pcap", "--json", "unsolicited_syn",
+    for word in ("--server", "--timers", "--max-wait", "--pcap", "--json", "--port-samples",
+                 "port_range", "unsolicited_syn",
                  "syn_sent_lifetime_s", "host_stack", "no-privilege", "broker-unreachable"):
         assert word in result.output
 

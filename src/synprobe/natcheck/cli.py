@@ -12,16 +12,24 @@ from simulsyn_core.signals import sigterm_as_interrupt
 from .. import state
 from ..cliutil import EPILOG, EndpointType, Reporter
 from . import protocol as P
+from .port_samples import DEFAULT_PORT_SAMPLES, MAX_OPEN, MAX_SAMPLES, RATE_PER_S
 
 
-def _progress_bar(done: float, total: float) -> None:
+def _bar(what: str, done: float, total: float, figures: str) -> None:
     width = 30
     filled = int(width * min(1.0, done / total)) if total > 0 else width
-    sys.stderr.write(f"\rsynprobe: hole lifetime [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{done:5.1f}/{total:.0f} s")
+    sys.stderr.write(f"\rsynprobe: {what} [{'#' * filled}{'.' * (width - filled)}] {figures}")
     if filled == width:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+def _progress_bar(done: float, total: float) -> None:
+    _bar("hole lifetime", done, total, f"{done:5.1f}/{total:.0f} s")
+
+
+def _samples_bar(done: float, total: float) -> None:
+    _bar("port samples", done, total, f"{done:5.0f}/{total:.0f}")
 
 
 @click.command("nat-check", epilog=EPILOG)
@@ -34,17 +42,26 @@ def _progress_bar(done: float, total: float) -> None:
 @click.option("--max-wait", "max_wait_s", type=click.FloatRange(2, P.MAX_TIMER_WAIT_S),
               default=150.0, show_default=True, help="Longest hole lifetime --timers tries.")
 @click.option("--pcap", "pcap", type=click.Path(dir_okay=False, writable=True),
-              help="Write every probe packet sent and received to this pcap file.")
+              help="Write every probe packet sent and received to this pcap file (not the "
+                   "port samples' connections).")
+@click.option("--port-samples", "port_samples", type=click.IntRange(0, MAX_SAMPLES),
+              default=DEFAULT_PORT_SAMPLES, show_default=True, metavar="K",
+              help="When the mapping is endpoint-dependent: open K connections from fresh "
+                   f"local ports (at most {RATE_PER_S:.0f}/s, {MAX_OPEN} at once) to learn "
+                   "the NAT's public port range (port_range); 0 skips it. 1000 take about "
+                   "2 s and show Linux's --random-fully hot band 7 times in 10; 2200 show "
+                   "it 39 times in 40.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
-              pcap: str | None, verbose: bool) -> None:
+              pcap: str | None, port_samples: int, verbose: bool) -> None:
     """Measure what the NAT in front of this host does to TCP, and how to punch it.
 
     \b
     Reports (table, or --json with these keys): public, behind_nat, mapping,
     port_preservation, port_allocation, filtering, unsolicited_syn, reply_syn,
-    syn_sent_lifetime_s (--timers), hairpin, hops, host_stack, recommendation, verdict;
-    a value that could not be measured is null with its reason in "reasons".
+    syn_sent_lifetime_s (--timers), hairpin, hops, host_stack, port_range (behind an
+    endpoint-dependent mapping, --port-samples), recommendation, verdict; a value that
+    could not be measured is null with its reason in "reasons".
     The mapping probes need no privileges; the raw probes need CAP_NET_RAW and
     CAP_NET_ADMIN (without them: mapping only, then exit 6). While it runs it adds
     iptables rules dropping RSTs from its own probe ports, removed on every exit.
@@ -55,8 +72,9 @@ def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
 
     reporter = Reporter(verbose)
     with sigterm_as_interrupt():
-        report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap), reporter.step,
-                              progress=_progress_bar if timers else None)
+        report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap, port_samples),
+                              reporter.step, progress=_progress_bar if timers else None,
+                              sample_progress=_samples_bar)
     data = report.to_json()
     click.echo(render_json(report) if as_json else table(report))
     try:

@@ -3,8 +3,11 @@
 Order (about 1 s in the lab): the control connection and the mapping connections (plain
 sockets); then, with CAP_NET_RAW and CAP_NET_ADMIN, one capture for every raw probe:
 the broker's unsolicited and filtering SYNs, our reply_syn, hops and hairpin SYNs, the
-host_stack connects; with --timers, the hole lifetime. Everything opened here (sockets,
-the capture, the firewall rules scoped to our probe ports) is closed in ``finally``.
+host_stack connects; with --timers, the hole lifetime. Then, when the mapping is
+endpoint-dependent, the port samples (port_samples: fresh plain connections, after the
+capture has stopped, so the pcap holds the probes only). Everything opened here
+(sockets, the capture, the firewall rules scoped to our probe ports) is closed in
+``finally``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import ExitStatus, ToolError
@@ -24,10 +27,21 @@ from simulsyn_core.wire import LineDecoder, ProtocolError
 from .. import rawnet
 from ..packets.live import Capture
 from ..packets.seen import Seen
-from . import craft, hairpin, hops, host_stack, mapping, reply_syn, timers
+from . import (
+    craft,
+    hairpin,
+    hops,
+    host_stack,
+    mapping,
+    port_range,
+    port_samples,
+    reply_syn,
+    timers,
+)
 from . import protocol as P
 from .evidence import Evidence, RawEvidence, decide, plan, probes_of, reflects
 from .firewall import Firewall, FirewallError, client_rules, client_tag
+from .port_samples import DEFAULT_PORT_SAMPLES
 from .recommend import recommend, verdict
 from .report import NatCheckReport
 
@@ -43,6 +57,7 @@ class CheckConfig:
     timers: bool = False
     max_wait_s: float = 150.0
     pcap: str | None = None
+    port_samples: int = DEFAULT_PORT_SAMPLES  # 0: never sample the public port range
 
 
 Progress = Callable[[float, float], None]
@@ -66,6 +81,7 @@ class _Run:
     event: Event
     progress: Progress | None
     state: _State = field(default_factory=_State)
+    sample_progress: Progress | None = None
 
 
 def _reserve(state: _State, n: int) -> list[int]:
@@ -93,25 +109,29 @@ def raw_problem(firewall: Firewall) -> tuple[str, ExitStatus]:
 
 def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
                  progress: Progress | None = None,
-                 firewall: Firewall | None = None) -> NatCheckReport:
-    run = _Run(cfg, firewall or Firewall(), event, progress)
+                 firewall: Firewall | None = None,
+                 sample_progress: Progress | None = None) -> NatCheckReport:
+    run = _Run(cfg, firewall or Firewall(), event, progress, sample_progress=sample_progress)
     start = time.monotonic()
     problem, problem_status = raw_problem(run.firewall)
     if not problem:
         run.state.preload = craft.preload_in_background()  # ~0.7 s, while plain sockets work
     try:
         evidence = _gather(run, problem)
-        decision = decide(evidence)
-        f = decision.findings
-        if evidence.raw is not None:
-            event(f"raw probes: filtering {f.filtering}, unsolicited {f.unsolicited_syn}, "
-                  f"reply {f.reply_syn}, hairpin {f.hairpin}, hops {f.hops}")
         _close_sockets(run.state)  # the closing segments count among the check's packets
         capture = run.state.capture
         seen = capture.snapshot() if capture else []
         packets = {"sent_by_client": sum(1 for s in seen if s.outgoing),
                    "received_by_client": sum(1 for s in seen if not s.outgoing),
                    "sent_by_server_raw": evidence.raw.broker.sent if evidence.raw else 0}
+        if capture is not None:
+            capture.stop()  # the pcap and the counts end here: the samples are not probes
+        evidence = _sample_ports(run, evidence)
+        decision = decide(evidence)
+        f = decision.findings
+        if evidence.raw is not None:
+            event(f"raw probes: filtering {f.filtering}, unsolicited {f.unsolicited_syn}, "
+                  f"reply {f.reply_syn}, hairpin {f.hairpin}, hops {f.hops}")
         status = problem_status if problem else ExitStatus.OK
         return NatCheckReport(
             server=str(cfg.server), findings=f, recommendation=recommend(f),
@@ -156,6 +176,21 @@ def _gather(run: _Run, problem: str) -> Evidence:
         raw = _raw_probes(run, control, info, host_ip, fresh[0], reflects(m))
     return Evidence(host_ip, info, control_obs, tuple(same), tuple(fresh), cfg.timers,
                     raw_off, raw)
+
+
+def _sample_ports(run: _Run, ev: Evidence) -> Evidence:
+    """The public ports of fresh connections, when the mapping is endpoint-dependent (the
+    rule is port_range.skip_reason's; decide() gives the reason when not)."""
+    m = mapping.classify(ev.control, ev.same_port, ev.fresh, [ev.host_ip])
+    asked = run.cfg.port_samples
+    ev = replace(ev, port_samples_asked=asked)
+    if port_range.skip_reason(m.behind_nat, m.mapping, asked) is not None:
+        return ev
+    run.event(f"port samples: {asked} fresh connections to {run.cfg.server}, at most "
+              f"{port_samples.RATE_PER_S:.0f}/s, {port_samples.MAX_OPEN} at once")
+    sampled = port_samples.run(run.cfg.server, asked, run.sample_progress)
+    run.event("port samples: " + sampled.summary())
+    return replace(ev, port_samples=sampled)
 
 
 def _keep(s: Seen, host_ip: str, servers: set[str]) -> bool:

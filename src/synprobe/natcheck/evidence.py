@@ -17,8 +17,9 @@ from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.wire import parse_line
 
 from ..packets.seen import Seen
-from . import filtering, hairpin, hops, host_stack, mapping, reply_syn, timers
+from . import filtering, hairpin, hops, host_stack, mapping, port_range, reply_syn, timers
 from . import protocol as P
+from .port_samples import Sampled
 from .report import Behaviour, Findings, Outcome, StackKind
 
 RAW_KEYS = ("filtering", "unsolicited_syn", "reply_syn", "hairpin", "hops", "host_stack")
@@ -61,9 +62,12 @@ class Evidence:
     timers_asked: bool
     raw_off: str  # why the raw probes did not run ("" when they ran)
     raw: RawEvidence | None
+    port_samples_asked: int = 0  # --port-samples
+    port_samples: Sampled | None = None  # None: not sampled (port_range.skip_reason)
 
     def to_json(self) -> dict[str, Any]:
-        """Everything but the capture (the pcap holds it), as plain JSON values."""
+        """Everything but the capture (the pcap holds it), as plain JSON values (the port
+        samples' keys only when asked for: the recordings made before them stay equal)."""
         out: dict[str, Any] = {
             "host_ip": self.host_ip, "info": bytes(self.info).decode().rstrip("\n"),
             "control": _obs_json(self.control),
@@ -82,6 +86,13 @@ class Evidence:
                 "answer_window_s": raw.answer_window_s,
                 "broker": bytes(raw.broker).decode().rstrip("\n"),
                 "stack": [[o.kind, o.local_port, o.outcome, o.elapsed_s] for o in raw.stack]}
+        if self.port_samples_asked:
+            out["port_samples_asked"] = self.port_samples_asked
+        ps = self.port_samples
+        if ps is not None:
+            out["port_samples"] = {"asked": ps.asked, "ports": list(ps.ports),
+                                   "failed": ps.failed, "duration_s": ps.duration_s,
+                                   "stopped": ps.stopped, "first_error": ps.first_error}
         return out
 
     @classmethod
@@ -102,9 +113,13 @@ class Evidence:
                 r["unsolicited_port"], *probes, r["timers_deadline"], r["answer_window_s"],
                 broker, tuple(host_stack.StackOutcome(StackKind(k), p, o, e)
                               for k, p, o, e in r["stack"]), tuple(seen))
+        ps = data.get("port_samples")
+        sampled = None if ps is None else Sampled(
+            ps["asked"], tuple(ps["ports"]), ps["failed"], ps["duration_s"], ps["stopped"],
+            ps["first_error"])
         return cls(data["host_ip"], info, _obs(data["control"]),
                    tuple(_obs(o) for o in data["same_port"]), fresh, data["timers_asked"],
-                   data["raw_off"], raw)
+                   data["raw_off"], raw, data.get("port_samples_asked", 0), sampled)
 
 
 def _obs_json(o: mapping.Observation) -> dict[str, str]:
@@ -183,7 +198,24 @@ def decide(ev: Evidence) -> Decision:
         reasons += more
     if not ev.timers_asked:
         reasons.append(("syn_sent_lifetime_s", "not measured: needs --timers"))
+    ranged, why = port_range_finding(ev, m)
+    reasons.append(("port_range", why))
+    findings = replace(findings, port_range=ranged)
     return Decision(replace(findings, reasons=tuple(reasons)), path)
+
+
+def port_range_finding(ev: Evidence, m: mapping.MappingResult
+                       ) -> tuple[port_range.PortRange | None, str]:
+    """The port range of the sampled public ports, or why there is none."""
+    skip = port_range.skip_reason(m.behind_nat, m.mapping, ev.port_samples_asked)
+    if skip is not None:
+        return None, skip
+    sampled = ev.port_samples
+    if sampled is None:
+        return None, "not sampled"
+    ranged = port_range.classify(sampled.ports)
+    ranged = replace(ranged, reason=f"{sampled.summary()}; {ranged.reason}")
+    return ranged, ranged.reason
 
 
 def _decide_raw(ev: Evidence, raw: RawEvidence, m: mapping.MappingResult, base: Findings
@@ -234,4 +266,8 @@ def probes_of(ev: Evidence) -> dict[str, Any]:
                    timer_ports=list(raw.timers.local_ports) if raw.timers else [],
                    timer_waits=list(raw.timers.waits) if raw.timers else [],
                    answer_window_s=round(raw.answer_window_s, 3))
+    ps = ev.port_samples
+    if ps is not None:
+        out["port_samples"] = {"asked": ps.asked, "answered": len(ps.ports),
+                               "failed": ps.failed, "duration_s": round(ps.duration_s, 3)}
     return out

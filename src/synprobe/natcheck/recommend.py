@@ -22,6 +22,20 @@ def _rejects(f: Findings) -> bool:
         and f.unsolicited_syn != Outcome.PASS
 
 
+def port_hint(f: Findings) -> str:
+    """Where new public ports come from (port_range), for the hard-NAT advice; "" if
+    not sampled."""
+    pr = f.port_range
+    if pr is None or pr.range is None:
+        return ""
+    out = "new public ports come from {}-{}".format(*pr.range)
+    if pr.hot_band is not None and pr.uniform is False:
+        out += ", most often {}-{}: a birthday punch aims there".format(*pr.hot_band)
+    elif pr.uniform:
+        out += ", uniformly"
+    return out
+
+
 def recommend(f: Findings) -> Recommendation:
     aborts = bool(f.host_stack) and all(v == StackReaction.ABORTS
                                         for v in (f.host_stack or {}).values())
@@ -42,8 +56,10 @@ def recommend(f: Findings) -> Recommendation:
         retries = Advice(1, "reply SYNs are blocked: retrying cannot help")
         interval = Advice(None, "no retries")
     elif hard:
+        hint = port_hint(f)
         retries = Advice(1, "the public port changes with each destination: retrying the same "
-                            "endpoint cannot help without port prediction or a relay")
+                            "endpoint cannot help without port prediction or a relay"
+                            + (f"; {hint}" if hint else ""))
         interval = Advice(None, "no retries")
     elif rejects and aborts:
         retries = Advice(50, f"this NAT answers an early SYN with {f.unsolicited_syn} and this "
@@ -102,9 +118,10 @@ def verdict(f: Findings) -> str:
                 "answer our own, so TCP simultaneous open cannot work through it; use a relay.")
     if f.behind_nat and f.mapping not in (None, Behaviour.EI, Behaviour.NO_NAT) \
             and not f.port_preservation:
+        hint = port_hint(f)
         return (f"Hard NAT ({what}): the public port changes with every destination, so the "
                 "peer cannot know where to aim; TCP hole punching fails without port "
-                "prediction or a relay.")
+                "prediction or a relay" + (f"; {hint}." if hint else "."))
     if f.reply_syn is None:
         return f"Incomplete check ({what}): the raw probes did not run, see the reasons."
     if f.behind_nat is False:

@@ -20,6 +20,7 @@ LABELS = {
     "hairpin": "hairpin",
     "hops": "hops to the NAT",
     "host_stack": "host TCP on RST/ICMP/TTL",
+    "port_range": "public port range",
 }
 REASON_WIDTH = 58
 
@@ -36,11 +37,26 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _port_range(value: dict[str, Any] | None) -> str:
+    """port_range in a few words: the range, then hot band, uniform or not telling."""
+    if value is None:
+        return "-"
+    if value["range"] is None:
+        return f"{value['samples']} sample(s)"
+    lo, hi = value["range"]
+    if value["hot_band"]:
+        how = "hot {}-{}".format(*value["hot_band"])
+    else:
+        how = {True: "uniform", False: "not uniform", None: "uniform not told"}[value["uniform"]]
+    return f"{lo}-{hi}, {how} ({value['samples']} samples)"
+
+
 def table(report: NatCheckReport) -> str:
     from tabulate import tabulate
 
     data = report.to_json()
-    rows = [(LABELS[k], _value(data[k]), data["reasons"].get(k, "")) for k in KEYS]
+    rows = [(LABELS[k], _port_range(data[k]) if k == "port_range" else _value(data[k]),
+             data["reasons"].get(k, "")) for k in KEYS]
     out = [tabulate(rows, headers=["", "value", "how it was measured"],
                     maxcolwidths=[None, 28, REASON_WIDTH])]
     rec = data["recommendation"]

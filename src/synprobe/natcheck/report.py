@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from .port_range import PortRange
+
 if TYPE_CHECKING:
     from .evidence import Evidence
 
@@ -81,7 +83,7 @@ class Order(StrValue):
 
 KEYS = ("public", "behind_nat", "mapping", "port_preservation", "port_allocation",
         "filtering", "unsolicited_syn", "reply_syn", "syn_sent_lifetime_s", "hairpin",
-        "hops", "host_stack")
+        "hops", "host_stack", "port_range")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Findings:
     hairpin: bool | None = None
     hops: int | None = None
     host_stack: dict[StackKind, StackReaction] | None = None
+    port_range: PortRange | None = None  # sampled behind an endpoint-dependent mapping
     reasons: tuple[tuple[str, str], ...] = ()
 
     def reason(self, key: str) -> str:
@@ -147,6 +150,8 @@ class NatCheckReport:
         out: dict[str, Any] = {"server": self.server}
         for key in KEYS:
             value = getattr(f, key)
+            if isinstance(value, PortRange):
+                value = value.to_json()
             out[key] = list(value) if isinstance(value, tuple) else value
         out["recommendation"] = self.recommendation.to_json()
         out["verdict"] = self.verdict
