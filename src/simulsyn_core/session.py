@@ -257,6 +257,7 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         local = port
     pool = Pool(watch_read=spraying)
     winner: tuple[socket.socket, int, bytes] | None = None
+    cpu_start = time.process_time()
     try:
         sent = 0
         try:
@@ -304,6 +305,7 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         info["sockets_used"] = pool.opened
         info["syns_sent"] = pool.syns_sent
         info["errors"] = dict(pool.failed)
+        info["cpu_s"] = round(time.process_time() - cpu_start, 4)
     attempt_time = (pool.first_sent or go) - rdv.known_at
     if winner is None:
         report.attempt_log = []
