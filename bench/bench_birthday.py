@@ -149,7 +149,8 @@ def main() -> int:
             print(f"{n:>4d}x{m:<4d} {k:>4d}/{len(runs):<5d} {k / len(runs):8.3f} "
                   f"[{lo:.3f},{hi:.3f}] {uniform:8.3f} {linux:7.3f} {med(times):8.2f} "
                   f"{p90:6.2f} {per_side(runs, 'syns'):>9s} {per_side(runs, 'sockets'):>9s} "
-                  f"{per_side(runs, 'added'):>11s} {per_side(runs, 'cpu_s', 1000):>11s}", flush=True)
+                  f"{per_side(runs, 'added'):>11s} {per_side(runs, 'cpu_s', 1000):>11s}",
+                  flush=True)
             if hi < uniform - 0.02:
                 missed.append(f"{n}x{m}: measured {k}/{len(runs)} below the uniform formula "
                               f"{uniform:.3f}")
