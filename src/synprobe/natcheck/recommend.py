@@ -58,8 +58,9 @@ def recommend(f: Findings) -> Recommendation:
     elif hard:
         hint = port_hint(f)
         retries = Advice(1, "the public port changes with each destination: retrying the same "
-                            "endpoint cannot help without port prediction or a relay"
-                            + (f"; {hint}" if hint else ""))
+                            "endpoint cannot help; `synprobe punch` goes birthday (many "
+                            "sockets here, many guessed ports from a peer whose NAT keeps "
+                            "its port)" + (f"; {hint}" if hint else ""))
         interval = Advice(None, "no retries")
     elif rejects and aborts:
         retries = Advice(50, f"this NAT answers an early SYN with {f.unsolicited_syn} and this "
@@ -120,8 +121,9 @@ def verdict(f: Findings) -> str:
             and not f.port_preservation:
         hint = port_hint(f)
         return (f"Hard NAT ({what}): the public port changes with every destination, so the "
-                "peer cannot know where to aim; TCP hole punching fails without port "
-                "prediction or a relay" + (f"; {hint}." if hint else "."))
+                "peer cannot know where to aim: a plain punch fails; `synprobe punch` crosses it "
+                "by birthday punching when the peer's NAT keeps its port (two such NATs need "
+                "a relay)" + (f"; {hint}." if hint else "."))
     if f.reply_syn is None:
         return f"Incomplete check ({what}): the raw probes did not run, see the reasons."
     if f.behind_nat is False:
