@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from simulsyn_core import birthday as bday  # noqa: E402
+from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
 
-SETTINGS = "100x100,200x200,300x300,450x450,900x225"
+SETTINGS = "100x100,200x200,300x300,450x450"
 DEFAULT = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES)
 TIMEOUT_S = 12.0
 # Prints the NAT's conntrack count at start and its peak, sampled every 5 ms until its
@@ -71,12 +72,19 @@ def sample_conntrack(lab: labmod.Lab) -> dict[str, subprocess.Popen[bytes]]:
             for side in "ab"}
 
 
-def conntrack_added(samplers: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
-    added = {}
+def conntrack_added(samplers: dict[str, subprocess.Popen[bytes]]) -> dict[str, int | None]:
+    added: dict[str, int | None] = {}
     for side, proc in samplers.items():
-        out, _ = proc.communicate(b"x", timeout=10)
-        start, peak = (int(v) for v in out.split())
-        added[side] = peak - start
+        try:
+            out, _ = proc.communicate(b"x", timeout=10)
+            start, peak = (int(v) for v in out.split())
+            added[side] = peak - start
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            added[side] = None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
     return added
 
 
@@ -165,4 +173,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM unwinds as Ctrl-C does: the lab (a context manager) is taken down.
+    with sigterm_as_interrupt():
+        sys.exit(main())
