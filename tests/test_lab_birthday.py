@@ -10,6 +10,7 @@ tests/test_lab_strategies.py; the success rate over many runs is bench/bench_bir
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import time
@@ -142,3 +143,25 @@ def test_a_lost_punch_leaves_nothing_that_blocks_the_next(make_lab) -> None:
     outs = _finish([pa, pb], [b"again A\n", b"again B\n"])
     assert ra["established"] and rb["established"], f"{ra}\n{rb}\n{outs}\n{before}"
     assert [o[0] for o in outs] == [0, 0], outs
+
+
+def test_nat_check_gives_the_guessing_side_the_range_and_hot_band(make_lab, tmp_path) -> None:
+    """The random side's nat-check (its own state directory) samples its NAT's ports; the
+    punch tells the broker the range and the hot band, and both sides' plan carries them
+    (the expected chance is then Linux's model, not the uniform formula)."""
+    lab = make_lab("random", "home")
+    labmod.start_broker(lab, ["--probe", "-q", "--syn-probe"])
+    server = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
+    env = {"SYNPROBE_STATE_DIR": str(tmp_path / "a")}
+    check = lab.run("ha", [*labmod.SYNPROBE, "nat-check", "--server", server, "--json",
+                           "--port-samples", "4000"], timeout=90, env={**os.environ, **env})
+    found = json.loads(check.stdout)["port_range"]
+    assert found["range"] == [1024, 65535] and found["hot_band"] == [1024, 2047], found
+    run_a, run_b = labmod.punch_pair(lab, "informed", messages=("A\n", "B\n"),
+                                     timeout_s=15, stagger_s=0.2, side_env={"a": env})
+    diag = f"{run_a.stderr}\n{run_b.stderr}"
+    assert run_a.returncode == run_b.returncode == 0, diag
+    for run in (run_a, run_b):
+        plan = (run.report or {})["birthday"]
+        assert plan["range"] == [1024, 65535] and plan["hot_band"] == [1024, 2047], diag
+        assert plan["p_expected"] > 0.99 > plan["p_uniform"], diag
