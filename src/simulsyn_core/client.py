@@ -276,7 +276,7 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
             public_seen.ip == facts.public_ip else None
         if facts is not None and public_seen is not None:
             if known is not None:
-                told = {"unsolicited": facts.unsolicited, "reply_syn": facts.reply_syn}
+                told = {"unsolicited": known.unsolicited, "reply_syn": known.reply_syn}
                 event(f"telling the broker what the last {facts.describe()}")
             else:
                 event(f"the last nat-check was of {facts.public_ip}, the broker sees us at "

@@ -240,8 +240,9 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         "p_uniform": round(plan.p_uniform(), 4), "rate": rate, "sockets_used": 0,
         "syns_sent": 0, "errors": {}, "winner": None}
     report.birthday = info
-    event(f"birthday: our NAT {'randomises ports: we open' if spraying else 'keeps its port: '}"
-          f"{' sockets' if spraying else 'we send guesses'}; {bday.summary(plan)}")
+    event("birthday: " + ("our NAT randomises ports: we open sockets" if spraying
+                          else "our NAT keeps its port: we send guesses")
+          + f"; {bday.summary(plan)}")
     if count < wanted:
         event(f"birthday: RLIMIT_NOFILE lets us open {count} of {wanted} sockets")
     ttl = None
@@ -308,7 +309,6 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         info["cpu_s"] = round(time.process_time() - cpu_start, 4)
     attempt_time = (pool.first_sent or go) - rdv.known_at
     if winner is None:
-        report.attempt_log = []
         return PunchResult(None, [Attempt(1, attempt_time, time.monotonic() - go, "ETIMEDOUT")],
                            None, f"birthday: no guess matched: {plan.sockets} sockets x "
                            f"{plan.guesses} guesses (p = {plan.p_expected():.3f}), "

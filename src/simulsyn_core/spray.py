@@ -170,14 +170,12 @@ class Pool:
             self._close(sock)
         self.pending.clear()
         for sock, _ in self.connected:
-            if sock is not keep:
-                with contextlib.suppress(KeyError, ValueError):
-                    self.sel.unregister(sock)
-                self._close(sock)
-            else:
-                with contextlib.suppress(KeyError, ValueError):
-                    self.sel.unregister(sock)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
+            if sock is keep:
                 self.retransmitted += _retransmits(sock)
+            else:
+                self._close(sock)
         self.connected = [(s, i) for s, i in self.connected if s is keep]
         self.readable = []
         self.sel.close()
