@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .birthday import Offer
 from .endpoint import Endpoint
-from .rendezvous import REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
+from .rendezvous import NAMEPLATE_RE, REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
 from .sockets import abort, enable_keepalive, tcp_rtt
 from .wire import (
     LINE_MAX,
@@ -271,7 +271,13 @@ class Broker:
                         continue
                     if msg.verb != "REGISTER":
                         raise ProtocolError(f"unexpected {msg.verb} from a client")
-                    session = msg.require("session")
+                    nameplate = msg.get("nameplate")
+                    if nameplate is not None and nameplate != "new" and \
+                            not NAMEPLATE_RE.fullmatch(nameplate):
+                        raise ProtocolError("nameplate= is new or a number of 1-6 digits")
+                    # A new code's number is chosen right before registering (after the
+                    # probe's wait): two new codes can never be given one number.
+                    session = msg.require("session") if nameplate is None else f"#{nameplate}"
                     local = msg.endpoint("local") if msg.get("local") else None
                     offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
                     unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
@@ -280,6 +286,8 @@ class Broker:
                         unsolicited = await self._probe_unsolicited(conn, public)
                         if conn not in self._writers:
                             return
+                    if session == "#new":
+                        session = self.sessions.new_nameplate()
                     replies = self.sessions.register(
                         conn, session, public, local, time.monotonic(), offered,
                         msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .exitcodes import ExitStatus
-from .sockets import enable_keepalive
+from .secure import DATA, END, PAKE_PREFIX, AuthFailed, Channel, Handshake, Tampered
+from .sockets import abort, enable_keepalive
 from .wire import Confirmation, FrameDecoder, ProtocolError, encode_chat
 
 HELLO = "simulsyn hello"
@@ -38,6 +39,59 @@ def _print_frame(payload: bytes, out: TextIO, event: Callable[[str], None]) -> N
 
 class _PeerLost(Exception):
     pass
+
+
+class PlainCodec:
+    """The original's framing: a length byte, then UTF-8 (messages over 255 bytes are
+    cut into several)."""
+
+    encrypted = False
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+
+    def encode(self, text: str) -> bytes:
+        return encode_chat(text)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        for payload in self._decoder.feed(data):
+            if payload.startswith(PAKE_PREFIX):
+                raise AuthFailed("the peer encrypts and authenticates, we run --plain: "
+                                 "nothing of theirs shown")
+            yield payload
+
+    def end(self) -> bytes:
+        return b""
+
+    def peer_closed(self, event: Callable[[str], None]) -> None:
+        if self._decoder.pending:
+            event(f"peer closed inside a message ({self._decoder.pending} bytes dropped)")
+
+
+class SealedCodec:
+    """Sealed records of an authenticated channel (secure.py)."""
+
+    encrypted = True
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def encode(self, text: str) -> bytes:
+        return self.channel.seal_text(text)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        for kind, payload in self.channel.feed(data):
+            if kind == DATA:
+                yield payload
+
+    def end(self) -> bytes:
+        return self.channel.seal(END)
+
+    def peer_closed(self, event: Callable[[str], None]) -> None:
+        self.channel.check_end()
+
+
+Codec = PlainCodec | SealedCodec
 
 
 def _recv_chunks(sock: socket.socket, deadline: float) -> Iterator[bytes]:
@@ -87,7 +141,8 @@ def close_cleanly(sock: socket.socket) -> ExitStatus:
 
 
 def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
-         event: Callable[[str], None], initial: bytes = b"") -> ExitStatus:
+         event: Callable[[str], None], initial: bytes = b"",
+         codec: Codec | None = None, early: list[bytes] | None = None) -> ExitStatus:
     """Run the chat until both directions are finished (our stdin ended, everything we
     framed was sent, and the peer closed its side).
 
@@ -96,30 +151,39 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
     send a lot never wait on each other. poll() (unlike epoll) takes any stdin, a
     regular file included (always readable). The kernel's keepalive and
     TCP_USER_TIMEOUT bound a dead peer.
+
+    ``codec``: the framing (PlainCodec by default, SealedCodec after the PAKE); ``early``:
+    messages that came with the handshake. A record that fails its check ends the chat
+    with TAMPERED (the connection is reset), a plain peer of an encrypting one with
+    AUTH_FAILED.
     """
+    codec = codec if codec is not None else PlainCodec()
     enable_keepalive(sock)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         # Data the peer never acknowledges ends the chat (PEER_LOST) instead of a hang.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     sock.setblocking(False)
-    decoder = FrameDecoder()
     outbuf = bytearray()
     pending = b""
     sent = received = 0
     stdin_open = peer_open = True
     write_shut = False
-    for payload in decoder.feed(initial):
-        received += 1
-        _print_frame(payload, out, event)
+    try:
+        for payload in [*(early or []), *codec.feed(initial)]:
+            received += 1
+            _print_frame(payload, out, event)
+    except (Tampered, AuthFailed) as exc:
+        return _broken(sock, exc, event)
 
     def take_input(chunk: bytes) -> None:
         nonlocal pending, sent, stdin_open
         if not chunk:  # end of input: frame the last unfinished line
             if pending:
-                outbuf.extend(encode_chat(_text(pending)))
+                outbuf.extend(codec.encode(_text(pending)))
                 sent += 1
                 pending = b""
+            outbuf.extend(codec.end())
             stdin_open = False
             return
         *lines, pending = (pending + chunk).split(b"\n")
@@ -127,7 +191,7 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
             lines.append(pending)
             pending = b""
         for line in lines:
-            outbuf.extend(encode_chat(_text(line)))
+            outbuf.extend(codec.encode(_text(line)))
             sent += 1
 
     try:
@@ -164,12 +228,11 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
                 except OSError as exc:
                     raise _PeerLost(str(exc)) from None
                 if data:
-                    for payload in decoder.feed(data):
+                    for payload in codec.feed(data):
                         received += 1
                         _print_frame(payload, out, event)
                 elif data is not None:
-                    if decoder.pending:
-                        event(f"peer closed inside a message ({decoder.pending} bytes dropped)")
+                    codec.peer_closed(event)
                     event(f"peer finished sending: received {received} message(s)")
                     peer_open = False
             if not stdin_open and not outbuf and not write_shut:
@@ -181,7 +244,48 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
     except _PeerLost as exc:
         event(f"connection to the peer lost: {exc}")
         return ExitStatus.PEER_LOST
+    except (Tampered, AuthFailed) as exc:
+        return _broken(sock, exc, event)
     return ExitStatus.OK
+
+
+def _broken(sock: socket.socket, exc: Exception, event: Callable[[str], None]) -> ExitStatus:
+    """A record that is not the peer's, or a plain peer of an encrypting one: reset the
+    connection (nothing more is read or sent) and say which."""
+    abort(sock)
+    if isinstance(exc, AuthFailed):
+        event(f"authentication failed: {exc}")
+        return ExitStatus.AUTH_FAILED
+    event(f"connection closed: a {exc} (not the peer's stream: tampered with on the way)")
+    return ExitStatus.TAMPERED
+
+
+def secure(sock: socket.socket, password: bytes, initial: bytes, timeout_s: float
+           ) -> tuple[Channel, list[bytes]]:
+    """Run the PAKE and the key confirmation on a connected socket (secure.py); returns
+    the channel and any chat messages that came with the peer's confirmation. ``initial``:
+    bytes already received (after the path check). Raises AuthFailed (also when the peer
+    says nothing in time, or leaves), Tampered."""
+    hs = Handshake(password)
+    try:
+        _send_all(sock, hs.opening())
+        chunks = _recv_chunks(sock, time.monotonic() + max(0.0, timeout_s))
+        data = initial
+        while True:
+            reply = hs.feed(data)
+            if reply:
+                _send_all(sock, reply)
+            if hs.confirmed:
+                assert hs.channel is not None
+                return hs.channel, [p for kind, p in hs.leftover() if kind == DATA]
+            got = next(chunks, None)
+            if got is None:
+                raise AuthFailed(f"the peer did not authenticate within {timeout_s:.0f} s")
+            data = got
+            if not data:
+                raise AuthFailed("the peer closed the connection during authentication")
+    except OSError as exc:
+        raise AuthFailed(f"connection lost during authentication: {exc}") from None
 
 
 def _text(line: bytes) -> str:

@@ -11,7 +11,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import birthday as bday
 from .endpoint import Endpoint
@@ -50,6 +50,7 @@ class Rendezvous:
     control: Control | None = None  # the broker connection, kept for the ordering exchange
     why: str | None = None  # the broker's reason for the strategy
     birthday: tuple[str, bday.Plan] | None = None  # strategy birthday: our side, the plan
+    nameplate: str | None = None  # a code's number we registered under (the broker's, for new)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,8 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                event: Event, strategies: tuple[str, ...] = (),
                on_alt: Callable[[Endpoint], None] | None = None,
                facts: NatFacts | None = None,
-               birthday: tuple[int, int] = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES)
+               birthday: tuple[int, int] = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES),
+               nameplate: bool = False, on_nameplate: Callable[[str], None] | None = None
                ) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
@@ -264,7 +266,8 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
     and the caller closes it. ``facts`` (an earlier nat-check's) are told to the broker
     when it sees us at the same public address. ``birthday``: the (sockets, guesses)
     offered for birthday punching; the one of our side is told (sockets when our
-    mapping varies)."""
+    mapping varies). ``nameplate``: ``session`` is a code's number (``new``: the broker
+    hands one out, told to ``on_nameplate`` with REGISTERED)."""
     sock = _connect_broker(broker, local_port, deadline)
     keep = False
     try:
@@ -295,7 +298,8 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                          if mapping == "varies" else bday.Offer(guesses=birthday[1])).fields())
         sock.setblocking(True)
         try:
-            sock.sendall(encode_message("REGISTER", session=session, local=local,
+            key = {"nameplate" if nameplate else "session": session}
+            sock.sendall(encode_message("REGISTER", **key, local=local,
                                         strategies=",".join(strategies) or None,
                                         mapping=mapping, **told))
         except OSError as exc:
@@ -303,9 +307,10 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                             f"broker {broker}: {exc.strerror or exc}") from None
         decoder = LineDecoder()
         answered = False
+        what = f"code {session}" if nameplate else f"session {session!r}"
         while True:
             # Not even REGISTERED by the deadline: the broker timed out, not the peer.
-            late = ((ExitStatus.NO_PEER, f"no peer joined session {session!r} in time")
+            late = ((ExitStatus.NO_PEER, f"no peer joined {what} in time")
                     if answered else
                     (ExitStatus.BROKER_UNREACHABLE, f"broker {broker} did not answer in time"))
             msg = _next_message(sock, decoder, deadline, broker, late, first=not answered)
@@ -319,10 +324,23 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                 except ProtocolError as exc:
                     raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                                     f"broker {broker}: protocol error: {exc}") from None
-                event(f"registered in session {session!r}; the broker sees us as {public}; "
+                number = msg.get("nameplate")
+                if nameplate and (number is None or not number.isascii()
+                                  or not number.isdigit()):
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"broker {broker}: protocol error: REGISTERED without the "
+                                    "code's number")
+                if number is not None and nameplate:
+                    session = number
+                    what = f"code {number}"
+                    if on_nameplate is not None:
+                        on_nameplate(number)
+                event(f"registered ({what}); the broker sees us as {public}; "
                       "waiting for the peer")
             elif msg.verb == "PEER":
                 result = _peer(msg, broker, strategies, sock, decoder)
+                if nameplate:
+                    result = replace(result, nameplate=session)
                 if result.control is not None:
                     keep = True
                 else:
@@ -331,6 +349,11 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
             elif msg.verb == "ERROR" and msg.get("code") == "untraversable":
                 text = (msg.get("message") or "").replace("_", " ")
                 raise ToolError(ExitStatus.PUNCH_FAILED, f"untraversable: {text}")
+            elif msg.verb == "ERROR" and nameplate and msg.get("code") == "bad-request" and \
+                    "session" in (msg.get("message") or ""):
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"broker {broker} hands out no codes (an older synprobe "
+                                "broker): use --session NAME --secret WORDS")
             elif msg.verb == "ERROR":
                 status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
                           else ExitStatus.BROKER_UNREACHABLE)

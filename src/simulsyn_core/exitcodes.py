@@ -17,6 +17,8 @@ class ExitStatus(enum.IntEnum):
     ADDRESS_IN_USE = 8  # could not bind the requested local address/port
     PEER_LOST = 9  # connected, then the peer's connection broke (reset, keepalive timeout)
     MISSING_TOOL = 10  # a system tool the command runs (ip, iptables, tcpdump...) is missing
+    AUTH_FAILED = 11  # the peer did not prove it holds the same code (or does not encrypt)
+    TAMPERED = 12  # a sealed record was altered, replayed, reordered, or the stream truncated
     INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
@@ -34,6 +36,10 @@ EXIT_CODES_HELP = "\n".join(
         (ExitStatus.ADDRESS_IN_USE, "could not bind the local address or port"),
         (ExitStatus.PEER_LOST, "connection to the peer broke during the chat"),
         (ExitStatus.MISSING_TOOL, "a system tool it needs (ip, iptables, nft...) is missing"),
+        (ExitStatus.AUTH_FAILED, "the peer does not know the code (wrong code, or a stranger "
+         "took the session); nothing sent"),
+        (ExitStatus.TAMPERED, "a chat record was altered, replayed, reordered or cut off: "
+         "connection closed"),
         (ExitStatus.INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"),
     ]
 )

@@ -6,6 +6,7 @@ returned actions, so every rule below is tested without a network.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,20 @@ EXCHANGED = frozenset({STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_BIRTHDAY})
 # What a client may say of its NAT in REGISTER (docs/protocol.md, "What the broker knows"):
 UNSOLICITED = ("drop", "reject")  # an unsolicited inbound SYN: silently dropped, or answered
 REPLY_SYN = ("pass", "blocked")  # a SYN in reply to the host's own SYN: passes, or not
+# A code's number (REGISTER nameplate=) is kept in the table under "#N": never a session
+# name, so a code and a --session cannot meet.
+NAMEPLATE_RE = re.compile(r"[1-9][0-9]{0,5}", re.ASCII)
+_NAMEPLATE_KEY_RE = re.compile(r"#[1-9][0-9]{0,5}", re.ASCII)
+
+
+def valid_key(session: str) -> bool:
+    """A session name, or a code's number as the table keeps it."""
+    return bool(SESSION_RE.fullmatch(session) or _NAMEPLATE_KEY_RE.fullmatch(session))
+
+
+def key_fields(session: str) -> dict[str, str]:
+    """How the messages name a table key: ``nameplate=N`` or ``session=NAME``."""
+    return {"nameplate": session[1:]} if session.startswith("#") else {"session": session}
 
 
 class SeedList:
@@ -225,7 +240,7 @@ class SessionTable:
         ``strategies=`` field); ``mapping``, ``unsolicited``, ``reply_syn``: what is known
         of its NAT (None: unknown). The pair's plan is ``plan_pair``'s; a pair in an
         ordering exchange (prime, order) keeps its connections for PRIMED -> GO."""
-        if not SESSION_RE.fullmatch(session):
+        if not valid_key(session):
             return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
         if conn in self._session_of or conn in self._priming:
             return [_error(conn, "bad-request", "already registered on this connection")]
@@ -246,7 +261,8 @@ class SessionTable:
                 return [_error(conn, "busy", "too many waiting sessions from this address")]
             self._waiting[session] = _Waiting(conn, public, local, now, facts)
             self._session_of[conn] = session
-            return [Reply(conn, encode_message("REGISTERED", session=session, public=public),
+            return [Reply(conn, encode_message("REGISTERED", **key_fields(session),
+                                                            public=public),
                           close=False)]
         del self._waiting[session]
         self._session_of.pop(other.conn, None)
@@ -279,12 +295,12 @@ class SessionTable:
                 extra[c] = plan.birthday.fields(side)
         return [
             Reply(other.conn, encode_message(
-                "PEER", session=session, public=other.public, peer=public,
+                "PEER", **key_fields(session), public=other.public, peer=public,
                 peer_local=local, role="first" if other.conn == first else "second",
                 strategy=plan.strategy, why=why[other.conn], **extra[other.conn]),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
             Reply(conn, encode_message(
-                "PEER", session=session, public=public, peer=other.public,
+                "PEER", **key_fields(session), public=public, peer=other.public,
                 peer_local=other.local, role="first" if conn == first else "second",
                 strategy=plan.strategy, why=why[conn], **extra[conn]),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
@@ -299,7 +315,7 @@ class SessionTable:
         if not strategies & {STRATEGY_ORDER, STRATEGY_SYNC, STRATEGY_BIRTHDAY} or \
                 (mapping == "varies" and not birthday):
             return False
-        if not SESSION_RE.fullmatch(session) or conn in self._session_of \
+        if not (valid_key(session) or session == "#new") or conn in self._session_of \
                 or conn in self._priming:
             return False
         other = self._waiting.get(session)
@@ -308,6 +324,14 @@ class SessionTable:
         # One side's mapping varies: only a birthday pair (the other's does not) punches.
         return birthday and STRATEGY_BIRTHDAY in other.facts.strategies and \
             other.facts.mapping != mapping
+
+    def new_nameplate(self) -> str:
+        """The smallest code number no waiting client holds (short codes, as
+        magic-wormhole's), as a table key."""
+        n = 1
+        while f"#{n}" in self._waiting:
+            n += 1
+        return f"#{n}"
 
     def priming(self, conn: Hashable) -> bool:
         """True while ``conn`` is in an ordering exchange (prime, order)."""
@@ -325,7 +349,7 @@ class SessionTable:
                 return []
             self._end_priming(pair)
             # In one step, as PEER: both learn it at the same moment.
-            return [Reply(c, encode_message("GO", session=pair.session), close=True)
+            return [Reply(c, encode_message("GO", **key_fields(pair.session)), close=True)
                     for c in (pair.first, pair.second)]
         self._end_priming(pair)
         other = pair.second if conn == pair.first else pair.first

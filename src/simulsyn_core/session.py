@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import sys
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from . import birthday as bday
-from .chat import chat, close_cleanly, confirm_path, hello_exchange
+from .chat import SealedCodec, chat, close_cleanly, confirm_path, hello_exchange, secure
 from .client import Control, NatFacts, Rendezvous, rendezvous, seed_rendezvous
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
@@ -39,9 +40,11 @@ from .punch import (
     punch,
 )
 from .rendezvous import STRATEGY_BIRTHDAY, STRATEGY_ORDER, STRATEGY_PRIME, STRATEGY_SYNC
-from .sockets import bound_socket
+from .secure import CIPHER, PAKE, AuthFailed, Tampered
+from .sockets import abort, bound_socket
 from .spray import Pool, raise_nofile
 
+AUTH_TIMEOUT_S = 10.0  # the PAKE and the key confirmation, at most
 PRIME_EXCHANGE_S = 5.0  # the ordering exchange at the broker, at most (then: plain)
 CONTROL_CLOSE_S = 1.0  # for the broker to close the kept connection first
 # Without a synprobe broker (--peer, --seed-broker), --first connects this long after the
@@ -75,6 +78,10 @@ class PunchConfig:
     birthday_guesses: int = bday.DEFAULT_GUESSES  # M, when the peer's does
     birthday_rate: float = bday.DEFAULT_RATE  # new SYNs per second, at most
     birthday_seed: int | None = None  # the guesses' random order (tests); None: fresh
+    nameplate: str | None = None  # a code's number ("new": the broker hands one out)
+    words: str | None = None  # a code's words (with the number: the PAKE's password)
+    secret: str | None = None  # --secret: the PAKE's password with --session or --peer
+    plain: bool = False  # --plain: the original's framing, no PAKE, no encryption
 
     @property
     def mode(self) -> str:
@@ -110,6 +117,8 @@ class PunchReport:
     ttl_source: str | None = None  # prime: "--ttl", "nat-check", "measured" or "default"
     phases: list[dict[str, Any]] = field(default_factory=list)  # steps and their times
     birthday: dict[str, Any] | None = None  # strategy birthday: N, M, range, chance, winner
+    nameplate: str | None = None  # the code's number (never its words)
+    security: dict[str, Any] | None = None  # mode, encrypted, authenticated, verifier...
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,13 +142,15 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
               on_report: Callable[[PunchReport], None], chat_mode: str = "chat",
               stdin_fd: int = 0, out: TextIO = sys.stdout,
               on_local_port: Callable[[int], None] | None = None,
-              on_broker_address: Callable[[Endpoint], None] | None = None) -> ExitStatus:
+              on_broker_address: Callable[[Endpoint], None] | None = None,
+              on_nameplate: Callable[[str], None] | None = None) -> ExitStatus:
     """Carry out one punch. ``on_report`` is called once, when connected or given up.
 
     ``on_broker_address`` with each other broker address the run connects to (the
     mapping check's), before it does.
     ``on_local_port`` is called with the local port before the first packet is sent
-    (synprobe starts its capture there).
+    (synprobe starts its capture there). ``on_nameplate`` with the code's number the
+    broker handed out (``cfg.nameplate == "new"``).
     """
     report = PunchReport(mode=cfg.mode, session=cfg.session)
     reported: list[PunchReport] = []
@@ -151,7 +162,7 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
 
     try:
         return _run_punch(cfg, report, event, report_once, chat_mode, stdin_fd, out,
-                          on_local_port, on_broker_address)
+                          on_local_port, on_broker_address, on_nameplate)
     except ToolError as exc:
         report.error, report.exit_code = exc.message, int(exc.status)
         report_once(report)
@@ -165,13 +176,15 @@ def run_punch(cfg: PunchConfig, *, event: Callable[[str], None],
 def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], None],
                on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
                out: TextIO, on_local_port: Callable[[int], None] | None,
-               on_broker_address: Callable[[Endpoint], None] | None = None) -> ExitStatus:
+               on_broker_address: Callable[[Endpoint], None] | None = None,
+               on_nameplate: Callable[[str], None] | None = None) -> ExitStatus:
     deadline = time.monotonic() + cfg.timeout_s
     port = check_port(cfg.local_port)
     event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
     if on_local_port is not None:
         on_local_port(port)
-    rdv = _learn_peer(cfg, port, deadline, event, on_broker_address)
+    rdv = _learn_peer(cfg, port, deadline, event, on_broker_address, on_nameplate)
+    report.nameplate = rdv.nameplate
     report.public = str(rdv.public) if rdv.public else None
     report.peer = str(rdv.peer)
     report.peer_local = str(rdv.peer_local) if rdv.peer_local else None
@@ -206,13 +219,71 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     report.established_at = rdv.known_wall + (result.established_at - rdv.known_at)
     event(f"connected: {result.local} <-> {result.peer or rdv.peer} after {report.attempts} "
           f"attempt(s), {report.elapsed_s * 1000:.1f} ms after the peer was known")
+    codec, early = _protect(cfg, rdv, result.sock, result.leftover, event, report)
     on_report(report)
     with result.sock as sock:
         if chat_mode == "hello":
+            if codec is not None:  # authenticated: the PAKE was the hello
+                with contextlib.suppress(OSError):
+                    sock.sendall(codec.end())
+                return close_cleanly(sock)
             if result.confirmed:  # the HELLO/ACK exchange was the hello
                 return close_cleanly(sock)
             return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
-        return chat(sock, stdin_fd, out, event, initial=result.leftover)
+        initial = b"" if codec is not None else result.leftover
+        return chat(sock, stdin_fd, out, event, initial=initial, codec=codec, early=early)
+
+
+def protection(cfg: PunchConfig, nameplate: str | None) -> tuple[str, bytes | None]:
+    """How the session is protected: ``(mode, the PAKE's password)``.
+
+    code: the code's number and words (the broker saw only the number); secret: --secret
+    with the session name (or with --peer); session-name: only the name, which the broker
+    and anyone who guesses it know: encrypted against the paths, not authenticated; plain:
+    --plain, or a peer of the original (--seed-broker, --peer without --secret)."""
+    if cfg.plain:
+        return "plain", None
+    if cfg.words is not None and nameplate is not None:
+        return "code", f"{nameplate}-{cfg.words}".encode()
+    if cfg.secret is not None:
+        return "secret", f"session {cfg.session or '-'}\n{cfg.secret}".encode()
+    if cfg.mode == "broker" and cfg.session is not None:
+        return "session-name", f"session {cfg.session}".encode()
+    return "plain", None
+
+
+def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: bytes,
+             event: Callable[[str], None], report: PunchReport
+             ) -> tuple[SealedCodec | None, list[bytes]]:
+    """The PAKE over the connection, when the session is protected: the chat's codec and
+    the messages that came with the peer's confirmation. Raises ToolError(AUTH_FAILED or
+    TAMPERED): then nothing of stdin was sent, and the connection is reset."""
+    mode, password = protection(cfg, rdv.nameplate)
+    info: dict[str, Any] = {"mode": mode, "encrypted": False, "authenticated": False,
+                            "pake": None, "cipher": None, "verifier": None}
+    report.security = info
+    if password is None:
+        why = "--plain" if cfg.plain else "the original's peers speak only plain framing"
+        event(f"the chat is NOT encrypted ({why}): anyone on the path can read and change it")
+        return None, []
+    info["pake"] = PAKE
+    try:
+        channel, early = secure(sock, password, leftover, AUTH_TIMEOUT_S)
+    except (AuthFailed, Tampered) as exc:
+        abort(sock)
+        raise ToolError(ExitStatus.AUTH_FAILED, f"authentication failed: {exc}; nothing "
+                        "was sent" + ("; start again with a new code" if mode == "code"
+                                      else "")) from None
+    info.update(encrypted=True, authenticated=mode != "session-name", cipher=CIPHER,
+                verifier=channel.verifier)
+    if mode == "session-name":
+        event(f"encrypted ({CIPHER}) but NOT authenticated: anyone who knows the session "
+              "name can pair with us; use a code (no --session) or --secret")
+    else:
+        event(f"authenticated: the peer holds the same {'code' if mode == 'code' else 'secret'}"
+              f"; the chat is encrypted ({CIPHER}); verification string {channel.verifier} "
+              "(the peer sees the same)")
+    return SealedCodec(channel), early
 
 
 def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
@@ -546,13 +617,18 @@ def _prime(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int, deadl
 
 
 def _learn_peer(cfg: PunchConfig, port: int, deadline: float, event: Callable[[str], None],
-                on_broker_address: Callable[[Endpoint], None] | None = None) -> Rendezvous:
+                on_broker_address: Callable[[Endpoint], None] | None = None,
+                on_nameplate: Callable[[str], None] | None = None) -> Rendezvous:
     if cfg.broker is not None:
-        assert cfg.session is not None
-        event(f"registering with broker {cfg.broker} in session {cfg.session!r}")
-        return rendezvous(cfg.broker, cfg.session, port, deadline, event,
+        key = cfg.nameplate if cfg.nameplate is not None else cfg.session
+        assert key is not None
+        event(f"registering with broker {cfg.broker} " + (
+            "for a new code" if key == "new" else f"under code number {key}"
+            if cfg.nameplate is not None else f"in session {key!r}"))
+        return rendezvous(cfg.broker, key, port, deadline, event,
                           OFFERS[cfg.strategy], on_broker_address, cfg.facts,
-                          (cfg.birthday_sockets, cfg.birthday_guesses))
+                          (cfg.birthday_sockets, cfg.birthday_guesses),
+                          nameplate=cfg.nameplate is not None, on_nameplate=on_nameplate)
     if cfg.seed_broker is not None:
         event(f"polling list broker {cfg.seed_broker} for another endpoint")
         return seed_rendezvous(cfg.seed_broker, port, deadline, event)

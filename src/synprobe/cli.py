@@ -147,9 +147,23 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
 
 @cli.command(epilog=EPILOG)
 @click.option("--broker", "broker_ep", type=EndpointType(server=True), metavar="HOST:PORT",
-              help="A synprobe broker; needs --session.")
+              help="A synprobe broker. Without --session or --code it hands out a short "
+                   "code (printed on stderr) for the peer's --code.")
+@click.option("--code", metavar="CODE",
+              help="The code the other side printed (e.g. 7-guitarist-revenge): the number "
+                   "pairs us at the broker, the words authenticate the peer (SPAKE2) and "
+                   "key the encryption; the broker never sees them. May be given to both "
+                   "sides.")
 @click.option("--session", metavar="NAME",
-              help="Session name shared with the peer (1-64 of A-Z a-z 0-9 . _ -).")
+              help="Session name shared with the peer (1-64 of A-Z a-z 0-9 . _ -). Encrypted "
+                   "but not authenticated unless --secret is given too.")
+@click.option("--secret", metavar="WORDS",
+              help="With --session (or --peer): a secret both sides share; it authenticates "
+                   "the peer as a code's words do.")
+@click.option("--plain", is_flag=True,
+              help="No authentication, no encryption: the original's framing (with "
+                   "--session). --seed-broker, and --peer without --secret, are always "
+                   "plain (the original's peers).")
 @click.option("--seed-broker", "seed_ep", type=EndpointType(server=True), metavar="HOST:PORT",
               help="A broker that speaks only the original list protocol: poll it until "
                    "another endpoint is listed and take the newest.")
@@ -221,7 +235,8 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
               help="Write the run's packets (its port's TCP, ICMP errors about it) to this "
                    "pcapng, each with a comment naming its role. Needs CAP_NET_RAW; "
                    "without it the capture is skipped with a note.")
-def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | None,
+def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
+          secret: str | None, plain: bool, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,
           role: str | None, use_natcheck: bool, birthday_sockets: int, birthday_guesses: int,
@@ -241,15 +256,22 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
     guessed ports from the other; two such NATs are refused at once, exit 5).
 
     \b
-    Then stdin lines go to the peer and the peer's lines come to stdout, framed as the
-    original example (1 length byte + UTF-8; longer lines split). At the end of stdin
-    it stops sending and prints until the peer closes.
+    \b
+    Through a synprobe broker the two sides then prove to each other that they hold the
+    same code (or --secret) with SPAKE2, and the chat is sealed with ChaCha20-Poly1305:
+    a wrong code exits 11 on both sides before anything is sent; an altered, replayed,
+    reordered or truncated record exits 12. Then stdin lines go to the peer and the
+    peer's lines come to stdout. With --plain, --seed-broker or --peer (the original's
+    peers) the chat is unencrypted, framed as the original example (1 length byte +
+    UTF-8; longer lines split). At the end of stdin it stops sending and prints until
+    the peer closes.
 
     \b
     Needs no privileges. JSON keys: established, mode, session, local, public, peer,
     peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
     established_at, attempt_log, strategy, strategy_reason, ttl, ttl_source, phases,
-    birthday (null unless birthday punching ran).
+    birthday (null unless birthday punching ran), nameplate (the code's number), security
+    (mode, encrypted, authenticated, pake, cipher, verifier).
     """
     from simulsyn_core.session import PunchConfig, PunchReport, run_punch
 
@@ -257,15 +279,36 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
                                    ("--peer", peer_ep)) if v is not None]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --broker, --seed-broker or --peer")
-    if broker_ep is not None and not session:
-        raise click.UsageError("--broker needs --session NAME")
+    nameplate = words = None
     if session is not None and broker_ep is None:
         raise click.UsageError("--session goes with --broker")
+    if code is not None and (broker_ep is None or session is not None):
+        raise click.UsageError("--code goes with --broker, without --session")
+    if secret is not None and session is None and peer_ep is None:
+        raise click.UsageError("--secret goes with --session or --peer (a code carries its "
+                               "own words)")
+    if plain and (code is not None or secret is not None):
+        raise click.UsageError("--plain turns authentication off: not with --code or --secret")
+    if plain and broker_ep is not None and session is None:
+        raise click.UsageError("--plain with --broker needs --session NAME (a code's words "
+                               "serve only the authentication)")
     if session is not None:
         from simulsyn_core.wire import SESSION_RE
 
         if not SESSION_RE.fullmatch(session):
             raise click.BadParameter("1-64 of A-Z a-z 0-9 . _ -", param_hint="--session")
+    if secret is not None and not secret.strip():
+        raise click.BadParameter("an empty secret authenticates nothing", param_hint="--secret")
+    if broker_ep is not None and session is None:
+        from simulsyn_core.codes import CodeError, make_words, parse_code
+
+        if code is None:
+            nameplate, words = "new", make_words()
+        else:
+            try:
+                nameplate, words = parse_code(code)
+            except CodeError as exc:
+                raise click.BadParameter(str(exc), param_hint="--code") from None
     if peer_ep is not None and not local_port:
         raise click.UsageError("--peer needs --local-port (the peer must know where to aim)")
     if role is not None and broker_ep is not None:
@@ -282,7 +325,16 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
                       retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s,
                       strategy=strategy, ttl=ttl, role=role, facts=facts,
                       birthday_sockets=birthday_sockets, birthday_guesses=birthday_guesses,
-                      birthday_rate=birthday_rate)
+                      birthday_rate=birthday_rate, nameplate=nameplate, words=words,
+                      secret=secret, plain=plain)
+
+    def on_nameplate(number: str) -> None:
+        from simulsyn_core.codes import make_code
+
+        given = make_code(number, words or "")
+        click.echo(f"synprobe: your code is {given}\n"
+                   f"  on the other machine: synprobe punch --broker {broker_ep} --code {given}",
+                   err=True)
 
     def on_report(report: PunchReport) -> None:
         if as_json:
@@ -305,7 +357,8 @@ def punch(broker_ep: Endpoint | None, session: str | None, seed_ep: Endpoint | N
             status = run_punch(cfg, event=reporter.step, on_report=on_report,
                                chat_mode="hello" if no_chat else "chat",
                                on_local_port=capture.start if capture else None,
-                               on_broker_address=capture.add_broker if capture else None)
+                               on_broker_address=capture.add_broker if capture else None,
+                               on_nameplate=on_nameplate if code is None else None)
         finally:
             if capture is not None:
                 capture.stop()
