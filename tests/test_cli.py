@@ -26,7 +26,16 @@ def test_help_lists_every_command_and_exit_code() -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["punch"], "give exactly one of --broker, --seed-broker or --peer"),
-    (["punch", "--broker", "127.0.0.1:1"], "--broker needs --session NAME"),
+    (["punch", "--broker", "127.0.0.1:1", "--plain"], "--plain with --broker needs --session"),
+    (["punch", "--broker", "127.0.0.1:1", "--code", "7-apple", "--session", "s"],
+     "--code goes with --broker, without --session"),
+    (["punch", "--broker", "127.0.0.1:1", "--code", "7-applle-adroitness"],
+     "'applle' is not one of the code's words"),
+    (["punch", "--broker", "127.0.0.1:1", "--code", "٣-apple-adroitness"], "is not a code"),
+    (["punch", "--broker", "127.0.0.1:1", "--session", "s", "--secret", "x", "--plain"],
+     "--plain turns authentication off"),
+    (["punch", "--seed-broker", "127.0.0.1:1", "--secret", "x"],
+     "--secret goes with --session or --peer"),
     (["punch", "--peer", "127.0.0.1:1"], "--peer needs --local-port"),
     (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IPv4 address"),
     (["punch", "--broker", "127.0.0.1:1", "--session", "a b"], "1-64 of A-Z"),

@@ -275,6 +275,7 @@ def secure(sock: socket.socket, password: bytes, initial: bytes, timeout_s: floa
             reply = hs.feed(data)
             if reply:
                 _send_all(sock, reply)
+            hs.check()
             if hs.confirmed:
                 assert hs.channel is not None
                 return hs.channel, [p for kind, p in hs.leftover() if kind == DATA]

@@ -335,7 +335,8 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                     what = f"code {number}"
                     if on_nameplate is not None:
                         on_nameplate(number)
-                event(f"registered ({what}); the broker sees us as {public}; "
+                event(f"registered {'under' if nameplate else 'in'} {what}; the broker sees "
+                      f"us as {public}; "
                       "waiting for the peer")
             elif msg.verb == "PEER":
                 result = _peer(msg, broker, strategies, sock, decoder)

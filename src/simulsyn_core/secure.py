@@ -175,40 +175,44 @@ class Handshake:
 
     def feed(self, data: bytes) -> bytes:
         """Take received bytes; return what to send (our CONFIRM, once the key is known).
-        Raises AuthFailed, or Tampered for a damaged record after CONFIRM."""
+        Send it before ``check()``: a peer with another code must get our CONFIRM to
+        find out, even when we already found out from its. Raises AuthFailed."""
         self._buffer += data
-        out = b""
-        if self.channel is None:
-            if not self._buffer or len(self._buffer) < 1 + self._buffer[0]:
-                return out
-            n = self._buffer[0]
-            frame = bytes(self._buffer[1 : 1 + n])
-            del self._buffer[: 1 + n]
-            if not frame.startswith(PAKE_PREFIX):
-                raise AuthFailed("the peer does not encrypt (it runs with --plain, or is an "
-                                 "older synprobe): nothing sent")
-            try:
-                key = self._pake.finish(frame[len(PAKE_PREFIX):])
-            except Exception as exc:  # the spake2 package's own errors (bad point, reflection)
-                raise AuthFailed(f"the peer's PAKE message is invalid ({exc.__class__.__name__})"
-                                 ) from None
-            self.channel = Channel(key, self.mine, frame[len(PAKE_PREFIX):])
-            out = self.channel.seal(CONFIRM, CONFIRM_TEXT)
-        if not self.confirmed and len(self._buffer) >= 2:
-            try:
-                records = self.channel.feed(bytes(self._buffer))
-                self._buffer.clear()
-                first = next(records, None)
-            except Tampered:
-                raise AuthFailed("the peer does not know our code (a wrong code, or someone "
-                                 "else took the session at the broker)") from None
-            if first is None:
-                return out
-            if first != (CONFIRM, CONFIRM_TEXT):
-                raise AuthFailed("the peer's first record is not its confirmation")
-            self.confirmed = True
-            self._rest = records
-        return out
+        if self.channel is not None or not self._buffer or \
+                len(self._buffer) < 1 + self._buffer[0]:
+            return b""
+        n = self._buffer[0]
+        frame = bytes(self._buffer[1 : 1 + n])
+        del self._buffer[: 1 + n]
+        if not frame.startswith(PAKE_PREFIX):
+            raise AuthFailed("the peer does not encrypt (it runs with --plain, or is an "
+                             "older synprobe): nothing sent")
+        try:
+            key = self._pake.finish(frame[len(PAKE_PREFIX):])
+        except Exception as exc:  # the spake2 package's own errors (bad point, reflection)
+            raise AuthFailed(f"the peer's PAKE message is invalid ({exc.__class__.__name__})"
+                             ) from None
+        self.channel = Channel(key, self.mine, frame[len(PAKE_PREFIX):])
+        return self.channel.seal(CONFIRM, CONFIRM_TEXT)
+
+    def check(self) -> None:
+        """Open the peer's first record once it is whole: ``confirmed`` if it is the
+        peer's CONFIRM under the key we derived. Raises AuthFailed."""
+        if self.channel is None or self.confirmed or len(self._buffer) < 2:
+            return
+        try:
+            records = self.channel.feed(bytes(self._buffer))
+            self._buffer.clear()
+            first = next(records, None)
+        except Tampered:
+            raise AuthFailed("the peer does not know our code (a wrong code, or someone "
+                             "else took the session at the broker)") from None
+        if first is None:
+            return
+        if first != (CONFIRM, CONFIRM_TEXT):
+            raise AuthFailed("the peer's first record is not its confirmation")
+        self.confirmed = True
+        self._rest = records
 
     def leftover(self) -> list[tuple[int, bytes]]:
         """Records that came with the peer's CONFIRM (opened), then the channel's buffer

@@ -1,0 +1,241 @@
+"""The PAKE, the sealed records, the codes, and the broker's code numbers (no lab)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+
+import pytest
+
+from simulsyn_core import codes
+from simulsyn_core.chat import SealedCodec, chat, secure
+from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core.rendezvous import SessionTable
+from simulsyn_core.secure import (
+    CONFIRM,
+    DATA,
+    END,
+    HEADER,
+    RECORD_MAX,
+    AuthFailed,
+    Channel,
+    Handshake,
+    Tampered,
+)
+from simulsyn_core.wire import encode_chat, parse_line
+
+
+def pair(password_a: bytes, password_b: bytes, timeout_s: float = 5.0
+         ) -> tuple[object, object]:
+    """Run secure() on both ends of a socketpair at once: each side's result or exception."""
+    sa, sb = socket.socketpair()
+    out: dict[str, object] = {}
+
+    def side(name: str, sock: socket.socket, password: bytes) -> None:
+        try:
+            out[name] = secure(sock, password, b"", timeout_s)
+        except (AuthFailed, Tampered) as exc:
+            out[name] = exc
+
+    threads = [threading.Thread(target=side, args=("a", sa, password_a)),
+               threading.Thread(target=side, args=("b", sb, password_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    sa.close()
+    sb.close()
+    return out["a"], out["b"]
+
+
+def test_the_same_code_gives_one_key_and_one_verifier() -> None:
+    a, b = pair(b"7-guitarist-revenge", b"7-guitarist-revenge")
+    assert isinstance(a, tuple) and isinstance(b, tuple)
+    ca, cb = a[0], b[0]
+    assert ca.verifier == cb.verifier and len(ca.verifier) == 9
+    # each direction its own key: what A seals, B opens; A cannot open its own
+    record = ca.seal(DATA, b"hi")
+    assert list(cb.feed(record)) == [(DATA, b"hi")]
+    with pytest.raises(Tampered):
+        list(Channel(ca.key, ca.mine, ca.theirs, recv_seq=1).feed(record))
+
+
+def test_a_wrong_code_fails_on_both_sides() -> None:
+    a, b = pair(b"7-guitarist-revenge", b"7-apple-adroitness")
+    for result in (a, b):
+        assert isinstance(result, AuthFailed)
+        assert "does not know our code" in str(result)
+
+
+def test_a_plain_peer_is_told_apart() -> None:
+    sa, sb = socket.socketpair()
+    sb.sendall(encode_chat("hello in clear"))
+    with pytest.raises(AuthFailed, match="does not encrypt"):
+        secure(sa, b"x", b"", 2.0)
+    sa.close()
+    sb.close()
+
+
+def test_a_silent_peer_fails_in_bounded_time() -> None:
+    sa, sb = socket.socketpair()
+    with pytest.raises(AuthFailed, match="within"):
+        secure(sa, b"x", b"", 0.3)
+    sa.close()
+    sb.close()
+
+
+def test_a_reflected_pake_message_fails() -> None:
+    hs = Handshake(b"x")
+    with pytest.raises(AuthFailed):
+        hs.feed(hs.opening())  # our own message back
+
+
+def test_both_sides_learn_of_a_wrong_code_whatever_the_arrival_order() -> None:
+    """The peer's CONFIRM may come in the same segment as its PAKE message: ours is
+    still handed out to be sent before we say that the codes differ."""
+    a, b = Handshake(b"1-apple-adroitness"), Handshake(b"1-acme-aggregate")
+    b_confirm = b.feed(a.opening())
+    a_confirm = a.feed(b.opening() + b_confirm)
+    assert a_confirm  # to be sent before check() raises
+    with pytest.raises(AuthFailed):
+        a.check()
+    with pytest.raises(AuthFailed):
+        b.feed(a_confirm)
+        b.check()
+
+
+def channels() -> tuple[Channel, Channel]:
+    key = os.urandom(32)
+    mine, theirs = b"A" * 33, b"B" * 33
+    return Channel(key, mine, theirs), Channel(key, theirs, mine)
+
+
+def test_nonces_never_repeat_and_records_open_in_order() -> None:
+    a, b = channels()
+    records = [a.seal(DATA, f"m{i}".encode()) for i in range(1000)]
+    seqs = [HEADER.unpack(r[: HEADER.size])[1] for r in records]
+    assert seqs == list(range(1000))
+    assert [p for _, p in b.feed(b"".join(records))] == [f"m{i}".encode() for i in range(1000)]
+
+
+@pytest.mark.parametrize("attack, kind", [
+    ("flip", "altered"), ("replay", "replayed"), ("swap", "reordered"), ("drop", "reordered"),
+    ("short", "altered"), ("after-end", "altered"),
+])
+def test_each_attack_is_named(attack: str, kind: str) -> None:
+    a, b = channels()
+    if attack == "after-end":
+        r0, end, r1 = a.seal(DATA, b"one"), a.seal(END), a.seal(DATA, b"two")
+        with pytest.raises(Tampered) as err:
+            list(b.feed(r0 + end + r1))
+        assert err.value.kind == kind
+        return
+    r0, r1, r2 = (a.seal(DATA, b"one"), a.seal(DATA, b"two"), a.seal(DATA, b"three"))
+    stream = {
+        "flip": r0 + r1[:12] + bytes([r1[12] ^ 1]) + r1[13:],
+        "replay": r0 + r1 + r1,
+        "swap": r0 + r2 + r1,
+        "drop": r0 + r2,
+        "short": r0 + b"\x00\x05" + b"x" * 5,
+    }[attack]
+    with pytest.raises(Tampered) as err:
+        list(b.feed(stream))
+    assert err.value.kind == kind
+
+
+def test_a_stream_cut_before_its_end_is_truncated() -> None:
+    a, b = channels()
+    list(b.feed(a.seal(DATA, b"x")))
+    with pytest.raises(Tampered, match="truncated"):
+        b.check_end()
+    list(b.feed(a.seal(END)))
+    b.check_end()
+
+
+def test_long_messages_are_cut_on_character_boundaries() -> None:
+    a, b = channels()
+    text = "é" * RECORD_MAX  # 2 bytes each
+    parts = [p for _, p in b.feed(a.seal_text(text))]
+    assert len(parts) == 2 and "".join(p.decode() for p in parts) == text
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback (the chat sets TCP options)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        server, _ = srv.accept()
+    return server, client
+
+
+def run_chat(stream: bytes, channel: Channel) -> tuple[ExitStatus, str]:
+    """The receiving chat of ``channel`` given ``stream`` from the peer (then FIN)."""
+    sa, sb = tcp_pair()
+    r, w = os.pipe()
+    os.close(w)  # our stdin: empty
+    sb.sendall(stream)
+    sb.shutdown(socket.SHUT_WR)
+    out = io.StringIO()
+    events: list[str] = []
+    status = chat(sa, r, out, events.append, codec=SealedCodec(channel))
+    os.close(r)
+    sb.close()
+    return status, out.getvalue() + "".join(f"[{e}]" for e in events)
+
+
+def test_chat_prints_good_records_and_stops_at_a_tampered_one() -> None:
+    a, b = channels()
+    r0, r1 = a.seal(DATA, b"first"), a.seal(DATA, b"second")
+    status, seen = run_chat(r0 + r1 + r1, b)
+    assert status == ExitStatus.TAMPERED
+    assert seen.startswith("first\nsecond\n") and "replayed" in seen
+
+
+def test_chat_reports_truncation_and_accepts_a_proper_end() -> None:
+    a, b = channels()
+    status, seen = run_chat(a.seal(DATA, b"only"), b)
+    assert status == ExitStatus.TAMPERED and "truncated" in seen
+    a, b = channels()
+    status, seen = run_chat(a.seal(DATA, b"only") + a.seal(END), b)
+    assert status == ExitStatus.OK and seen.startswith("only\n")
+
+
+def test_confirm_is_not_a_chat_message() -> None:
+    a, b = channels()
+    assert list(b.feed(a.seal(CONFIRM, b"simulsyn e2e v1"))) == [(CONFIRM, b"simulsyn e2e v1")]
+
+
+# --- codes --------------------------------------------------------------------------------
+
+def test_codes_round_trip_and_refuse_what_cannot_be_one() -> None:
+    words = codes.make_words()
+    assert codes.parse_code(codes.make_code("7", words)) == ("7", words)
+    assert codes.parse_code(" 12-Guitarist-Revenge ") == ("12", "guitarist-revenge")
+    for bad in ("guitarist-revenge", "0-apple-adroitness", "7", "7-", "٣-apple-adroitness",
+                "7-apple adroitness", "1234567-apple-adroitness"):
+        with pytest.raises(codes.CodeError):
+            codes.parse_code(bad)
+    with pytest.raises(codes.CodeError, match="typo"):
+        codes.parse_code("7-aple-adroitness")
+
+
+def test_the_broker_hands_out_the_smallest_free_number_and_never_one_twice() -> None:
+    table = SessionTable()
+    ep = [Endpoint(f"198.51.100.{i}", 1000 + i) for i in range(5)]
+    first = table.new_nameplate()
+    assert first == "#1"
+    reply = table.register(1, first, ep[0], None, 0.0)[0]
+    assert parse_line(reply.data.strip()).fields["nameplate"] == "1"
+    second = table.new_nameplate()
+    assert second == "#2"
+    table.register(2, second, ep[1], None, 0.0)
+    # the peer of code 1 comes: paired, PEER names the number; 1 is free again
+    replies = table.register(3, "#1", ep[2], None, 0.0)
+    assert {parse_line(r.data.strip()).verb for r in replies} == {"PEER"}
+    assert all(parse_line(r.data.strip()).fields["nameplate"] == "1" for r in replies)
+    assert table.new_nameplate() == "#1"
+    # a session named "1" and the code number 1 never meet
+    assert parse_line(table.register(4, "1", ep[3], None, 0.0)[0].data.strip()).verb == \
+        "REGISTERED"
