@@ -179,6 +179,11 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
                on_broker_address: Callable[[Endpoint], None] | None = None,
                on_nameplate: Callable[[str], None] | None = None) -> ExitStatus:
     deadline = time.monotonic() + cfg.timeout_s
+    if protection(cfg, "0")[1] is not None:
+        # The PAKE's and the cipher's modules (about 50 ms) now, not between connected and
+        # the first chat line; and never in the middle of a timed punch.
+        import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+        import spake2  # noqa: F401
     port = check_port(cfg.local_port)
     event(f"local port {port} (bound with SO_REUSEADDR for every socket of this run)")
     if on_local_port is not None:
