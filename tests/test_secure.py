@@ -239,3 +239,31 @@ def test_the_broker_hands_out_the_smallest_free_number_and_never_one_twice() -> 
     # a session named "1" and the code number 1 never meet
     assert parse_line(table.register(4, "1", ep[3], None, 0.0)[0].data.strip()).verb == \
         "REGISTERED"
+
+
+def test_a_broker_hands_out_numbers_and_pairs_by_them() -> None:
+    """Over a real broker on loopback: two new codes get 1 and 2; the peer of number 1
+    is paired with its first side only; a bad number is refused."""
+    from tests.helpers import loopback_broker, read_line
+
+    def connect(port: int) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        return s
+
+    with loopback_broker() as (_, port):
+        a, b, c, d = (connect(port) for _ in range(4))
+        try:
+            a.sendall(b"SSYN1 REGISTER nameplate=new\n")
+            assert parse_line(read_line(a).strip()).fields["nameplate"] == "1"
+            b.sendall(b"SSYN1 REGISTER nameplate=new\n")
+            assert parse_line(read_line(b).strip()).fields["nameplate"] == "2"
+            c.sendall(b"SSYN1 REGISTER nameplate=1\n")
+            for s in (a, c):
+                msg = parse_line(read_line(s).strip())
+                assert msg.verb == "PEER" and msg.fields["nameplate"] == "1"
+            d.sendall(b"SSYN1 REGISTER nameplate=01\n")
+            msg = parse_line(read_line(d).strip())
+            assert msg.verb == "ERROR" and msg.fields["code"] == "bad-request"
+        finally:
+            for s in (a, b, c, d):
+                s.close()
