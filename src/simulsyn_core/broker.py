@@ -72,6 +72,19 @@ LOG_EVERY_S = 10.0  # one log line per offender (and per kind of loop error) thi
 # flood of connects a short queue overflows and a newcomer's SYN is dropped, costing it a
 # 1 s retransmission before the broker even sees it.
 BACKLOG = 4096
+# The broker accepts itself (not asyncio's Server): each connection is admitted or
+# refused (closed at once, its descriptor freed) right after accept(), before any
+# transport or task is made for it. asyncio's server accepts a batch, and refuses only a
+# few loop turns later in the handler: under a flood at the cap the batches in flight
+# overshot the open-file limit (EMFILE, accept paused 1 s at a time). This many accept()s
+# per wake-up at most, so that the loop turns to the other clients in between.
+# asyncio closes a descriptor one loop turn after close(): an eviction frees its slot at
+# once but its descriptor a turn later, so a turn evicts at most this many (the rest of
+# the queue waits for the next turn) and accepts at most ACCEPT_BATCH; both stay under
+# FD_RESERVE.
+ACCEPT_BATCH = 64
+EVICT_PER_TURN = 16
+ACCEPT_RETRY_S = 1.0  # after EMFILE/ENFILE/ENOBUFS/ENOMEM, as asyncio's own server
 FIRST_LINE_TIMEOUT_S = 5.0  # a connection that has not sent a whole line by then goes
 EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
@@ -157,7 +170,7 @@ class Broker:
     _writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     _next_conn: int = 0
     services: dict[str, Service] = field(default_factory=dict)
-    _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _servers: list[socket.socket] = field(default_factory=list)  # the listening sockets
     _per_ip: dict[str, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
@@ -198,17 +211,79 @@ class Broker:
         raised = f"raised from {before} to {soft}" if soft != before else f"{soft}"
         self.log(f"open files: soft limit {raised} (hard {hard}): serving at most "
                  f"{self.max_connections} connections ({FD_RESERVE} descriptors kept back)")
+        loop = asyncio.get_running_loop()
         for ep in self.binds:
-            server = await asyncio.start_server(
-                self._handle, ep.ip, ep.port, reuse_address=True, backlog=BACKLOG)
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
+            family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+            sock = socket.create_server((ep.ip, ep.port), family=family, backlog=BACKLOG)
+            sock.setblocking(False)
+            self._servers.append(sock)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+            self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
 
     @property
     def listening(self) -> list[Endpoint]:
-        return [Endpoint.from_sockaddr(s.getsockname()) for srv in self._servers
-                for s in srv.sockets]
+        return [Endpoint.from_sockaddr(s.getsockname()) for s in self._servers
+                if s.fileno() >= 0]
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is waiting (ACCEPT_BATCH at most); admit each connection or close
+        it at once (the limits: ``_admit``)."""
+        loop = asyncio.get_running_loop()
+        evicted = self.stats["evicted"]
+        for _ in range(ACCEPT_BATCH):
+            if self.stats["evicted"] - evicted >= EVICT_PER_TURN:
+                return
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    loop.remove_reader(listener.fileno())
+                    loop.call_later(ACCEPT_RETRY_S, self._resume_accept, listener)
+                self._loop_error(loop, {"message": "socket.accept() out of system resource"
+                                        if exc.errno == errno.EMFILE else "accept() failed",
+                                        "exception": exc})
+                return
+            # The original protocol carries IPv4 only; others get nothing.
+            conn = self._next_conn
+            if sock.family != socket.AF_INET or not self._admit(conn, addr[0]):
+                sock.close()
+                continue
+            self._next_conn += 1
+            task = loop.create_task(self._serve(conn, sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume_accept(self, listener: socket.socket) -> None:
+        if listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    async def _serve(self, conn: int, sock: socket.socket) -> None:
+        """Streams for an admitted connection, then ``_handle``."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+        except asyncio.CancelledError:  # the broker stops
+            self._release(conn)
+            sock.close()
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._release(conn)
+            sock.close()
+            self._log_offender(("serve", exc.__class__.__name__), f"connection lost at accept: "
+                                                                  f"{exc!r}")
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if conn not in self._conns:  # evicted before it started (the broker was full)
+            writer.close()
+            return
+        await self._handle(conn, reader, writer)
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -217,8 +292,11 @@ class Broker:
             self._carry_out(self.sessions.expire(time.monotonic()))
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        for listener in self._servers:
+            if listener.fileno() >= 0:
+                loop.remove_reader(listener.fileno())
+                listener.close()
         for writer in list(self._writers.values()):
             writer.close()
         # Let the handlers finish (they hold the writers), then cancel what is left, so
@@ -228,9 +306,6 @@ class Broker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
 
     def rtt(self, conn: int) -> tuple[float, float] | None:
         """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
@@ -262,22 +337,15 @@ class Broker:
                 self._writers.pop(reply.conn, None)  # type: ignore[call-overload]
                 writer.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _handle(self, conn: int, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         sock = writer.get_extra_info("socket")
-        if sock is None or sock.family != socket.AF_INET or not peername:
-            writer.close()  # the original protocol carries IPv4 only; others get nothing
-            return
-        public = Endpoint.from_sockaddr(peername)
-        conn = self._next_conn
-        if not self._admit(conn, public.ip):
+        if sock is None or not peername:
+            self._release(conn)
             writer.close()
             return
-        self._next_conn += 1
+        public = Endpoint.from_sockaddr(peername)
         with contextlib.suppress(OSError):
             enable_keepalive(sock, *KEEPALIVE)
         self._writers[conn] = writer
@@ -304,10 +372,15 @@ class Broker:
         finally:
             self._carry_out(self.sessions.disconnect(conn))
             self._writers.pop(conn, None)
-            self._release(conn)
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), WRITE_DRAIN_TIMEOUT_S)
+            except Exception:  # a peer that reads nothing (its data unsent), or a reset
+                writer.transport.abort()
+            finally:
+                # Counted out once its descriptor is closed (or about to be, this turn),
+                # so that the cap stays under the open-file limit.
+                self._release(conn)
 
     async def _rendezvous(self, conn: int, public: Endpoint, reader: asyncio.StreamReader,
                           first: bytes) -> None:
