@@ -48,7 +48,8 @@ SEED_GRACE_S = 1.0
 # leaves (the soft limit is first raised to the hard one), minus FD_RESERVE. When it is
 # reached, a newcomer evicts the oldest idle connection (no whole line yet, or in the list
 # protocol's grace) of the network holding the most connections, if that network holds
-# more than the newcomer's; else the newcomer is closed at accept.
+# at least two more than the newcomer's (so that equal hogs do not evict one another in a
+# loop); else the newcomer is closed at accept.
 MAX_CONNECTIONS = 20480
 MAX_CONNECTIONS_PER_IP = 64  # so that one host cannot take them all
 # Per /24 (IPv4) or /64 (IPv6): 4 hosts at the per-address cap (nat-check's port samples
@@ -76,12 +77,12 @@ BACKLOG = 4096
 # refused (closed at once, its descriptor freed) right after accept(), before any
 # transport or task is made for it. asyncio's server accepts a batch, and refuses only a
 # few loop turns later in the handler: under a flood at the cap the batches in flight
-# overshot the open-file limit (EMFILE, accept paused 1 s at a time). This many accept()s
-# per wake-up at most, so that the loop turns to the other clients in between.
-# asyncio closes a descriptor one loop turn after close(): an eviction frees its slot at
-# once but its descriptor a turn later, so a turn evicts at most this many (the rest of
-# the queue waits for the next turn) and accepts at most ACCEPT_BATCH; both stay under
-# FD_RESERVE.
+# overshot the open-file limit (EMFILE, accept paused 1 s at a time). asyncio still
+# closes a descriptor one loop turn after close(): an eviction frees its slot at once but
+# its descriptor a turn later. So a loop turn accepts at most ACCEPT_BATCH connections and
+# evicts at most EVICT_PER_TURN (the rest of the queue waits for the next turn): the
+# descriptors over the cap stay well under FD_RESERVE, and the loop turns to the other
+# clients in between.
 ACCEPT_BATCH = 64
 EVICT_PER_TURN = 16
 ACCEPT_RETRY_S = 1.0  # after EMFILE/ENFILE/ENOBUFS/ENOMEM, as asyncio's own server
@@ -452,7 +453,7 @@ class Broker:
     def _admit(self, conn: int, ip: str) -> bool:
         """Count a new connection in, or say why not (one log line per offender and
         interval). At the total cap, the oldest idle connection of the network holding
-        the most goes, if that network holds more than the newcomer's."""
+        the most goes, if that network holds at least two more than the newcomer's."""
         prefix = prefix_of(ip)
         why = None
         if self._per_ip.get(ip, 0) >= self.max_connections_per_ip:
