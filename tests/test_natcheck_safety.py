@@ -239,3 +239,54 @@ def test_a_broker_without_probe_is_told_apart_exit_3(
     assert run.returncode == 3
     assert "does not serve nat-check" in run.stderr and "--probe" in run.stderr
     assert tagged(lab, "ha") == []
+
+
+def test_a_flood_of_captured_syns_gets_at_most_one_probe_each_only_while_connected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe side's answers to the SYNs it captures (REPLY, TIMER): never more than one
+    packet per packet received, never past the check's budget, only to the client's own
+    address, and nothing once its control connection is closed (issue 11, item 6)."""
+    import asyncio
+
+    from synprobe.natcheck import server as srv
+    from synprobe.packets.decode import IPPROTO_TCP, SYN
+    from synprobe.packets.seen import Seen
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(srv.rawnet, "send_ipv4", lambda pkts: sent.extend(pkts))
+    monkeypatch.setattr(srv, "_syn", lambda src, dst, sport, dport, seq: _syn_to(dst))
+    client = "198.51.100.2"
+
+    def syn(sport: int, seq: int, src: str = client) -> Seen:
+        return Seen(0.0, False, src, "192.0.2.10", 64, IPPROTO_TCP, sport, 8088, SYN, seq)
+
+    async def flood() -> tuple[int, int, int]:
+        server = ProbeServer(["192.0.2.10"])
+        broker = _FakeBroker({1})
+        server._broker = broker  # type: ignore[assignment]
+        check = Check(1, client, Endpoint("192.0.2.10", 8086), None, time.monotonic())
+        check.timer_waits = [0.01] * P.MAX_TIMERS
+        server.checks[1] = check
+        received = 0
+        for _ in range(500):  # the same REPLY SYN again and again: one answer
+            server._client_syn(check, syn(40000, P.Seq.REPLY))
+            received += 1
+        after_same = len(sent)
+        for port in range(1000, 1500):  # from 500 ports: answers up to the budget
+            server._client_syn(check, syn(port, P.Seq.REPLY))
+            server._client_syn(check, syn(port, P.Seq.TIMER))
+            received += 2
+        await asyncio.sleep(0.1)  # the timers' answers
+        assert len(sent) <= min(received, P.PROBE_BUDGET) and check.sent == len(sent)
+        before_close = len(sent)
+        broker.open_conns.clear()  # the control connection closed
+        check.sent = 0
+        for port in range(2000, 2100):
+            server._client_syn(check, syn(port, P.Seq.REPLY))
+        return after_same, before_close, len(sent)
+
+    after_same, before_close, total = asyncio.run(flood())
+    assert after_same == 1
+    assert before_close == P.PROBE_BUDGET
+    assert total == before_close  # nothing once the connection closed
+    assert all(pkt[16:20] == bytes([198, 51, 100, 2]) for pkt in sent)

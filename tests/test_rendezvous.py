@@ -45,7 +45,8 @@ def test_pairing_tells_both_at_once_and_nothing_else() -> None:
     assert (to_a.get("public"), to_a.get("peer"), to_a.get("role")) == (str(A), str(B), "first")
     assert to_a.get("peer_local") is None
     assert (to_b.get("public"), to_b.get("peer"), to_b.get("role")) == (str(B), str(A), "second")
-    assert to_b.get("peer_local") == "10.1.0.2:4000"
+    # A's LAN address goes to nobody behind another public IP (it is of no use to them).
+    assert to_b.get("peer_local") is None and "10.1.0.2" not in str(out)
     assert str(C) not in str(out)
     assert len(table) == 1  # only "other" still waits
 
@@ -71,7 +72,8 @@ def test_bad_session_names_and_limits() -> None:
     ((_, msg, close),) = _msgs(table.register("x", "bad name!", A, None, 0.0))
     assert (msg.verb, msg.get("code"), close) == ("ERROR", "bad-session", True)
     table.register("a", "s1", A, None, 0.0)
-    ((_, msg, _),) = _msgs(table.register("b", "s2", B, None, 0.0))
+    # Full, and the newcomer's network holds as many as any other: nobody to evict.
+    ((_, msg, _),) = _msgs(table.register("b", "s2", Endpoint("198.51.100.3", 5000), None, 0.0))
     assert msg.get("code") == "busy"
 
 
@@ -94,3 +96,92 @@ def test_one_address_cannot_fill_the_table() -> None:
     assert (msg.get("code"), close) == ("busy", True)
     ((_, msg, _),) = _msgs(table.register("b", "s3", B, None, 0.0))  # others still served
     assert msg.verb == "REGISTERED"
+
+
+def test_peer_local_only_between_clients_behind_the_same_public_ip() -> None:
+    """Two peers behind one NAT need each other's LAN address (hairpin-free path); a peer
+    from anywhere else must never learn it."""
+    table = SessionTable()
+    a, a2 = Endpoint(A.ip, 4000), Endpoint(A.ip, 4001)  # one NAT, two hosts behind it
+    table.register("a", "lan", a, Endpoint("10.1.0.2", 4000), 0.0)
+    out = _msgs(table.register("a2", "lan", a2, Endpoint("10.1.0.3", 5000), 1.0))
+    assert [m.get("peer_local") for _, m, _ in out] == ["10.1.0.3:5000", "10.1.0.2:4000"]
+    table.register("v", "far", A, Endpoint("10.1.0.2", 4000), 2.0)
+    out = _msgs(table.register("x", "far", Endpoint("198.51.101.2", 1), Endpoint("10.9.0.9", 9),
+                               3.0))
+    assert [m.get("peer_local") for _, m, _ in out] == [None, None]
+    assert b"10.1.0.2" not in b"".join(r.data for r in table.register("y", "z", B, None, 4.0))
+
+
+def test_one_network_cannot_fill_the_table() -> None:
+    table = SessionTable(max_waiting_per_ip=4, max_waiting_per_prefix=6)
+    codes = []
+    for i in range(8):  # 4 addresses of 198.51.100.0/24, 2 registrations each
+        ((_, msg, _),) = _msgs(table.register(f"c{i}", f"s{i}", Endpoint(f"198.51.100.{i // 2}",
+                                                                         1000 + i), None, 0.0))
+        codes.append(msg.get("code") or msg.verb)
+    assert codes == ["REGISTERED"] * 6 + ["busy"] * 2
+    ((_, msg, _),) = _msgs(table.register("b", "sb", B, None, 0.0))  # another /24: served
+    assert msg.verb == "REGISTERED"
+
+
+def test_a_full_table_evicts_the_busiest_networks_oldest_for_a_newcomer() -> None:
+    """Attack 2 (measured: 16 registrations from each of 257 addresses filled all 4096
+    slots in 1.45 s; 20/20 legit sessions then got busy): in a full table a newcomer from
+    a network holding fewer entries takes the slot of the oldest entry of the network
+    holding the most; that client gets ERROR code=evicted."""
+    table = SessionTable(max_waiting=64, max_waiting_per_ip=16, max_waiting_per_prefix=32)
+    t = 0.0
+    for net in range(2):  # 2 networks x 2 addresses x 16 = 64: full
+        for host in range(2):
+            for i in range(16):
+                t += 1
+                table.register(("hog", net, host, i), f"h{net}.{host}.{i}",
+                               Endpoint(f"10.{net}.0.{host}", 1000 + i), None, t)
+    assert len(table) == 64
+    legit = []
+    for n in range(20):  # 20 legit sessions from 20 other networks, each pairs
+        out = _msgs(table.register(("w", n), f"legit{n}", Endpoint(f"192.0.{n}.7", 5000), None,
+                                   t + n))
+        assert [(m.verb, m.get("code")) for _, m, _ in out] == [("ERROR", "evicted"),
+                                                                ("REGISTERED", None)]
+        legit.append(out)
+    # The victims were the oldest of whichever hog network held the most.
+    victims = [out[0][0] for out in legit]
+    assert victims[:2] in ([("hog", 0, 0, 0), ("hog", 1, 0, 0)],
+                           [("hog", 1, 0, 0), ("hog", 0, 0, 0)])
+    assert len(table) == 64 and table.evictions == 20
+    for n in range(20):
+        out = _msgs(table.register(("j", n), f"legit{n}", Endpoint(f"203.0.{n}.9", 6000), None,
+                                   t + 30))
+        assert [m.verb for _, m, _ in out] == ["PEER", "PEER"]
+    # A newcomer of a network that already holds as many as the busiest is refused.
+    table2 = SessionTable(max_waiting=2, max_waiting_per_prefix=8)
+    table2.register("a", "s1", Endpoint("10.0.0.1", 1), None, 0.0)
+    table2.register("b", "s2", Endpoint("10.0.1.1", 1), None, 0.0)
+    ((_, msg, _),) = _msgs(table2.register("c", "s3", Endpoint("10.0.0.2", 1), None, 0.0))
+    assert msg.get("code") == "busy"
+
+
+def test_registration_cost_does_not_grow_with_the_table() -> None:
+    """No scan over the waiting entries per REGISTER: the 16384th registration costs what
+    the first did (the former per-address sum() was O(n): 8.3 s for this loop, 0.2 s now)."""
+    import time
+
+    table = SessionTable()
+    start = time.perf_counter()
+    n = 0
+    for net in range(64):
+        for host in range(16):
+            for i in range(16):
+                table.register(n, f"s{n}", Endpoint(f"10.{net}.{host}.1", i + 1), None, 0.0)
+                n += 1
+    took = time.perf_counter() - start
+    assert len(table) == 16384
+    newcomer = _msgs(table.register("new", "new", B, None, 1.0))
+    assert [m.get("code") or m.verb for _, m, _ in newcomer] == ["evicted", "REGISTERED"]
+    for conn in range(n):
+        table.disconnect(conn)
+    assert len(table) == 1 and table._per_prefix.max == 1 and len(table._per_ip) == 1
+    print(f"16384 registrations in {took:.3f} s")
+    assert took < 1.5, f"{took:.2f} s for 16384 registrations"

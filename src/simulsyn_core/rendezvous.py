@@ -7,18 +7,28 @@ returned actions, so every rule below is tested without a network.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from . import birthday as bday
 from .endpoint import Endpoint
+from .limits import MaxCounter, prefix_of
 from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
 
 SEED_MAX_AGE_S = 60.0
 NO_OFFER = bday.Offer()
 SESSION_WAIT_MAX_S = 300.0  # how long a lone client may wait for its peer at the broker
-MAX_WAITING_SESSIONS = 4096  # bound on memory a flood of registrations can take
+# Bound on the memory a flood of registrations can take. A waiting client costs a few
+# hundred bytes here (and its connection in the broker): 16384 of them are a few MB. When
+# the table is full, a newcomer from a network holding fewer entries evicts the oldest
+# entry of the network holding the most (ERROR code=evicted), so the addresses of a few
+# networks can never lock everyone else out.
+MAX_WAITING_SESSIONS = 16384
 MAX_WAITING_PER_IP = 16  # so that one host cannot fill the table
+# Per /24 (IPv4) or /64 (IPv6): 16 hosts' worth, plenty for a carrier-grade NAT's users
+# that rendezvous at the same moment; a flood needs 64 networks to fill the table.
+MAX_WAITING_PER_PREFIX = 256
 PRIME_WAIT_MAX_S = 10.0  # a primed pair must finish its ordering exchange within this
 STRATEGY_PRIME = "prime"
 STRATEGY_ORDER = "order"
@@ -219,11 +229,19 @@ class SessionTable:
 
     def __init__(self, max_waiting: int = MAX_WAITING_SESSIONS,
                  wait_max_s: float = SESSION_WAIT_MAX_S,
-                 max_waiting_per_ip: int = MAX_WAITING_PER_IP) -> None:
+                 max_waiting_per_ip: int = MAX_WAITING_PER_IP,
+                 max_waiting_per_prefix: int = MAX_WAITING_PER_PREFIX) -> None:
         self.max_waiting = max_waiting
         self.max_waiting_per_ip = max_waiting_per_ip
+        self.max_waiting_per_prefix = max_waiting_per_prefix
         self.wait_max_s = wait_max_s
         self._waiting: dict[str, _Waiting] = {}
+        # Counters, so that no registration scans the table: waiting entries per address,
+        # per prefix (which one holds the most), and each prefix's sessions, oldest first.
+        self._per_ip: dict[str, int] = {}
+        self._per_prefix = MaxCounter()
+        self._prefix_sessions: dict[str, OrderedDict[str, None]] = {}
+        self.evictions = 0
         self._session_of: dict[Hashable, str] = {}
         self._priming: dict[Hashable, _Priming] = {}  # both conns of a pair -> the pair
 
@@ -248,24 +266,30 @@ class SessionTable:
         other = self._waiting.get(session)
         if other is not None and other.public == public:
             # The same endpoint registering again (a client that restarted): replace it.
-            del self._waiting[session]
-            self._session_of.pop(other.conn, None)
+            self._pop_waiting(session)
             replaced = _error(other.conn, "replaced", "a newer registration from this endpoint")
             return [replaced, *self.register(conn, session, public, local, now, strategies,
                                              mapping, unsolicited, reply_syn, birthday)]
         if other is None:
-            if len(self._waiting) >= self.max_waiting:
-                return [_error(conn, "busy", "too many waiting sessions; try later")]
-            if sum(w.public.ip == public.ip for w in self._waiting.values()) >= \
-                    self.max_waiting_per_ip:
+            prefix = prefix_of(public.ip)
+            if self._per_ip.get(public.ip, 0) >= self.max_waiting_per_ip:
                 return [_error(conn, "busy", "too many waiting sessions from this address")]
-            self._waiting[session] = _Waiting(conn, public, local, now, facts)
-            self._session_of[conn] = session
-            return [Reply(conn, encode_message("REGISTERED", **key_fields(session),
-                                                            public=public),
-                          close=False)]
-        del self._waiting[session]
-        self._session_of.pop(other.conn, None)
+            if self._per_prefix[prefix] >= self.max_waiting_per_prefix:
+                return [_error(conn, "busy", "too many waiting sessions from this network")]
+            evicted: list[Reply] = []
+            if len(self._waiting) >= self.max_waiting:
+                victim = self._victim(prefix)
+                if victim is None:
+                    return [_error(conn, "busy", "too many waiting sessions; try later")]
+                gone = self._pop_waiting(victim)
+                self.evictions += 1
+                if gone is not None:
+                    evicted.append(_error(gone.conn, "evicted", "the broker is full: the "
+                                          "oldest session of the busiest network goes"))
+            self._add_waiting(session, _Waiting(conn, public, local, now, facts), prefix)
+            return [*evicted, Reply(conn, encode_message("REGISTERED", **key_fields(session),
+                                                         public=public), close=False)]
+        self._pop_waiting(session)
         theirs = other.facts
         if theirs.reply_syn == reply_syn == "blocked":
             return [_error(c, "untraversable", UNTRAVERSABLE_REPLY_SYN)
@@ -280,6 +304,10 @@ class SessionTable:
                            else UNTRAVERSABLE[m == "varies"])
                     for c, m in ((other.conn, theirs.mapping), (conn, mapping))]
         exchange = plan.strategy in EXCHANGED
+        # A peer's own (LAN) address is of use only to a peer behind the same NAT (the
+        # same public IP); to anyone else it would only leak the victim's network.
+        if other.public.ip != public.ip:
+            local = other.local = None  # (other is out of the table already)
         first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
         if exchange:
             waits = frozenset({first, second} if plan.strategy == STRATEGY_PRIME else {second})
@@ -367,11 +395,57 @@ class SessionTable:
             self._end_priming(pair)
             other = pair.second if conn == pair.first else pair.first
             return [_error(other, "peer-gone", "the peer left the ordering exchange")]
-        session = self._session_of.pop(conn, None)
-        if session is not None and self._waiting.get(session, None) is not None:
-            if self._waiting[session].conn == conn:
-                del self._waiting[session]
+        session = self._session_of.get(conn)
+        if session is not None:
+            waiting = self._waiting.get(session)
+            if waiting is not None and waiting.conn == conn:
+                self._pop_waiting(session)
+            self._session_of.pop(conn, None)
         return []
+
+    def holds(self, conn: Hashable) -> bool:
+        """True while ``conn`` waits for its peer or is in an ordering exchange."""
+        return conn in self._session_of or conn in self._priming
+
+    def _add_waiting(self, session: str, waiting: _Waiting, prefix: str) -> None:
+        self._waiting[session] = waiting
+        self._session_of[waiting.conn] = session
+        ip = waiting.public.ip
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        self._per_prefix.add(prefix)
+        self._prefix_sessions.setdefault(prefix, OrderedDict())[session] = None
+
+    def _pop_waiting(self, session: str) -> _Waiting | None:
+        """Forget a waiting session and its counts (O(1))."""
+        waiting = self._waiting.pop(session, None)
+        if waiting is None:
+            return None
+        self._session_of.pop(waiting.conn, None)
+        ip = waiting.public.ip
+        left = self._per_ip.get(ip, 1) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+        prefix = prefix_of(ip)
+        self._per_prefix.add(prefix, -1)
+        sessions = self._prefix_sessions.get(prefix)
+        if sessions is not None:
+            sessions.pop(session, None)
+            if not sessions:
+                del self._prefix_sessions[prefix]
+        return waiting
+
+    def _victim(self, prefix: str) -> str | None:
+        """The session a newcomer from ``prefix`` may evict from a full table: the oldest
+        of the prefix holding the most, if that one holds more than ``prefix`` does."""
+        if self._per_prefix[prefix] >= self._per_prefix.max:
+            return None
+        for top in self._per_prefix.top():
+            sessions = self._prefix_sessions.get(top)  # type: ignore[call-overload]
+            if sessions:
+                return next(iter(sessions))
+        return None
 
     def expire(self, now: float) -> list[Reply]:
         stale = [w for w in self._waiting.values() if now - w.since > self.wait_max_s]
