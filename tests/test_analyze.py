@@ -442,9 +442,10 @@ def test_large_capture_is_read_quickly() -> None:
     data = _pcap(frames)
     start = time.process_time()
     result = analyze_bytes("big", data)
+    kinds = {a.kind for a in result.attempts}  # each attempt is replayed when asked for
     elapsed = time.process_time() - start
     assert len(result.attempts) == 20000
-    assert {a.kind for a in result.attempts} == {"three-way"}
+    assert kinds == {"three-way"}
     assert elapsed < 6.0, f"{elapsed:.1f} s of CPU for 100000 packets"
 
 
