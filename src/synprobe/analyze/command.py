@@ -131,14 +131,47 @@ def file_json(result: FileAnalysis) -> dict[str, Any]:
     }
 
 
+_encode_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _json(value: Any, level: int) -> str:
+    """json.dumps(value, indent=2) as it writes ``value`` ``level`` levels down, for the
+    types a connection holds. json's indenting encoder is pure Python and took most of
+    the --json time of a capture of 100,000 attempts; this is the same text, faster."""
+    if isinstance(value, str):
+        return str(_encode_string(value))
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return json.dumps(value)
+    inner = "\n" + "  " * (level + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return ("{" + inner + ("," + inner).join(
+            f"{_encode_string(key)}: {_json(item, level + 1)}" for key, item in value.items())
+            + "\n" + "  " * level + "}")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        return ("[" + inner + ("," + inner).join(_json(item, level + 1) for item in value)
+                + "\n" + "  " * level + "]")
+    return json.dumps(value, indent=2).replace("\n", "\n" + "  " * level)
+
+
 def _json_list(key: str, items: Iterable[dict[str, Any]]) -> Iterator[str]:
     """``"key": [...]`` exactly as json.dumps(..., indent=2) writes it one level down,
     an item at a time."""
     yield f'  "{key}": ['
     empty = True
     for item in items:
-        text = json.dumps(item, indent=2).replace("\n", "\n    ")
-        yield ("\n    " if empty else ",\n    ") + text
+        yield ("\n    " if empty else ",\n    ") + _json(item, 2)
         empty = False
     yield "]" if empty else "\n  ]"
 

@@ -16,6 +16,7 @@ in flight, as the original README draws a simultaneous open.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -332,7 +333,11 @@ def _split_openings(conn: _Conn) -> list[tuple[int, int]]:
 
 
 def _private(endpoint: str) -> bool:
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    return _private_host(endpoint.rsplit(":", 1)[0].strip("[]"))
+
+
+@functools.lru_cache(maxsize=4096)  # a scan's capture has one host on many ports
+def _private_host(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
