@@ -28,6 +28,7 @@ ZEROS_TARGET_MB = 50.0
 BEFORE = {
     "--json": "963 MB, 13 s",
     "text": "377 MB, 16 s (this machine)",
+    "--brief": "325 MB, 16 s (this machine)",
     "/dev/zero": "3.77 GB, then MemoryError: exit 1",
     "1 GB of zeros": "1.06 GB, then exit 7",
 }
