@@ -31,6 +31,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .numbers import ascii_int
+
 DEFAULT_SOCKETS = 450  # N: the random side's sockets
 DEFAULT_GUESSES = 450  # M: the easy side's guessed ports
 DEFAULT_RATE = 500.0  # new SYNs per second per side, at most
@@ -119,10 +121,8 @@ def _num(value: int | None) -> str | None:
 
 
 def _count(text: str | None, limit: int) -> int | None:
-    if text is None or not text.isdigit() or len(text) > 6:
-        return None
-    value = int(text)
-    return value if 1 <= value <= limit else None
+    value = None if text is None else ascii_int(text, max_digits=6)
+    return value if value is not None and 1 <= value <= limit else None
 
 
 def format_range(r: tuple[int, int] | None) -> str | None:
@@ -133,9 +133,9 @@ def parse_range(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     lo, sep, hi = text.partition("-")
-    if not sep or not lo.isdigit() or not hi.isdigit() or len(lo) > 5 or len(hi) > 5:
+    low, high = ascii_int(lo, max_digits=5), ascii_int(hi, max_digits=5)
+    if not sep or low is None or high is None:
         return None
-    low, high = int(lo), int(hi)
     return (low, high) if 1 <= low <= high <= 65535 else None
 
 

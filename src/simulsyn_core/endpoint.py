@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .numbers import parse_port
+
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
@@ -34,11 +36,10 @@ class Endpoint:
             ip = ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError(f"{text!r}: {host!r} is not an IPv4 address") from None
-        if not port_text.isdigit():
-            raise ValueError(f"{text!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-        if not (0 if allow_zero_port else 1) <= port <= 65535:
-            raise ValueError(f"{text!r}: port {port} out of range")
+        try:
+            port = parse_port(port_text, allow_zero=allow_zero_port)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
         return cls(str(ip), port)
 
     @classmethod

@@ -29,7 +29,7 @@ from simulsyn_core.punch import (
 )
 from simulsyn_core.wire import DEFAULT_BROKER_PORT
 
-from .cliutil import EPILOG, EndpointType, Reporter
+from .cliutil import EPILOG, AsciiIntRange, EndpointType, FiniteFloatRange, Reporter
 
 if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
     from simulsyn_core.endpoint import Endpoint
@@ -169,20 +169,20 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "another endpoint is listed and take the newest.")
 @click.option("--peer", "peer_ep", type=EndpointType(), metavar="IP:PORT",
               help="Connect straight to this public endpoint (no broker; needs --local-port).")
-@click.option("--local-port", type=click.IntRange(0, 65535), default=0,
+@click.option("--local-port", type=AsciiIntRange(0, 65535), default=0,
               help="Local port for every socket of the run [default: allocated once].")
-@click.option("--retries", type=click.IntRange(1, 100000), default=DEFAULT_RETRIES,
+@click.option("--retries", type=AsciiIntRange(1, 100000), default=DEFAULT_RETRIES,
               show_default=True,
               help="connect() attempts at most.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86400),
+@click.option("--timeout", "timeout_s", type=FiniteFloatRange(0.1, 86400),
               default=PUNCH_TIMEOUT_S,
               show_default=True, help="Seconds for the whole run up to connected "
                                       "(waiting for the peer included).")
-@click.option("--retry-interval", "retry_interval_s", type=click.FloatRange(0, 60),
+@click.option("--retry-interval", "retry_interval_s", type=FiniteFloatRange(0, 60),
               default=RETRY_INTERVAL_S,
               show_default=True, help="Seconds to pause after an attempt refused at once "
                                       "(RST or ICMP).")
-@click.option("--attempt-timeout", "attempt_timeout_s", type=click.FloatRange(0.05, 3600),
+@click.option("--attempt-timeout", "attempt_timeout_s", type=FiniteFloatRange(0.05, 3600),
               default=ATTEMPT_TIMEOUT_S, show_default=True,
               help="Seconds one connect() may wait while the kernel resends the SYN.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
@@ -196,7 +196,7 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "guessed ports from the other (chosen by auto when the broker's mapping "
                    "check sees exactly one such NAT). sync, order, prime and birthday need "
                    "a synprobe broker and a peer that offer them.")
-@click.option("--ttl", type=click.IntRange(1, 64), default=None,
+@click.option("--ttl", type=AsciiIntRange(1, 64), default=None,
               help="TTL of the priming SYN: it must cross our NAT(s) and die before the "
                    "peer's [default: measured towards the peer with UDP probes; when no hop "
                    "answers, the last nat-check's for this network, else 2]. With --peer or "
@@ -213,17 +213,17 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "under a day old): tell the broker what our NAT does to unsolicited and "
                    "reply SYNs; its TTL stands in when the measure towards the peer gets no "
                    "answer.")
-@click.option("--birthday-sockets", type=click.IntRange(1, MAX_SOCKETS), default=DEFAULT_SOCKETS,
+@click.option("--birthday-sockets", type=AsciiIntRange(1, MAX_SOCKETS), default=DEFAULT_SOCKETS,
               show_default=True,
               help="Birthday punching, when our NAT randomises ports: open this many "
                    "sockets (N) towards the peer, each from its own local port. "
                    "RLIMIT_NOFILE is raised within its hard limit.")
-@click.option("--birthday-guesses", type=click.IntRange(1, MAX_GUESSES),
+@click.option("--birthday-guesses", type=AsciiIntRange(1, MAX_GUESSES),
               default=DEFAULT_GUESSES, show_default=True,
               help="Birthday punching, when the peer's NAT randomises ports: send SYNs to "
                    "this many guessed ports (M) of its address, from our one port. "
                    "P(success) ~ 1 - exp(-N*M/R) for R ports in the random NAT's range.")
-@click.option("--birthday-rate", type=click.FloatRange(1, MAX_RATE), default=DEFAULT_RATE,
+@click.option("--birthday-rate", type=FiniteFloatRange(1, MAX_RATE), default=DEFAULT_RATE,
               show_default=True, help="Birthday punching: new SYNs per second at most.")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,

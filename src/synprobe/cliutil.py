@@ -1,5 +1,5 @@
-"""What every synprobe command shares: the exit-code epilog of --help, the endpoint
-parameter type, and the stderr reporter. Light on purpose: `synprobe --help` and
+"""What every synprobe command shares: the exit-code epilog of --help, the endpoint and
+number parameter types, and the stderr reporter. Light on purpose: `synprobe --help` and
 `synprobe punch` import it, so nothing heavy is imported at the top (no scapy)."""
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from simulsyn_core.exitcodes import EXIT_CODES_HELP
+from simulsyn_core.numbers import (
+    finite,
+    has_foreign_digits,
+    parse_finite_float,
+    parse_int,
+    parse_port,
+)
 from simulsyn_core.wire import DEFAULT_BROKER_PORT
 
 if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
@@ -28,14 +35,17 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = text, str(default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise click.BadParameter(f"{text!r}: port must be 1-65535")
     try:
-        return Endpoint.parse(f"{host}:{port_text}")
+        port = parse_port(port_text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: port must be 1-65535 in ASCII digits") from None
+    if has_foreign_digits(host):  # the resolver would read "１２７.0.0.1" as 127.0.0.1
+        raise click.BadParameter(f"{text!r}: digits other than ASCII 0-9 in the host")
+    try:
+        return Endpoint.parse(f"{host}:{port}")
     except ValueError:
         pass
     try:
-        port = int(port_text)
         infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
     except (ValueError, OSError):
         raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
@@ -67,6 +77,33 @@ class EndpointType(click.ParamType):
                                   allow_zero_port=self.allow_zero_port)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange for a finite number written in ASCII: "nan", "inf", "1e999" and
+    other scripts' digits ("٣", "３") are usage errors (exit 2), not values."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        try:
+            number = parse_finite_float(value) if isinstance(value, str) else finite(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class AsciiIntRange(click.IntRange):
+    """click.IntRange for a whole number in ASCII digits: "٣", "３", "²" and "1_0" are
+    usage errors (exit 2), not values."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            try:
+                value = parse_int(value)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class Reporter:

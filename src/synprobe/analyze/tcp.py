@@ -16,6 +16,7 @@ in flight, as the original README draws a simultaneous open.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ def other(side: str) -> str:
     return "B" if side == "A" else "A"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One captured packet of an attempt, oriented: ``sender`` is side A or B. An ICMP
     error is drawn as coming from the side opposite the segment it quotes."""
@@ -87,14 +88,14 @@ class Event:
         return self.icmp or flags_label(self.flags, self.payload)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Arrow:
     event: Event
     delivered: bool
     note: str = ""  # "dropped", "rejected", "retransmission", ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """What the ladder draws between two state lines."""
 
@@ -104,7 +105,7 @@ class Step:
     states_after: tuple[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One opening of one 4-tuple, as seen from the capture."""
 
@@ -124,35 +125,60 @@ class Attempt:
 
 # --- grouping: flows, NAT views, attempts ---------------------------------------------------
 
-FlowKey = frozenset[str]
+# A flow: its two endpoints, in sorted order (a tuple: a scan's capture has one per packet).
+FlowKey = tuple[str, str]
 
 
-def _union_views(segments: Sequence[Segment]) -> dict[FlowKey, tuple[int, dict[str, str]]]:
-    """Map each flow (unordered endpoint pair) to (connection id, endpoint -> canonical
-    endpoint), joining flows that show the same connection at different capture points:
-    a SYN with the same ISN (a SYN+ACK: the same two ISNs) from the same source port or to
-    the same destination port, since a NAT rewrites at most one side's address and port."""
-    flows: list[FlowKey] = []
-    seen: set[FlowKey] = set()
-    # A SYN is known by its ISN; a SYN+ACK by its ISN and the ISN it acknowledges.
-    by_isn: dict[tuple[int, int], list[tuple[FlowKey, str, str]]] = {}
-    noted: set[tuple[tuple[int, int], FlowKey, str]] = set()
+def flow_key(src: str, dst: str) -> FlowKey:
+    return (src, dst) if src <= dst else (dst, src)
+
+
+@dataclass(frozen=True, slots=True)
+class Views:
+    """How flows are joined into connections: only the flows that are not their
+    connection's first-named flow have entries."""
+
+    parent: dict[FlowKey, FlowKey]  # flow -> the flow it was joined to
+    renamed: dict[FlowKey, dict[str, str]]  # endpoint -> canonical, where not itself
+
+    def root(self, key: FlowKey) -> FlowKey:
+        while key in self.parent:
+            key = self.parent[key]
+        return key
+
+    def canonical(self, key: FlowKey, endpoint: str) -> str:
+        names = self.renamed.get(key)
+        return endpoint if names is None else names[endpoint]
+
+
+def _union_views(segments: Sequence[Segment]) -> Views:
+    """Join flows (unordered endpoint pairs) that show the same connection at different
+    capture points, and name their endpoints as the connection's first flow does: a SYN
+    with the same ISN (a SYN+ACK: the same two ISNs) from the same source port or to the
+    same destination port, since a NAT rewrites at most one side's address and port."""
+    # A SYN is known by its ISN; a SYN+ACK by its ISN and the ISN it acknowledges. A
+    # bucket is its first SYN, or a list once another flow's SYN shares the ISN; a repeat
+    # of its first or last SYN's flow and source (a retransmission) is not stored again
+    # (joining it twice changes nothing).
+    by_isn: dict[int | tuple[int, int], Segment | list[Segment]] = {}
     for seg in segments:
-        key = frozenset((seg.src, seg.dst))
-        if key not in seen:
-            seen.add(key)
-            flows.append(key)
         if seg.flags & SYN and not seg.flags & RST:
-            isn = (seg.seq, seg.ack if seg.flags & ACK else -1)
-            if (isn, key, seg.src) not in noted:
-                noted.add((isn, key, seg.src))
-                by_isn.setdefault(isn, []).append((key, seg.src, seg.dst))
-    parent: dict[FlowKey, FlowKey] = {k: k for k in flows}
-    # link[(child)] = (parent flow, child endpoint -> parent endpoint)
-    mapping: dict[FlowKey, dict[str, str]] = {k: {e: e for e in k} for k in flows}
+            isn = (seg.seq, seg.ack) if seg.flags & ACK else seg.seq
+            bucket = by_isn.get(isn)
+            if bucket is None:
+                by_isn[isn] = seg
+            elif isinstance(bucket, Segment):
+                if (bucket.src, bucket.dst) != (seg.src, seg.dst):
+                    by_isn[isn] = [bucket, seg]
+            elif (bucket[-1].src, bucket[-1].dst) != (seg.src, seg.dst) and (
+                    bucket[0].src, bucket[0].dst) != (seg.src, seg.dst):
+                bucket.append(seg)
+    parent: dict[FlowKey, FlowKey] = {}  # only flows that are not their tree's root
+    # mapping[child root] = (child endpoint -> parent endpoint)
+    mapping: dict[FlowKey, dict[str, str]] = {}
 
     def find(key: FlowKey) -> FlowKey:
-        while parent[key] != key:
+        while key in parent:
             key = parent[key]
         return key
 
@@ -160,32 +186,31 @@ def _union_views(segments: Sequence[Segment]) -> dict[FlowKey, tuple[int, dict[s
         return endpoint.rsplit(":", 1)[1]
 
     def to_root(key: FlowKey, endpoint: str) -> str:
-        while parent[key] != key:
+        while key in parent:
             endpoint = mapping[key][endpoint]
             key = parent[key]
         return endpoint
 
     for bucket in by_isn.values():
-        first_key, first_src, first_dst = bucket[0]
-        for key, src, dst in bucket[1:]:
-            if key == first_key or (port(src) != port(first_src)
-                                    and port(dst) != port(first_dst)):
+        if isinstance(bucket, Segment):
+            continue
+        first = bucket[0]
+        first_key = flow_key(first.src, first.dst)
+        for seg in bucket[1:]:
+            key = flow_key(seg.src, seg.dst)
+            if key == first_key or (port(seg.src) != port(first.src)
+                                    and port(seg.dst) != port(first.dst)):
                 continue
             root_a, root_b = find(first_key), find(key)
             if root_a == root_b:
                 continue
             # Re-root b's tree under a: map b's root endpoints through this SYN.
-            src_in_a, dst_in_a = to_root(first_key, first_src), to_root(first_key, first_dst)
-            src_in_b, dst_in_b = to_root(key, src), to_root(key, dst)
+            src_in_a, dst_in_a = to_root(first_key, first.src), to_root(first_key, first.dst)
+            src_in_b, dst_in_b = to_root(key, seg.src), to_root(key, seg.dst)
             parent[root_b] = root_a
             mapping[root_b] = {src_in_b: src_in_a, dst_in_b: dst_in_a}
-    roots: dict[FlowKey, int] = {}
-    result: dict[FlowKey, tuple[int, dict[str, str]]] = {}
-    for key in flows:
-        root = find(key)
-        conn = roots.setdefault(root, len(roots))
-        result[key] = (conn, {e: to_root(key, e) for e in key})
-    return result
+    renamed = {key: {e: to_root(key, e) for e in key} for key in parent}
+    return Views(parent, renamed)
 
 
 def icmp_label(err: IcmpError) -> str:
@@ -198,67 +223,121 @@ def icmp_label(err: IcmpError) -> str:
 Item = tuple[float, int, Segment | IcmpError, str, str, int]
 
 
-@dataclass
+def _ends(packet: Segment | IcmpError) -> tuple[str, str]:
+    """A segment's endpoints; an ICMP error's quoted segment's."""
+    if isinstance(packet, Segment):
+        return packet.src, packet.dst
+    return packet.quoted_src, packet.quoted_dst
+
+
+@dataclass(slots=True)
 class _Conn:
-    views: dict[FlowKey, int] = field(default_factory=dict)  # 4-tuple -> view number
-    items: list[Item] = field(default_factory=list)
+    """One connection's packets, in capture order once grouped (nothing else per packet)."""
+
+    views: Views
+    first: Segment  # its flow is view 0
+    more_views: dict[FlowKey, int] | None = None  # 4-tuple -> view number, from 1
+    packets: list[Segment | IcmpError] = field(default_factory=list)
+
+    def view(self, key: FlowKey) -> int:
+        if key == flow_key(self.first.src, self.first.dst):
+            return 0
+        if self.more_views is None:
+            self.more_views = {}
+        return self.more_views.setdefault(key, len(self.more_views) + 1)
+
+    def item(self, packet: Segment | IcmpError) -> Item:
+        src, dst = _ends(packet)
+        key = flow_key(src, dst)
+        return (packet.time, packet.index, packet, self.views.canonical(key, src),
+                self.views.canonical(key, dst), self.view(key))
+
+
+# One opening: a connection and the range of its packets (start, end), or the connection
+# alone when all its packets are one opening (most are: one tuple less each).
+Opening = tuple[_Conn, int, int] | _Conn
+
+
+def opening_packets(opening: Opening) -> tuple[_Conn, list[Segment | IcmpError]]:
+    if isinstance(opening, _Conn):
+        return opening, opening.packets
+    conn, start, end = opening
+    return conn, conn.packets[start:end]
+
+
+def find_openings(contents: CaptureContents) -> tuple[list[Opening], int]:
+    """Every connection attempt's packets (an opening), by first packet, not yet replayed
+    (``attempt_of`` does that); and how many TCP segments belonged to no attempt
+    (connections opened before the capture started). Nothing is kept per packet beyond
+    the decoded packet: a capture of many short connections costs a few hundred bytes a
+    packet."""
+    views = _union_views(contents.segments)
+    conns: dict[FlowKey, _Conn] = {}  # by root flow, in order of first packet
+    for seg in contents.segments:
+        key = flow_key(seg.src, seg.dst)
+        root = views.root(key)
+        conn = conns.get(root)
+        if conn is None:
+            conn = conns[root] = _Conn(views, seg)
+        conn.view(key)
+        conn.packets.append(seg)
+    for err in contents.icmp_errors:
+        key = flow_key(err.quoted_src, err.quoted_dst)
+        conn = conns.get(views.root(key))
+        if conn is None:
+            continue
+        conn.view(key)
+        conn.packets.append(err)
+    openings: list[Opening] = []
+    orphans = 0
+    for conn in conns.values():
+        conn.packets.sort(key=lambda packet: (packet.time, packet.index))
+        ranges = _split_openings(conn)
+        for start, end in ranges:
+            if _first_syn(conn.packets[start:end]) is None:
+                orphans += sum(1 for packet in conn.packets[start:end]
+                               if isinstance(packet, Segment))
+            else:
+                openings.append(conn if len(ranges) == 1 else (conn, start, end))
+    del conns
+    # An opening's first packet is its attempt's (the first item is never a copy seen
+    # elsewhere: nothing was seen before it).
+    openings.sort(key=lambda opening: opening.packets[0].time if isinstance(opening, _Conn)
+                  else opening[0].packets[opening[1]].time)
+    return openings, orphans
 
 
 def find_attempts(contents: CaptureContents) -> tuple[list[Attempt], int]:
-    """Every connection attempt in a capture, by first packet; and how many TCP segments
+    """Every connection attempt in a capture, by first packet, and how many TCP segments
     belonged to no attempt (connections opened before the capture started)."""
-    views = _union_views(contents.segments)
-    conns: dict[int, _Conn] = {}
-    for seg in contents.segments:
-        conn_id, to_canon = views[frozenset((seg.src, seg.dst))]
-        conn = conns.setdefault(conn_id, _Conn())
-        flow = frozenset((seg.src, seg.dst))
-        view_no = conn.views.setdefault(flow, len(conn.views))
-        conn.items.append((seg.time, seg.index, seg, to_canon[seg.src], to_canon[seg.dst],
-                           view_no))
-    for err in contents.icmp_errors:
-        key = frozenset((err.quoted_src, err.quoted_dst))
-        if key not in views:
-            continue
-        conn_id, to_canon = views[key]
-        conn = conns[conn_id]
-        conn.items.append((err.time, err.index, err, to_canon[err.quoted_src],
-                           to_canon[err.quoted_dst], conn.views.setdefault(key, len(conn.views))))
-    attempts: list[Attempt] = []
-    orphans = 0
-    for conn in conns.values():
-        conn.items.sort(key=lambda item: (item[0], item[1]))
-        for chunk in _split_openings(conn.items):
-            attempt = _attempt(chunk)
-            if attempt is None:
-                orphans += sum(1 for item in chunk if isinstance(item[2], Segment))
-            else:
-                attempts.append(attempt)
-    attempts.sort(key=lambda a: a.first_packet_time)
-    return attempts, orphans
+    openings, orphans = find_openings(contents)
+    return [attempt_of(opening) for opening in openings], orphans
 
 
-
-
-def _split_openings(items: Sequence[Item]) -> list[list[Item]]:
-    """Cut one connection's packets into openings: a SYN whose ISN differs from the one its
-    side already used starts a new attempt (the punch retries on the same 4-tuple)."""
-    chunks: list[list[Item]] = [[]]
+def _split_openings(conn: _Conn) -> list[tuple[int, int]]:
+    """Cut one connection's packets into openings (ranges of ``conn.packets``): a SYN
+    whose ISN differs from the one its side already used starts a new attempt (the punch
+    retries on the same 4-tuple)."""
+    cuts: list[int] = [0]
     isn: dict[str, int] = {}
-    for item in items:
-        packet, sender = item[2], item[3]
+    for n, packet in enumerate(conn.packets):
         if isinstance(packet, Segment) and packet.flags & SYN and not packet.flags & RST:
+            sender = conn.item(packet)[3]
             started = bool(isn)
-            if (sender in isn and isn[sender] != packet.seq) or (not started and chunks[-1]):
-                chunks.append([])
+            if (sender in isn and isn[sender] != packet.seq) or (not started and n > cuts[-1]):
+                cuts.append(n)
                 isn = {}
             isn[sender] = packet.seq
-        chunks[-1].append(item)
-    return [c for c in chunks if c]
+    cuts.append(len(conn.packets))
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
 def _private(endpoint: str) -> bool:
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    return _private_host(endpoint.rsplit(":", 1)[0].strip("[]"))
+
+
+@functools.lru_cache(maxsize=4096)  # a scan's capture has one host on many ports
+def _private_host(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
@@ -266,11 +345,14 @@ def _private(endpoint: str) -> bool:
     return addr.is_private and not addr.is_loopback and not _documentation(addr)
 
 
+# Python counts the documentation ranges (RFC 5737) as private; on the lab's wire they
+# play the public internet.
+_DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in
+                       ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+
+
 def _documentation(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    # Python counts the documentation ranges (RFC 5737) as private; on the lab's wire
-    # they play the public internet.
-    return any(addr in ipaddress.ip_network(n) for n in
-               ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+    return any(addr in network for network in _DOCUMENTATION)
 
 
 def _hops(ttl: int) -> int:
@@ -317,7 +399,7 @@ def _vantage(events: Sequence[Event], endpoints: tuple[str, str],
 
 # --- the replay -----------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class _Side:
     state: str = CLOSED
     owes: str | None = None  # the answer the last arrival calls for
@@ -563,13 +645,21 @@ def classify(steps: Sequence[Step], sides: dict[str, _Side]) -> tuple[str, bool]
     return ("syn-rejected" if rejected else "incomplete"), False
 
 
-def _attempt(items: Sequence[Item]) -> Attempt | None:
-    first_syn = next((it for it in items if isinstance(it[2], Segment)
-                      and it[2].flags & (SYN | RST) == SYN), None)
-    if first_syn is None:
-        return None  # no opening in the capture: the connection predates it
-    seg = first_syn[2]
-    assert isinstance(seg, Segment)
+def _first_syn(packets: Sequence[Segment | IcmpError]) -> Segment | None:
+    """The first SYN (or SYN+ACK) of an opening; None if the connection predates the
+    capture."""
+    return next((p for p in packets if isinstance(p, Segment)
+                 and p.flags & (SYN | RST) == SYN), None)
+
+
+def attempt_of(opening: Opening) -> Attempt:
+    """One opening (from ``find_openings``) replayed: its attempt."""
+    conn, packets = opening_packets(opening)
+    seg = _first_syn(packets)
+    if seg is None:
+        raise ValueError("no SYN: not an opening")
+    items = [conn.item(packet) for packet in packets]
+    first_syn = conn.item(seg)
     # Side A sent the first plain SYN; for a lone SYN+ACK, A is the one it answers.
     a_canon = first_syn[4] if seg.flags & ACK else first_syn[3]
     events: list[Event] = []

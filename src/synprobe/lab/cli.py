@@ -13,7 +13,7 @@ from simulsyn_core.exitcodes import ExitStatus
 from simulsyn_core.signals import sigterm_as_interrupt
 
 from .. import lab as labmod
-from ..cliutil import EPILOG
+from ..cliutil import EPILOG, FiniteFloatRange
 from .netns import DELAY_NODES, LinkDelays
 
 PROFILE_CHOICE = click.Choice(sorted(labmod.PROFILES))
@@ -29,7 +29,7 @@ def _lab_id(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 
 
 def delay_options(command: Callable[..., None]) -> Callable[..., None]:
-    seconds = click.FloatRange(0, 10)
+    seconds = FiniteFloatRange(0, 10)
     for name, what in (("--jitter", "Each delayed frame's delay varies by up to this "
                                     "(never more than the link's own delay); order is kept."),
                        ("--delay-broker", "One-way delay (s) between the broker and the router."),
@@ -126,7 +126,7 @@ def down(lab_id: str, everything: bool) -> None:
               help="Profile of host A's NAT.")
 @click.option("--b", "profile_b", type=PROFILE_CHOICE, default="home", show_default=True,
               help="Profile of host B's NAT.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 600), default=10.0,
+@click.option("--timeout", "timeout_s", type=FiniteFloatRange(1, 600), default=10.0,
               show_default=True, help="--timeout given to each punch.")
 @click.option("--id", "lab_id", default=None, callback=_lab_id,
               help="Lab id [default: demo<random>]; the lab is removed at the end anyway.")

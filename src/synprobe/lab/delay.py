@@ -26,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from simulsyn_core.numbers import parse_finite_float
+
 from ..packets.live import ETH_P_ALL, PACKET_OUTGOING  # our own sends come back as OUTGOING
 
 MAX_QUEUED = 4096  # frames waiting per direction; a longer queue drops, as a router would
@@ -107,7 +109,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m synprobe.lab.delay IF1 IF2 DELAY_S JITTER_S", file=sys.stderr)
         return 2
     if1, if2 = argv[0], argv[1]
-    delay_s, jitter_s = float(argv[2]), float(argv[3])
+    delay_s, jitter_s = parse_finite_float(argv[2]), parse_finite_float(argv[3])
     stop = [False]
 
     def on_signal(signum: int, frame: object) -> None:

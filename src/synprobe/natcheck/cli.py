@@ -10,7 +10,7 @@ from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.signals import sigterm_as_interrupt
 
 from .. import state
-from ..cliutil import EPILOG, EndpointType, Reporter
+from ..cliutil import EPILOG, AsciiIntRange, EndpointType, FiniteFloatRange, Reporter
 from . import protocol as P
 from .port_samples import DEFAULT_PORT_SAMPLES, MAX_OPEN, MAX_SAMPLES, RATE_PER_S
 
@@ -39,12 +39,12 @@ def _samples_bar(done: float, total: float) -> None:
 @click.option("--timers", is_flag=True,
               help="Also measure how long a SYN's hole stays open (syn_sent_lifetime_s); "
                    "takes up to --max-wait seconds.")
-@click.option("--max-wait", "max_wait_s", type=click.FloatRange(2, P.MAX_TIMER_WAIT_S),
+@click.option("--max-wait", "max_wait_s", type=FiniteFloatRange(2, P.MAX_TIMER_WAIT_S),
               default=150.0, show_default=True, help="Longest hole lifetime --timers tries.")
 @click.option("--pcap", "pcap", type=click.Path(dir_okay=False, writable=True),
               help="Write every probe packet sent and received to this pcap file (not the "
                    "port samples' connections).")
-@click.option("--port-samples", "port_samples", type=click.IntRange(0, MAX_SAMPLES),
+@click.option("--port-samples", "port_samples", type=AsciiIntRange(0, MAX_SAMPLES),
               default=DEFAULT_PORT_SAMPLES, show_default=True, metavar="K",
               help="When the mapping is endpoint-dependent: open K connections from fresh "
                    f"local ports (at most {RATE_PER_S:.0f}/s, {MAX_OPEN} at once) to learn "

@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from simulsyn_core.numbers import ascii_int
+
 from .. import rawnet
 
 TAG_PREFIX = "synprobe-natcheck"
@@ -156,8 +158,8 @@ class Firewall:
         stale = set()
         for line in tagged_lines(self.listing(), f"{TAG_PREFIX}:client:"):
             tag = comment_of(line)
-            pid_text = tag.rsplit(":", 1)[1]
-            if pid_text.isdigit() and not _alive(int(pid_text)):
+            pid = ascii_int(tag.rsplit(":", 1)[1], max_digits=10)
+            if pid is not None and not _alive(pid):
                 stale.add(tag)
         lines = delete_lines(self.listing(), stale) if stale else []
         self._restore(lines)

@@ -33,6 +33,7 @@ from enum import IntEnum
 from typing import ClassVar
 
 from simulsyn_core.endpoint import Endpoint
+from simulsyn_core.numbers import ascii_int, parse_finite_float, parse_port
 from simulsyn_core.wire import Message, ProtocolError, encode_message
 
 # Port offsets from the port the client reached, on every broker address.
@@ -99,9 +100,10 @@ def unescape_text(word: str) -> str:
 
 def _int(msg: Message, key: str) -> int:
     text = msg.require(key)
-    if not text.isdigit():
+    value = ascii_int(text)
+    if value is None:
         raise ProtocolError(f"{msg.verb} {key}=: bad number {text!r}")
-    return int(text)
+    return value
 
 
 def _endpoint(msg: Message, key: str) -> Endpoint:
@@ -114,9 +116,10 @@ def _endpoint(msg: Message, key: str) -> Endpoint:
 
 def _port(msg: Message, key: str) -> int:
     text = msg.require(key)
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ProtocolError(f"bad port {text!r}")
-    return int(text)
+    try:
+        return parse_port(text)
+    except ValueError:
+        raise ProtocolError(f"bad port {text!r}") from None
 
 
 def parse_ports(text: str | None, limit: int) -> tuple[int, ...]:
@@ -128,9 +131,10 @@ def parse_ports(text: str | None, limit: int) -> tuple[int, ...]:
         raise ValueError(f"at most {limit} values, got {len(parts)}")
     out = []
     for part in parts:
-        if not part.isdigit() or not 1 <= int(part) <= 65535:
-            raise ValueError(f"bad port {part!r}")
-        out.append(int(part))
+        try:
+            out.append(parse_port(part))
+        except ValueError:
+            raise ValueError(f"bad port {part!r}") from None
     return tuple(out)
 
 
@@ -143,7 +147,7 @@ def parse_waits(text: str | None) -> tuple[float, ...]:
     waits = []
     for part in parts:
         try:
-            value = float(part)
+            value = parse_finite_float(part)
         except ValueError:
             raise ValueError(f"bad wait {part!r}") from None
         if not 0 < value <= MAX_TIMER_WAIT_S:

@@ -49,7 +49,7 @@ ICMP6_NAMES = {(1, 0): "no-route", (1, 1): "admin-prohibited", (1, 3): "address-
                (1, 4): "port-unreachable", (3, 0): "hop-limit-exceeded"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     """One TCP segment as captured."""
 
@@ -68,7 +68,7 @@ class Segment:
         return self.flags & flags == flags
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IcmpError:
     """An ICMP(v6) error that quotes a TCP header: who it blames and what it quotes."""
 
@@ -93,7 +93,7 @@ class IcmpError:
 
 
 _ENDPOINTS: dict[tuple[bytes, int], str] = {}
-_ENDPOINTS_MAX = 1 << 16  # a scan's capture has many: start again rather than grow
+_ENDPOINTS_MAX = 1 << 12  # a scan's capture has many: start again rather than grow
 
 
 def _endpoint(ip: bytes, port: int) -> str:
