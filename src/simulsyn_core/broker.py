@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from .birthday import Offer
@@ -33,7 +33,6 @@ from .wire import (
     Message,
     ProtocolError,
     encode_message,
-    encode_seed_list,
     looks_like_rendezvous,
 )
 
@@ -104,6 +103,43 @@ class _StderrWriter:
 stderr_log = _StderrWriter()
 
 
+# A connection's phase: silent so far (the list comes when its timer fires, or at its EOF);
+# a rendezvous client (its timer is the deadline of its next whole line); closed.
+_GRACE, _LINES, _CLOSED = 0, 1, 2
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection: asyncio calls it, the broker decides (Broker._accepted)."""
+
+    __slots__ = ("broker", "conn", "transport", "public", "phase", "deadline", "timer",
+                 "decoder", "messages", "busy")
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.conn = -1  # the connection id, once accepted under the caps
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.public: Endpoint = None  # type: ignore[assignment]
+        self.phase = _GRACE
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.decoder: LineDecoder = None  # type: ignore[assignment]  # once it speaks
+        self.messages: Iterator[Message] | None = None  # the whole lines not handled yet
+        self.busy = False  # a task handles one of its messages (reading is paused)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.broker._open_transports += 1
+        self.broker._accepted(self, transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.broker._received(self, data)
+
+    def eof_received(self) -> None:
+        self.broker._eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broker._lost(self, exc)
+
+
 @dataclass
 class Broker:
     binds: list[Endpoint]
@@ -111,7 +147,7 @@ class Broker:
     seed_grace_s: float = SEED_GRACE_S
     seeds: SeedList = field(default_factory=SeedList)
     sessions: SessionTable = field(default_factory=SessionTable)
-    _writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
+    _conns: dict[int, _Conn] = field(default_factory=dict)  # open, accepted under the caps
     _next_conn: int = 0
     services: dict[str, Service] = field(default_factory=dict)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
@@ -119,23 +155,26 @@ class Broker:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
     sync_hold_s: dict[int, float] = field(default_factory=dict)  # for the log line, then gone
+    _loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+    _open_transports: int = 0
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
 
     def is_open(self, conn: int) -> bool:
-        return conn in self._writers
+        return conn in self._conns
 
     def local_endpoint(self, conn: int) -> Endpoint | None:
         """The broker address and port that connection ``conn`` reached."""
-        writer = self._writers.get(conn)
-        sockname = writer.get_extra_info("sockname") if writer is not None else None
+        c = self._conns.get(conn)
+        sockname = c.transport.get_extra_info("sockname") if c is not None else None
         return Endpoint.from_sockaddr(sockname) if sockname else None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for ep in self.binds:
-            server = await asyncio.start_server(
-                self._handle, ep.ip, ep.port, reuse_address=True, backlog=512)
+            server = await self._loop.create_server(
+                lambda: _Conn(self), ep.ip, ep.port, reuse_address=True, backlog=512)
             self._servers.append(server)
             for sock in server.sockets:
                 self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
@@ -154,15 +193,18 @@ class Broker:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
-        for writer in list(self._writers.values()):
-            writer.close()
-        # Let the handlers finish (they hold the writers), then cancel what is left, so
-        # that asyncio.run() has nothing to cancel and print.
+        for c in list(self._conns.values()):
+            self._close(c)
+        # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
+        # has nothing to cancel and print; and let the transports close.
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_GRACE_S)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        end = time.monotonic() + CLOSE_GRACE_S
+        while self._open_transports > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
@@ -170,8 +212,8 @@ class Broker:
     def rtt(self, conn: int) -> tuple[float, float] | None:
         """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
         (TCP_INFO), None if unknown."""
-        writer = self._writers.get(conn)
-        sock = writer.get_extra_info("socket") if writer is not None else None
+        c = self._conns.get(conn)
+        sock = c.transport.get_extra_info("socket") if c is not None else None
         return tcp_rtt(sock) if sock is not None else None
 
     def _carry_out(self, replies: list[Reply]) -> None:
@@ -189,121 +231,201 @@ class Broker:
                                                                    reply.close)])
                     replies = [r for r in replies if r is not reply]
         for reply in replies:
-            writer = self._writers.get(reply.conn)  # type: ignore[call-overload]
-            if writer is None:
+            c = self._conns.get(reply.conn)  # type: ignore[call-overload]
+            if c is None:
                 continue
-            writer.write(reply.data)
+            c.transport.write(reply.data)
             if reply.close:
-                self._writers.pop(reply.conn, None)  # type: ignore[call-overload]
-                writer.close()
+                self._close(c)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        peername = writer.get_extra_info("peername")
-        sock = writer.get_extra_info("socket")
-        if len(self._writers) >= MAX_CONNECTIONS or sock is None or sock.family != socket.AF_INET:
-            writer.close()  # the original protocol carries IPv4 only; others get nothing
+    def _accepted(self, c: _Conn, transport: asyncio.Transport) -> None:
+        c.transport = transport
+        peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if len(self._conns) >= MAX_CONNECTIONS or sock is None or sock.family != socket.AF_INET:
+            transport.close()  # the original protocol carries IPv4 only; others get nothing
             return
         public = Endpoint.from_sockaddr(peername)
         if self._per_ip.get(public.ip, 0) >= MAX_CONNECTIONS_PER_IP:
-            writer.close()
+            transport.close()
             return
         self._per_ip[public.ip] = self._per_ip.get(public.ip, 0) + 1
         with contextlib.suppress(OSError):
             enable_keepalive(sock, *KEEPALIVE)
         conn = self._next_conn
         self._next_conn += 1
-        self._writers[conn] = writer
-        try:
-            try:
-                first = await asyncio.wait_for(reader.read(LINE_MAX), self.seed_grace_s)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
-                first = b""
-            if not first:
-                entries = self.seeds.visit(public, time.monotonic())
-                writer.write(encode_seed_list(entries))
-                self.log(f"list {public}: {len(entries)} endpoint(s)")
-            elif looks_like_rendezvous(first):
-                await self._rendezvous(conn, public, reader, first)
-            else:
-                self.log(f"closed {public}: sent {len(first)} bytes that are neither protocol")
-        except (ConnectionError, OSError) as exc:
-            self.log(f"connection {public}: {exc.__class__.__name__}: {exc}")
-        except Exception as exc:  # keep serving everyone else whatever one client did
-            self.log(f"connection {public}: internal error {exc!r}")
-        finally:
-            self._carry_out(self.sessions.disconnect(conn))
-            self._writers.pop(conn, None)
-            left = self._per_ip.get(public.ip, 1) - 1
-            if left > 0:
-                self._per_ip[public.ip] = left
-            else:
-                self._per_ip.pop(public.ip, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), WRITE_DRAIN_TIMEOUT_S)
+        c.conn, c.public = conn, public
+        self._conns[conn] = c
+        self._set_deadline(c, self._loop.time() + self.seed_grace_s)
 
-    async def _rendezvous(self, conn: int, public: Endpoint, reader: asyncio.StreamReader,
-                          first: bytes) -> None:
-        decoder = LineDecoder()
-        data = first
-        # Until a whole line has come, a connection gets only a few seconds: one that
-        # trickles bytes cannot hold a slot for the whole session wait.
-        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
-        while conn in self._writers:
-            try:
-                for msg in decoder.feed(data):
-                    deadline = time.monotonic() + self.sessions.wait_max_s + EXPIRE_EVERY_S
-                    service = self.services.get(msg.verb)
-                    if service is not None:
-                        await service(self, conn, public, msg)
-                        continue
-                    if msg.verb == "PRIMED" and self.sessions.priming(conn):
-                        self._carry_out(self.sessions.step(conn, msg.verb))
-                        continue
-                    if msg.verb == "WHOAMI":
-                        self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
-                        # Until it registers, a connection keeps the short first-line bound.
-                        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
-                        continue
-                    if msg.verb != "REGISTER":
-                        raise ProtocolError(f"unexpected {msg.verb} from a client")
-                    session = msg.require("session")
-                    local = msg.endpoint("local") if msg.get("local") else None
-                    offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
-                    unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
-                    if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
-                            conn, session, offered, msg.get("mapping")):
-                        unsolicited = await self._probe_unsolicited(conn, public)
-                        if conn not in self._writers:
-                            return
-                    replies = self.sessions.register(
-                        conn, session, public, local, time.monotonic(), offered,
-                        msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
-                        Offer.parse(msg.get))
-                    self._carry_out(replies)
-                    self._log_replies(public, session, replies)
-            except ProtocolError as exc:
-                self.log(f"bad request from {public}: {exc}")
-                self._carry_out([Reply(conn, encode_message(
-                    "ERROR", code="bad-request", message=str(exc)[:120]), close=True)])
+    # --- a connection's life after accept: no task, no wait_for, one timer -----------------
+    # Whole lines are handled as they come, in the callbacks of the connection's protocol.
+    # A message whose handling waits (a service, a syn probe) goes on in a task; reading
+    # pauses until it is done, so that a connection's messages are handled one at a time.
+
+    def _set_deadline(self, c: _Conn, deadline: float) -> None:
+        c.deadline = deadline
+        # The timer is armed for the earliest deadline only: a later one re-arms it when
+        # it fires (most connections close before their first deadline: one timer each).
+        if c.timer is None or deadline < c.timer.when():
+            if c.timer is not None:
+                c.timer.cancel()
+            c.timer = self._loop.call_at(deadline, self._deadline_passed, c, deadline)
+
+    def _deadline_passed(self, c: _Conn, when: float) -> None:
+        c.timer = None
+        if c.phase == _CLOSED or c.busy:  # a busy connection's deadline is looked at after
+            return
+        if c.deadline > when:  # moved on since the timer was armed
+            self._set_deadline(c, c.deadline)
+        elif c.phase == _GRACE:
+            self._answer_list(c)
+        else:
+            self._close(c)  # no whole line in time: closed without a word
+
+    def _answer_list(self, c: _Conn) -> None:
+        answer = self.seeds.answer(c.public, time.monotonic())
+        c.transport.write(answer)
+        self.log(f"list {c.public}: {answer[0]} endpoint(s)")
+        self._close(c)
+
+    def _received(self, c: _Conn, data: bytes) -> None:
+        if c.phase == _GRACE:
+            if not looks_like_rendezvous(data):
+                self.log(f"closed {c.public}: sent {min(len(data), LINE_MAX)} bytes that are "
+                         "neither protocol")
+                self._close(c)
                 return
-            if conn not in self._writers:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                data = await asyncio.wait_for(reader.read(LINE_MAX), remaining)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
-                return
-            if not data:
-                if conn in self._writers:  # not closed by us after PEER or ERROR
-                    self.log(f"{public} left before its peer came")
-                return
+            c.phase = _LINES
+            c.decoder = LineDecoder()
+            # Until a whole line has come, a connection gets only a few seconds: one that
+            # trickles bytes cannot hold a slot for the whole session wait.
+            self._set_deadline(c, self._loop.time() + FIRST_LINE_TIMEOUT_S)
+        elif c.phase == _CLOSED:
+            return
+        c.messages = c.decoder.feed(data)
+        self._run(c)
+
+    def _eof(self, c: _Conn) -> None:
+        if c.phase == _GRACE:  # silence, then EOF: the list at once
+            self._answer_list(c)
+        elif c.phase == _LINES:  # (reading pauses while busy: no EOF then)
+            self.log(f"{c.public} left before its peer came")
+            self._close(c)
+
+    def _lost(self, c: _Conn, exc: Exception | None) -> None:
+        self._open_transports -= 1
+        if c.phase == _CLOSED or c.conn < 0:
+            return
+        if exc is not None:
+            self.log(f"connection {c.public}: {exc.__class__.__name__}: {exc}")
+        self._close(c)
+
+    def _close(self, c: _Conn) -> None:
+        if c.phase == _CLOSED:
+            return
+        c.phase = _CLOSED
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        c.messages = None
+        self._conns.pop(c.conn, None)
+        self._carry_out(self.sessions.disconnect(c.conn))
+        left = self._per_ip.get(c.public.ip, 1) - 1
+        if left > 0:
+            self._per_ip[c.public.ip] = left
+        else:
+            self._per_ip.pop(c.public.ip, None)
+        c.transport.close()
+
+    def _run(self, c: _Conn) -> None:
+        """Handle the whole lines ``c`` sent, in order, until one has to wait (a task goes
+        on from there) or the connection closes."""
+        try:
+            while c.phase == _LINES and c.messages is not None:
+                msg = next(c.messages, None)
+                if msg is None:
+                    break
+                waits = self._message(c, msg)
+                if waits is not None:
+                    c.busy = True
+                    c.transport.pause_reading()
+                    task = self._loop.create_task(self._resume(c, waits))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return
+        except Exception as exc:
+            self._failed(c, exc)
+            return
+        if c.phase == _LINES:
+            if self._loop.time() >= c.deadline:
+                self._close(c)
+            elif c.timer is None:  # it fired while a task was busy
+                self._set_deadline(c, c.deadline)
+
+    async def _resume(self, c: _Conn, waits: Awaitable[None]) -> None:
+        try:
+            await waits
+        except Exception as exc:
+            self._failed(c, exc)
+        finally:
+            c.busy = False
+        if c.phase == _LINES:
+            c.transport.resume_reading()
+            self._run(c)
+
+    def _failed(self, c: _Conn, exc: Exception) -> None:
+        if isinstance(exc, ProtocolError):
+            self.log(f"bad request from {c.public}: {exc}")
+            self._carry_out([Reply(c.conn, encode_message(
+                "ERROR", code="bad-request", message=str(exc)[:120]), close=True)])
+        elif isinstance(exc, (ConnectionError, OSError)):
+            self.log(f"connection {c.public}: {exc.__class__.__name__}: {exc}")
+        else:  # keep serving everyone else whatever one client did
+            self.log(f"connection {c.public}: internal error {exc!r}")
+        self._close(c)
+
+    def _message(self, c: _Conn, msg: Message) -> Awaitable[None] | None:
+        """Handle one message; an awaitable if the rest of its handling has to wait."""
+        conn, public = c.conn, c.public
+        self._set_deadline(c, self._loop.time() + self.sessions.wait_max_s + EXPIRE_EVERY_S)
+        service = self.services.get(msg.verb)
+        if service is not None:
+            return service(self, conn, public, msg)
+        if msg.verb == "PRIMED" and self.sessions.priming(conn):
+            self._carry_out(self.sessions.step(conn, msg.verb))
+            return None
+        if msg.verb == "WHOAMI":
+            self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
+            # Until it registers, a connection keeps the short first-line bound.
+            self._set_deadline(c, self._loop.time() + FIRST_LINE_TIMEOUT_S)
+            return None
+        if msg.verb != "REGISTER":
+            raise ProtocolError(f"unexpected {msg.verb} from a client")
+        session = msg.require("session")
+        local = msg.endpoint("local") if msg.get("local") else None
+        offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
+        unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
+        if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
+                conn, session, offered, msg.get("mapping")):
+            return self._register_probed(c, msg, session, local, offered)
+        self._register(c, msg, session, local, offered, unsolicited)
+        return None
+
+    async def _register_probed(self, c: _Conn, msg: Message, session: str,
+                               local: Endpoint | None, offered: frozenset[str]) -> None:
+        unsolicited = await self._probe_unsolicited(c.conn, c.public)
+        if c.phase == _LINES:
+            self._register(c, msg, session, local, offered, unsolicited)
+
+    def _register(self, c: _Conn, msg: Message, session: str, local: Endpoint | None,
+                  offered: frozenset[str], unsolicited: str | None) -> None:
+        replies = self.sessions.register(
+            c.conn, session, c.public, local, time.monotonic(), offered,
+            msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
+            Offer.parse(msg.get))
+        self._carry_out(replies)
+        self._log_replies(c.public, session, replies)
 
     async def _probe_unsolicited(self, conn: int, public: Endpoint) -> str | None:
         """One unsolicited SYN to the client's public endpoint, from our address it
