@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .birthday import Offer
 from .endpoint import Endpoint
@@ -46,6 +47,9 @@ EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
 CLOSE_GRACE_S = 2.0  # on stop, connection handlers get this long to finish
 KEEPALIVE = (30, 10, 3)  # idle, interval, count: a waiting client that vanished is noticed
+LISTEN_BACKLOG = 512
+ACCEPT_RETRY_S = 1.0  # out of descriptors: accept again after this long
+READ_MAX = 65536
 # The SYN probe of a registering client (--syn-probe): an answer (RST, ICMP) comes back
 # within one RTT; none within this long means the NAT dropped the SYN.
 SYN_PROBE_MIN_S = 0.1
@@ -108,8 +112,131 @@ stderr_log = _StderrWriter()
 _GRACE, _LINES, _CLOSED = 0, 1, 2
 
 
-class _Conn(asyncio.Protocol):
-    """One client connection: asyncio calls it, the broker decides (Broker._accepted)."""
+class _Transport:
+    """The part of an asyncio transport the broker uses, straight on the non-blocking
+    socket: one selector registration for reading, each write tried at once (a reply fits
+    the socket's buffer; what does not waits for writability), callbacks called directly.
+    (asyncio's own server costs a task and a handful of queued callbacks per connection.)"""
+
+    __slots__ = ("_loop", "_sock", "_fd", "_protocol", "_peername", "_buffer", "_closing",
+                 "_reading", "_writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: _Conn, peername: tuple[str, int]) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._peername = peername
+        self._buffer = bytearray()
+        self._closing = self._reading = self._writing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._sock is None:
+            return default
+        if name == "peername":
+            return self._peername
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        return default
+
+    def start_reading(self) -> None:
+        self.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(READ_MAX)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        if data:
+            self._protocol.data_received(data)
+        else:
+            self.pause_reading()
+            self._protocol.eof_received()
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._sock is None:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._writing = True
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        del self._buffer[:sent]
+        if not self._buffer:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+
+    def close(self) -> None:
+        """Close once what was written has gone (bounded: WRITE_DRAIN_TIMEOUT_S)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.pause_reading()
+        if self._buffer:
+            self._loop.call_later(WRITE_DRAIN_TIMEOUT_S, self._finish, None)
+        else:
+            self._finish(None)
+
+    def _fatal(self, exc: Exception) -> None:
+        self._closing = True
+        self.pause_reading()
+        self._finish(exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._sock is None:
+            return
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        sock, self._sock = self._sock, None
+        sock.close()
+        self._protocol.connection_lost(exc)
+
+
+class _Conn:
+    """One client connection: its transport calls it, the broker decides
+    (Broker._accepted)."""
 
     __slots__ = ("broker", "conn", "transport", "public", "phase", "deadline", "timer",
                  "decoder", "messages", "busy")
@@ -117,7 +244,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.conn = -1  # the connection id, once accepted under the caps
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: _Transport = None  # type: ignore[assignment]
         self.public: Endpoint = None  # type: ignore[assignment]
         self.phase = _GRACE
         self.deadline = 0.0
@@ -126,9 +253,9 @@ class _Conn(asyncio.Protocol):
         self.messages: Iterator[Message] | None = None  # the whole lines not handled yet
         self.busy = False  # a task handles one of its messages (reading is paused)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: _Transport) -> None:
         self.broker._open_transports += 1
-        self.broker._accepted(self, transport)  # type: ignore[arg-type]
+        self.broker._accepted(self, transport)
 
     def data_received(self, data: bytes) -> None:
         self.broker._received(self, data)
@@ -150,7 +277,7 @@ class Broker:
     _conns: dict[int, _Conn] = field(default_factory=dict)  # open, accepted under the caps
     _next_conn: int = 0
     services: dict[str, Service] = field(default_factory=dict)
-    _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _listeners: list[socket.socket] = field(default_factory=list)
     _per_ip: dict[str, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
@@ -173,16 +300,53 @@ class Broker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for ep in self.binds:
-            server = await self._loop.create_server(
-                lambda: _Conn(self), ep.ip, ep.port, reuse_address=True, backlog=512)
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(ep.sockaddr)
+                sock.listen(LISTEN_BACKLOG)
+                # Every accepted connection inherits these (Linux): no syscalls per client.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):
+                    enable_keepalive(sock, *KEEPALIVE)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            self._listeners.append(sock)
+            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
+            self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
 
     @property
     def listening(self) -> list[Endpoint]:
-        return [Endpoint.from_sockaddr(s.getsockname()) for srv in self._servers
-                for s in srv.sockets]
+        return [Endpoint.from_sockaddr(s.getsockname()) for s in self._listeners
+                if s.fileno() >= 0]
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                sock, peername = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: accept nothing for a while (what asyncio's
+                    # servers do), rather than spin on a listener that stays readable.
+                    self.log(f"cannot accept: {exc.strerror or exc}; again in "
+                             f"{ACCEPT_RETRY_S:.0f} s")
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_S, self._accept_again, listener)
+                    return
+                continue  # that one connection failed (ECONNABORTED...): the next
+            sock.setblocking(False)
+            c = _Conn(self)
+            transport = _Transport(self._loop, sock, c, peername)
+            c.connection_made(transport)
+            transport.start_reading()
+
+    def _accept_again(self, listener: socket.socket) -> None:
+        if listener in self._listeners and listener.fileno() >= 0:
+            self._loop.add_reader(listener.fileno(), self._accept_ready, listener)
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -191,8 +355,10 @@ class Broker:
             self._carry_out(self.sessions.expire(time.monotonic()))
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
+        for sock in self._listeners:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
         for c in list(self._conns.values()):
             self._close(c)
         # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
@@ -205,9 +371,6 @@ class Broker:
         end = time.monotonic() + CLOSE_GRACE_S
         while self._open_transports > 0 and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
 
     def rtt(self, conn: int) -> tuple[float, float] | None:
         """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
@@ -238,7 +401,7 @@ class Broker:
             if reply.close:
                 self._close(c)
 
-    def _accepted(self, c: _Conn, transport: asyncio.Transport) -> None:
+    def _accepted(self, c: _Conn, transport: _Transport) -> None:
         c.transport = transport
         peername = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
@@ -250,8 +413,7 @@ class Broker:
             transport.close()
             return
         self._per_ip[public.ip] = self._per_ip.get(public.ip, 0) + 1
-        with contextlib.suppress(OSError):
-            enable_keepalive(sock, *KEEPALIVE)
+        # (keepalive and TCP_NODELAY: inherited from the listener)
         conn = self._next_conn
         self._next_conn += 1
         c.conn, c.public = conn, public
