@@ -328,10 +328,11 @@ def _child(conn: Any, fn: Any, args: tuple[Any, ...]) -> None:
 CHILDREN: list[Any] = []  # every process we started: ended on any exit path
 
 
-def start_broker(argv: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_broker(argv: list[str], log: Path, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], int]:
     with log.open("wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, env=ENV, cwd=ROOT)
+                                stderr=err, env=env or ENV, cwd=ROOT)
     CHILDREN.append(proc)
     end = time.monotonic() + 20
     while time.monotonic() < end and proc.poll() is None:
@@ -438,28 +439,46 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
 # --- the figures ---------------------------------------------------------------------------
 
 def bench_pairs(args: argparse.Namespace, tmp: Path) -> float:
-    proc, port = start_broker(OURS, tmp / "pairs.log")
+    """Pairs at each concurrency level; with --compare, the other tree's broker too, run
+    for run in turn (the same machine load for both), and the ratio."""
+    trees = [("this", ENV)]
+    if args.compare:
+        trees.append(("compare", {**ENV, "PYTHONPATH": str(args.compare.resolve())}))
+    brokers = [(name, *start_broker(OURS, tmp / f"pairs-{name}.log", env))
+               for name, env in trees]
     best = 0.0
     try:
         print(f"pairs (REGISTER x 2 -> PEER x 2), {args.procs} load process(es), "
-              f"{args.window:.0f} s windows, median of {args.reps}:")
-        print(f"  {'in flight':>9} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{args.window:.0f} s windows, median of {args.reps}"
+              + (f"; 'compare': {args.compare}" if args.compare else "") + ":")
+        print(f"  {'in flight':>9} {'broker':>8} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'broker CPU':>11} {'CPU/pair (kernel)':>18} {'load gen CPU':>13} {'failed':>7}")
         for level in args.levels:
-            runs = [load(pair_load, port, level, args.procs, args.warm, args.window, proc.pid,
-                         f"c{level}r{r}") for r in range(args.reps)]
-            rate = med(runs, "rate")
-            best = max(best, rate)
-            print(f"  {level:>9} {rate:>9.0f} {med(runs, 'p50') * 1000:>8.2f} "
-                  f"{med(runs, 'p99') * 1000:>8.2f} {med(runs, 'broker_cpu') * 100:>10.0f}% "
-                  f"{med(runs, 'broker_cpu_per') * 1000:>7.3f}ms "
-                  f"({med(runs, 'broker_sys') * 100:2.0f}% sys) "
-                  f"{med(runs, 'gen_cpu') * 100:>12.0f}% {sum(r['failed'] for r in runs):>7}",
-                  flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in brokers}
+            for r in range(args.reps):
+                for name, proc, port in brokers:
+                    runs[name].append(load(pair_load, port, level, args.procs, args.warm,
+                                           args.window, proc.pid, f"{name[0]}{level}r{r}"))
+            for name, rr in runs.items():
+                rate = med(rr, "rate")
+                if name == "this":
+                    best = max(best, rate)
+                print(f"  {level:>9} {name:>8} {rate:>9.0f} {med(rr, 'p50') * 1000:>8.2f} "
+                      f"{med(rr, 'p99') * 1000:>8.2f} {med(rr, 'broker_cpu') * 100:>10.0f}% "
+                      f"{med(rr, 'broker_cpu_per') * 1000:>7.3f}ms "
+                      f"({med(rr, 'broker_sys') * 100:2.0f}% sys) "
+                      f"{med(rr, 'gen_cpu') * 100:>12.0f}% {sum(x['failed'] for x in rr):>7}",
+                      flush=True)
+            if args.compare:
+                this, other = runs["this"], runs["compare"]
+                print(f"  {'':>9} {'ratio':>8} {med(this, 'rate') / med(other, 'rate'):>8.2f}x"
+                      f"{'':>28} CPU per pair: "
+                      f"{med(other, 'broker_cpu_per') / med(this, 'broker_cpu_per'):.2f}x less")
         print("  (CPU as % of one core; the broker is one process on one core: near 100% it "
               "is the cap, else the load generator or the other core's load is)")
     finally:
-        stop(proc)
+        for _, proc, _ in brokers:
+            stop(proc)
     return best
 
 
@@ -570,11 +589,9 @@ def main() -> int:
                     help="new list clients a second offered to our broker")
     ap.add_argument("--original-clients", type=int, default=32)
     ap.add_argument("--only", choices=("pairs", "list", "rss"))
-    ap.add_argument("--src", type=Path, help="run the broker from this source tree (another "
-                    "version of src/, for a before/after)")
+    ap.add_argument("--compare", type=Path, metavar="SRC", help="pairs: also run the broker "
+                    "of this source tree (another version of src/), run for run in turn")
     args = ap.parse_args()
-    if args.src:
-        ENV["PYTHONPATH"] = str(args.src.resolve())
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the brokers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
