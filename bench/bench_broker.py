@@ -29,6 +29,7 @@ as the original's broker, under 200 MB RSS with 10 000 clients waiting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import multiprocessing as mp
 import os
@@ -38,6 +39,7 @@ import select
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -87,6 +89,15 @@ def _client_socket(src: str) -> socket.socket:
     s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     s.bind((src, 0))
     return s
+
+
+def _abort(s: socket.socket) -> None:
+    """Close a client socket before the broker did with an RST: a FIN would leave it in
+    TIME_WAIT for 60 s, holding its port (in the ephemeral range) against anyone's bind
+    to 0.0.0.0 of that port on this machine."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
 
 
 # --- the load generators (each runs in its own process) ------------------------------------
@@ -141,7 +152,7 @@ def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
             if fd >= 0:
                 socks.pop(fd, None)
                 ep.unregister(fd)
-                s.close()
+                _abort(s)
 
     def fail(pair: list[Any]) -> None:
         nonlocal failed
@@ -225,7 +236,7 @@ def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
     t = os.times()
     cpu_s = t.user + t.system - (cpu0[0] if cpu0 else 0.0)
     for s, _, _ in list(socks.values()):
-        s.close()
+        _abort(s)
     ep.close()
     return {"done": done, "failed": failed, "latencies": latencies, "cpu_s": cpu_s,
             "window_s": time.monotonic() - (cpu0[1] if cpu0 else start)}
@@ -263,7 +274,10 @@ def list_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
         nonlocal done, failed
         s, _, _ = socks.pop(fd)
         ep.unregister(fd)
-        s.close()
+        if ok:
+            s.close()  # after the broker's FIN: no TIME_WAIT on our side
+        else:
+            _abort(s)
         if time.monotonic() >= measure_from:
             if ok:
                 done += 1
@@ -311,7 +325,7 @@ def list_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
     t = os.times()
     cpu_s = t.user + t.system - (cpu0[0] if cpu0 else 0.0)
     for s, _, _ in list(socks.values()):
-        s.close()
+        _abort(s)
     ep.close()
     return {"done": done, "failed": failed, "latencies": [], "cpu_s": cpu_s,
             "window_s": time.monotonic() - (cpu0[1] if cpu0 else start), "opened": opened}
@@ -545,7 +559,7 @@ def hold_waiting(port: int, count: int, deadline_s: float) -> list[socket.socket
         return held
     except BaseException:
         for s in held:
-            s.close()
+            _abort(s)
         raise
     finally:
         ep.close()
@@ -566,7 +580,7 @@ def bench_rss(args: argparse.Namespace, tmp: Path) -> float:
                 full.append(rss_mb(proc.pid))
             finally:
                 for s in held:
-                    s.close()
+                    _abort(s)
         finally:
             stop(proc)
     per_client_kb = (statistics.median(full) - statistics.median(idle)) * 1024 / WAITING_CLIENTS

@@ -94,3 +94,15 @@ def test_one_address_cannot_fill_the_table() -> None:
     assert (msg.get("code"), close) == ("busy", True)
     ((_, msg, _),) = _msgs(table.register("b", "s3", B, None, 0.0))  # others still served
     assert msg.verb == "REGISTERED"
+
+
+def test_seed_list_answer_is_the_encoded_list_and_encoded_once_per_change() -> None:
+    from simulsyn_core.wire import encode_seed_list
+
+    seeds = SeedList()
+    seeds.answer(A, 0.0)
+    seeds.answer(B, 1.0)
+    answer = seeds.answer(C, 2.0)
+    assert answer == encode_seed_list([A, B, C])
+    assert seeds.answer(C, 3.0) is answer  # the same caller again: nothing changed
+    assert seeds.answer(A, 4.0) == encode_seed_list([B, C, A])  # A moves last
