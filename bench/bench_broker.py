@@ -105,8 +105,8 @@ def _abort(s: socket.socket) -> None:
 def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: str,
               src_offset: int) -> dict[str, Any]:
     """Keep ``concurrency`` pairs in flight for warm_s + window_s; what was done in the
-    window. A pair: A connects and registers; once REGISTERED came and B is connected, B
-    registers (t0); done when both got PEER and EOF."""
+    window. A pair: A connects and registers; once REGISTERED came, B connects and
+    registers (t0: B's REGISTER sent); done when both got PEER and EOF."""
     ep = select.epoll()
     srcs = sources(max(64, concurrency // 4), src_offset)  # under the per-address caps
     socks: dict[int, tuple[socket.socket, list[Any], int]] = {}  # fd -> sock, pair, side
@@ -116,57 +116,50 @@ def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
     done = failed = 0
     n = 0
     cpu0: tuple[float, float] | None = None
+    # a pair: [REGISTER line, source address, t0, sides that got PEER (bits), EOFs seen,
+    #          deadline, sockets, closed]
+    LINE, SRC, T0, PEERS, EOFS, DEADLINE, SOCKS, CLOSED = range(8)
+
+    def connect(pair: list[Any], side: int) -> None:
+        """Connect one side and send its REGISTER: on loopback the handshake is usually
+        over when connect() returns; if not, the line goes once the socket is writable."""
+        s = _client_socket(pair[SRC])
+        if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+            s.close()
+            fail(pair)
+            return
+        socks[s.fileno()] = (s, pair, side)
+        pair[SOCKS].append(s)
+        try:
+            send(pair, s, side)
+            ep.register(s.fileno(), select.EPOLLIN)
+        except OSError:
+            ep.register(s.fileno(), select.EPOLLOUT)
+
+    def send(pair: list[Any], s: socket.socket, side: int) -> None:
+        if side == 1:
+            pair[T0] = time.perf_counter()
+        s.send(pair[LINE])
 
     def new_pair() -> None:
         nonlocal n
         n += 1
-        src = srcs[n % len(srcs)]
-        # pair: [session line A, line B, A registered, B connected, t0, peers, eofs,
-        #        deadline, socks, closed]
-        pair: list[Any] = [f"SSYN1 REGISTER session={tag}{n}\n".encode(), None, False, False,
+        pair: list[Any] = [f"SSYN1 REGISTER session={tag}{n}\n".encode(), srcs[n % len(srcs)],
                            0.0, 0, 0, time.monotonic() + PAIR_DEADLINE_S, [], False]
-        pair[1] = pair[0]
-        for side in (0, 1):
-            s = _client_socket(src)
-            err = s.connect_ex(("127.0.0.1", port))
-            if err not in (0, errno.EINPROGRESS):
-                s.close()
-                fail(pair)
-                return
-            socks[s.fileno()] = (s, pair, side)
-            pair[8].append(s)
-            # On loopback the handshake is usually over when connect() returns: A sends
-            # at once, B counts as connected (both fall back to waiting for writability).
-            try:
-                if side == 0:
-                    s.send(pair[0])
-                ep.register(s.fileno(), select.EPOLLIN)
-                pair[3] = pair[3] or side == 1
-            except OSError:
-                ep.register(s.fileno(), select.EPOLLOUT)
+        connect(pair, 0)
 
-    def close_pair(pair: list[Any]) -> None:
-        pair[9] = True
-        for s in pair[8]:
+    def fail(pair: list[Any]) -> None:
+        nonlocal failed
+        if pair[CLOSED]:
+            return
+        pair[CLOSED] = True
+        failed += 1 if time.monotonic() >= measure_from else 0
+        for s in pair[SOCKS]:
             fd = s.fileno()
             if fd >= 0:
                 socks.pop(fd, None)
                 ep.unregister(fd)
                 _abort(s)
-
-    def fail(pair: list[Any]) -> None:
-        nonlocal failed
-        if not pair[9]:
-            failed += 1 if time.monotonic() >= measure_from else 0
-            close_pair(pair)
-
-    def register_b(pair: list[Any]) -> None:
-        pair[4] = time.perf_counter()
-        try:
-            pair[8][1].send(pair[1])
-        except OSError:  # not connected yet after all: when it is
-            pair[3] = False
-            ep.modify(pair[8][1].fileno(), select.EPOLLOUT)
 
     for _ in range(concurrency):
         new_pair()
@@ -181,7 +174,7 @@ def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
         if now - last_sweep > 1.0:  # pairs past their deadline fail (bounded waits)
             last_sweep = now
             for _, pair, _ in list(socks.values()):
-                if now > pair[7]:
+                if now > pair[DEADLINE] and not pair[CLOSED]:
                     fail(pair)
                     new_pair()
         for fd, events in ep.poll(0.2):
@@ -190,48 +183,45 @@ def pair_load(port: int, concurrency: int, warm_s: float, window_s: float, tag: 
                 continue
             s, pair, side = entry
             if events & select.EPOLLOUT:
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                try:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        raise ConnectionError
+                    send(pair, s, side)
+                except OSError:
                     fail(pair)
                     new_pair()
                     continue
                 ep.modify(fd, select.EPOLLIN)
-                if side == 0:
-                    s.send(pair[0])
-                else:
-                    pair[3] = True
-                    if pair[2]:
-                        register_b(pair)
                 continue
             try:
                 data = s.recv(4096)
             except OSError:
                 data = None
-            if data is None or b"ERROR" in data:
-                fail(pair)
+            if data is None or b"ERROR" in data or (data and data[0] != ord("S")):
+                fail(pair)  # (a list answer: a side silent for 1 s, under overload)
                 new_pair()
                 continue
             if data:
-                if side == 0 and not pair[2] and b" REGISTERED " in data:
-                    pair[2] = True
-                    if pair[3]:
-                        register_b(pair)
+                if side == 0 and b" REGISTERED " in data:
+                    connect(pair, 1)
                 if b" PEER " in data:
-                    pair[5] += 1
-                    if pair[5] == 2:
-                        pair[4] = time.perf_counter() - pair[4]
+                    pair[PEERS] |= 1 << side
+                    if pair[PEERS] == 3:
+                        pair[T0] = time.perf_counter() - pair[T0]
                 continue
-            pair[6] += 1
+            if not pair[PEERS] & (1 << side):  # closed before its PEER
+                fail(pair)
+                new_pair()
+                continue
+            pair[EOFS] += 1
             ep.unregister(fd)
             socks.pop(fd, None)
-            s.close()
-            if pair[6] == 2:
-                pair[9] = True
-                if pair[5] == 2:
-                    if time.monotonic() >= measure_from:
-                        done += 1
-                        latencies.append(pair[4])
-                else:
-                    failed += 1
+            s.close()  # after the broker's FIN: no TIME_WAIT on our side
+            if pair[EOFS] == 2:
+                pair[CLOSED] = True
+                if time.monotonic() >= measure_from:
+                    done += 1
+                    latencies.append(pair[T0])
                 new_pair()
     t = os.times()
     cpu_s = t.user + t.system - (cpu0[0] if cpu0 else 0.0)
