@@ -185,3 +185,15 @@ def test_registration_cost_does_not_grow_with_the_table() -> None:
     assert len(table) == 1 and table._per_prefix.max == 1 and len(table._per_ip) == 1
     print(f"16384 registrations in {took:.3f} s")
     assert took < 1.5, f"{took:.2f} s for 16384 registrations"
+
+
+def test_seed_list_answer_is_the_encoded_list_and_encoded_once_per_change() -> None:
+    from simulsyn_core.wire import encode_seed_list
+
+    seeds = SeedList()
+    seeds.answer(A, 0.0)
+    seeds.answer(B, 1.0)
+    answer = seeds.answer(C, 2.0)
+    assert answer == encode_seed_list([A, B, C])
+    assert seeds.answer(C, 3.0) is answer  # the same caller again: nothing changed
+    assert seeds.answer(A, 4.0) == encode_seed_list([B, C, A])  # A moves last

@@ -7,6 +7,7 @@ returned actions, so every rule below is tested without a network.
 from __future__ import annotations
 
 import re
+import socket
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from . import birthday as bday
 from .endpoint import Endpoint
 from .limits import MaxCounter, prefix_of
-from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
+from .wire import SEED_ENTRY, SEED_MAX_ENTRIES, SESSION_RE, decode_seed_list, encode_message
 
 SEED_MAX_AGE_S = 60.0
 NO_OFFER = bday.Offer()
@@ -56,21 +57,46 @@ def key_fields(session: str) -> dict[str, str]:
 
 
 class SeedList:
-    """The original example's answer: the last few endpoints that asked, own entry last."""
+    """The original example's answer: the last few endpoints that asked, own entry last.
+
+    Kept as the answer's own 6-byte entries, oldest first: the caller's entry is last
+    because it has just visited, so every caller's answer is the same bytes (the count,
+    then the entries in order), built with one join whenever the list changed and reused
+    while it did not."""
 
     def __init__(self, max_entries: int = SEED_MAX_ENTRIES, max_age_s: float = SEED_MAX_AGE_S):
         self.max_entries = max_entries
         self.max_age_s = max_age_s
-        self._entries: list[tuple[Endpoint, float]] = []
+        self._entries: OrderedDict[bytes, float] = OrderedDict()  # entry -> its last visit
+        self._answer: bytes | None = None  # the encoded answer, None once the list changed
+
+    def answer(self, endpoint: Endpoint, now: float) -> bytes:
+        """Note the visit of ``endpoint``; the list answer it gets (wire format)."""
+        entries = self._entries
+        entry = SEED_ENTRY.pack(socket.inet_aton(endpoint.ip), endpoint.port)
+        if entry in entries:
+            if next(reversed(entries)) != entry:
+                entries.move_to_end(entry)
+                self._answer = None
+        else:
+            entries[entry] = now
+            self._answer = None
+        entries[entry] = now
+        # Oldest first, so the stale ones are at the front (a visit's time never goes back,
+        # but one that did only keeps an entry longer: they are looked at in order).
+        while entries:
+            oldest = next(iter(entries))
+            if len(entries) <= self.max_entries and now - entries[oldest] <= self.max_age_s:
+                break
+            del entries[oldest]
+            self._answer = None
+        if self._answer is None:
+            self._answer = bytes((len(entries),)) + b"".join(entries)
+        return self._answer
 
     def visit(self, endpoint: Endpoint, now: float) -> list[Endpoint]:
-        self._entries = [
-            (ep, t) for ep, t in self._entries
-            if now - t <= self.max_age_s and ep != endpoint
-        ]
-        self._entries.append((endpoint, now))
-        del self._entries[: -self.max_entries]
-        return [ep for ep, _ in self._entries]
+        """``answer``, decoded."""
+        return decode_seed_list(self.answer(endpoint, now))
 
 
 @dataclass(frozen=True)
