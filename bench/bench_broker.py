@@ -623,6 +623,7 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the brokers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started ignoring it
     missed = []
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (shared: medians)")
     try:
@@ -642,6 +643,9 @@ def main() -> int:
                 rss = bench_rss(args, tmp)
                 if rss >= TARGET_RSS_MB:
                     missed.append(f"RSS {rss:.0f} MB >= {TARGET_RSS_MB:.0f} MB")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         for child in CHILDREN:
             if isinstance(child, subprocess.Popen):
