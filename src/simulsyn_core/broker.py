@@ -229,11 +229,14 @@ class _Transport:
         except OSError as exc:
             self._fatal(exc)
             return
-        if data:
-            self._protocol.data_received(data)
-        else:
-            self._protocol.eof_received()
-            self.close()
+        try:
+            if data:
+                self._protocol.data_received(data)
+            else:
+                self._protocol.eof_received()
+                self.close()
+        except Exception as exc:  # a bug: this connection goes (as asyncio's transports do)
+            self._fatal(exc)
 
     def write(self, data: bytes) -> None:
         if self._closing or self._sock is None:
