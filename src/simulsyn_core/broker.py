@@ -281,11 +281,14 @@ class _Transport:
         except OSError as exc:
             self._fatal(exc)
             return
-        if data:
-            self._protocol.data_received(data)
-        else:
-            self._protocol.eof_received()
-            self.close()
+        try:
+            if data:
+                self._protocol.data_received(data)
+            else:
+                self._protocol.eof_received()
+                self.close()
+        except Exception as exc:  # a bug: this connection goes (as asyncio's transports do)
+            self._fatal(exc)
 
     def write(self, data: bytes) -> None:
         if self._closing or self._sock is None:
@@ -409,6 +412,8 @@ class Broker:
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
     sync_hold_s: dict[int, float] = field(default_factory=dict)  # for the log line, then gone
     _loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+    _silent: collections.deque[_Conn] = field(default_factory=collections.deque)
+    _grace_timer: asyncio.TimerHandle | None = None
     _readers: _Readers = None  # type: ignore[assignment]  # set by start()
     _open_transports: int = 0
     _closes_taken: bool = False  # this accept batch looked at the waiting reads already
@@ -530,6 +535,10 @@ class Broker:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
                 sock.close()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        self._silent.clear()
         for c in list(self._clients.values()):
             self._close(c)
         # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
@@ -580,7 +589,11 @@ class Broker:
         self._open_transports += 1
         # (keepalive and TCP_NODELAY: inherited from the listener)
         self._clients[c.conn] = c
-        self._set_deadline(c, self._loop.time() + self.seed_grace_s)
+        # Its grace ends after every earlier client's: one timer for all (_grace_over).
+        c.deadline = self._loop.time() + self.seed_grace_s
+        self._silent.append(c)
+        if self._grace_timer is None:
+            self._grace_timer = self._loop.call_at(c.deadline, self._grace_over)
 
     # --- a connection's life after accept: no task, no wait_for, one timer -----------------
     # Whole lines are handled as they come, in the callbacks of the connection's protocol.
@@ -602,10 +615,27 @@ class Broker:
             return
         if c.deadline > when:  # moved on since the timer was armed
             self._set_deadline(c, c.deadline)
-        elif c.phase == _GRACE:
-            self._answer_list(c)
         else:
             self._close(c)  # no whole line in time: closed without a word
+
+    def _grace_over(self) -> None:
+        """The clients whose SEED_GRACE_S has passed in silence get the list. They are
+        queued in the order they came, which is the order their grace ends, so one timer
+        (for the first) serves them all: with thousands of silent clients, a timer each
+        cost a heap of thousands of timers, sifted in Python at every answer."""
+        self._grace_timer = None
+        now = self._loop.time()
+        silent = self._silent
+        while silent:
+            c = silent[0]
+            if c.phase != _GRACE:  # spoke (or closed) meanwhile
+                silent.popleft()
+            elif c.deadline <= now:
+                silent.popleft()
+                self._answer_list(c)
+            else:
+                self._grace_timer = self._loop.call_at(c.deadline, self._grace_over)
+                return
 
     def _answer_list(self, c: _Conn) -> None:
         answer = self.seeds.answer(c.public, time.monotonic())

@@ -6,6 +6,7 @@ returned actions, so every rule below is tested without a network.
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 from collections import OrderedDict
@@ -59,39 +60,46 @@ def key_fields(session: str) -> dict[str, str]:
 class SeedList:
     """The original example's answer: the last few endpoints that asked, own entry last.
 
-    Kept as the answer's own 6-byte entries, oldest first: the caller's entry is last
-    because it has just visited, so every caller's answer is the same bytes (the count,
-    then the entries in order), built with one join whenever the list changed and reused
-    while it did not."""
+    Kept as the answer's own bytes: the caller's entry is last because it has just
+    visited, so every caller's answer is the same bytes (the count, then the 6-byte
+    entries in order). A visit edits them where the list changed (the caller's entry
+    moved or added at the end, the oldest cut at the front), and nothing is encoded
+    again; a caller that asks twice in a row gets the very same bytes."""
 
     def __init__(self, max_entries: int = SEED_MAX_ENTRIES, max_age_s: float = SEED_MAX_AGE_S):
         self.max_entries = max_entries
         self.max_age_s = max_age_s
-        self._entries: OrderedDict[bytes, float] = OrderedDict()  # entry -> its last visit
-        self._answer: bytes | None = None  # the encoded answer, None once the list changed
+        self._entries: dict[bytes, float] = {}  # entry -> its last visit, oldest first
+        self._body = b""  # the entries, in that order
+        self._answer = b"\x00"
 
     def answer(self, endpoint: Endpoint, now: float) -> bytes:
         """Note the visit of ``endpoint``; the list answer it gets (wire format)."""
-        entries = self._entries
+        entries, size = self._entries, SEED_ENTRY.size
         entry = SEED_ENTRY.pack(socket.inet_aton(endpoint.ip), endpoint.port)
-        if entry in entries:
-            if next(reversed(entries)) != entry:
-                entries.move_to_end(entry)
-                self._answer = None
-        else:
-            entries[entry] = now
-            self._answer = None
+        body = self._body
+        if entries.pop(entry, None) is None:
+            body += entry
+        elif body[-size:] != entry:
+            pos = body.find(entry)
+            while pos % size:  # a match across two entries: the aligned one is further
+                pos = body.find(entry, pos + 1)
+            body = body[:pos] + body[pos + size:] + entry
         entries[entry] = now
         # Oldest first, so the stale ones are at the front (a visit's time never goes back,
         # but one that did only keeps an entry longer: they are looked at in order).
-        while entries:
-            oldest = next(iter(entries))
-            if len(entries) <= self.max_entries and now - entries[oldest] <= self.max_age_s:
+        cut = 0
+        for seen in entries.values():
+            if len(entries) - cut <= self.max_entries and now - seen <= self.max_age_s:
                 break
-            del entries[oldest]
-            self._answer = None
-        if self._answer is None:
-            self._answer = bytes((len(entries),)) + b"".join(entries)
+            cut += 1
+        if cut:
+            for oldest in list(itertools.islice(entries, cut)):
+                del entries[oldest]
+            body = body[cut * size:]
+        if body is not self._body:
+            self._body = body
+            self._answer = bytes((len(entries),)) + body
         return self._answer
 
     def visit(self, endpoint: Endpoint, now: float) -> list[Endpoint]:
