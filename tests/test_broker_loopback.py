@@ -190,3 +190,31 @@ def test_a_stderr_nobody_reads_does_not_stall_the_broker() -> None:
         with client:
             assert read_line(client).startswith(b"SSYN1 REGISTERED session=still")
         assert proc.poll() is None
+
+
+def test_a_silent_client_that_half_closes_gets_the_list_at_once() -> None:
+    with loopback_broker() as (_, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            start = time.monotonic()
+            s.shutdown(socket.SHUT_WR)  # EOF before a byte: no need to wait the 1 s
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            took = time.monotonic() - start
+    assert len(decode_seed_list(data)) == 1
+    assert took < 0.9, took
+
+
+def test_lines_after_a_probed_register_wait_their_turn() -> None:
+    """With --syn-probe, REGISTER waits for the probe; a line sent behind it in the same
+    segment is answered after REGISTERED, not before."""
+    with loopback_broker("--syn-probe") as (proc, port):
+        first = _line_client(port, b"SSYN1 REGISTER session=probed strategies=order\n"
+                                   b"SSYN1 WHOAMI\n")
+        with first:
+            assert read_line(first).startswith(b"SSYN1 REGISTERED session=probed")
+            assert read_line(first).startswith(b"SSYN1 YOUARE public=127.0.0.1:")
+            with _line_client(port, b"SSYN1 REGISTER session=probed\n") as second:
+                assert read_line(second).startswith(b"SSYN1 PEER session=probed")
+            assert read_line(first).startswith(b"SSYN1 PEER session=probed")
+        assert proc.poll() is None

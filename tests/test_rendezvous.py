@@ -185,3 +185,37 @@ def test_registration_cost_does_not_grow_with_the_table() -> None:
     assert len(table) == 1 and table._per_prefix.max == 1 and len(table._per_ip) == 1
     print(f"16384 registrations in {took:.3f} s")
     assert took < 1.5, f"{took:.2f} s for 16384 registrations"
+
+
+def test_seed_list_answer_is_the_encoded_list_and_encoded_once_per_change() -> None:
+    from simulsyn_core.wire import encode_seed_list
+
+    seeds = SeedList()
+    seeds.answer(A, 0.0)
+    seeds.answer(B, 1.0)
+    answer = seeds.answer(C, 2.0)
+    assert answer == encode_seed_list([A, B, C])
+    assert seeds.answer(C, 3.0) is answer  # the same caller again: nothing changed
+    assert seeds.answer(A, 4.0) == encode_seed_list([B, C, A])  # A moves last
+
+
+def test_seed_list_answers_as_the_rule_says_whatever_the_visits() -> None:
+    """Against the rule written plainly (the last max_entries endpoints of the last
+    max_age_s, no duplicate, the caller last), on random visits; ports such as 256 and
+    2570 make an entry's bytes also appear across two neighbours."""
+    import random
+
+    from simulsyn_core.wire import encode_seed_list
+
+    rng = random.Random(11)
+    for _ in range(20):
+        max_entries, max_age_s = rng.choice([1, 3, 10, 255]), rng.choice([0.5, 5.0, 60.0])
+        seeds, plain, now = SeedList(max_entries, max_age_s), [], 0.0
+        pool = [Endpoint(f"10.0.{rng.randrange(3)}.{rng.randrange(1, 4)}",
+                         rng.choice([1, 256, 257, 2570, 65535])) for _ in range(40)]
+        for _ in range(300):
+            now += rng.choice([0.0, 0.01, 0.3, 2.0])
+            ep = rng.choice(pool)
+            plain = [(e, t) for e, t in plain if now - t <= max_age_s and e != ep]
+            plain = (plain + [(ep, now)])[-max_entries:]
+            assert seeds.answer(ep, now) == encode_seed_list([e for e, _ in plain])

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import errno
 import ipaddress
-import queue
 import resource
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,6 @@ from .wire import (
     Message,
     ProtocolError,
     encode_message,
-    encode_seed_list,
     looks_like_rendezvous,
 )
 
@@ -76,16 +76,19 @@ LOG_EVERY_S = 10.0  # one log line per offender (and per kind of loop error) thi
 # flood of connects a short queue overflows and a newcomer's SYN is dropped, costing it a
 # 1 s retransmission before the broker even sees it.
 BACKLOG = 4096
-# The broker accepts itself (not asyncio's Server): each connection is admitted or
+# The broker accepts itself, in batches (_accept_ready): each connection is admitted or
 # refused (closed at once, its descriptor freed) right after accept(), before any
-# transport or task is made for it. asyncio's server accepts a batch, and refuses only a
-# few loop turns later in the handler: under a flood at the cap the batches in flight
-# overshot the open-file limit (EMFILE, accept paused 1 s at a time). asyncio still
-# closes a descriptor one loop turn after close(): an eviction frees its slot at once but
-# its descriptor a turn later. So a loop turn accepts at most ACCEPT_BATCH connections and
-# evicts at most EVICT_PER_TURN (the rest of the queue waits for the next turn): the
-# descriptors over the cap stay well under FD_RESERVE, and the loop turns to the other
-# clients in between.
+# transport is made for it; it is counted out (Broker._release) only once its descriptor
+# is closed (_Transport._finish), so the connections counted in bound the descriptors
+# open and the cap stays under the open-file limit. (asyncio's server refused only a few
+# loop turns later, and closed a descriptor a turn after close(): under a flood at the
+# cap the batches in flight overshot the open-file limit, EMFILE paused accept 1 s at a
+# time.) A loop turn accepts at most ACCEPT_BATCH connections and evicts at most
+# EVICT_PER_TURN (an evicted connection's descriptor is closed at once: _Transport.abort),
+# the rest of the queue waits for the next turn, so the loop turns to the other clients
+# in between. Before a refusal or an eviction, the reads already waiting are taken in
+# once a batch (Broker._admit): a slot freed by a client that just closed goes to the
+# newcomer behind it.
 ACCEPT_BATCH = 64
 EVICT_PER_TURN = 16
 ACCEPT_RETRY_S = 1.0  # after EMFILE/ENFILE/ENOBUFS/ENOMEM, as asyncio's own server
@@ -94,6 +97,7 @@ EXPIRE_EVERY_S = 5.0
 WRITE_DRAIN_TIMEOUT_S = 5.0
 CLOSE_GRACE_S = 2.0  # on stop, connection handlers get this long to finish
 KEEPALIVE = (30, 10, 3)  # idle, interval, count: a waiting client that vanished is noticed
+READ_MAX = 65536
 # The SYN probe of a registering client (--syn-probe): an answer (RST, ICMP) comes back
 # within one RTT; none within this long means the NAT dropped the SYN.
 SYN_PROBE_MIN_S = 0.1
@@ -108,56 +112,284 @@ Service = Callable[["Broker", int, Endpoint, Message], Awaitable[None]]
 
 
 LOG_QUEUE_MAX = 10000  # log lines waiting for stderr; past it they are counted, not kept
+LOG_BATCH_S = 0.02  # the writer thread writes at most this often
 
 
 class _StderrWriter:
-    """Log lines go through a bounded queue to a writer thread, so a slow or stuck
+    """Log lines go through a bounded buffer to a writer thread, so a slow or stuck
     stderr (a pipe nobody reads) never blocks the event loop; lines that do not fit
-    are counted and the count is written once stderr drains."""
+    are counted and the count is written once stderr drains.
+
+    The thread writes what has piled up in one write, at most every ``LOG_BATCH_S``:
+    waking it is a GIL hand-over, and once per line that was a fifth of the broker's
+    time when it paired 1,500 pairs a second (bench/bench_broker.py)."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[str] = queue.Queue(LOG_QUEUE_MAX)
+        self._lines: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._writing = False
         self._dropped = 0
         self._thread: threading.Thread | None = None
+        self._second = -1  # the second that self._hms shows
+        self._hms = ""
 
     def __call__(self, line: str) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="log", daemon=True)
             self._thread.start()
             atexit.register(self.flush)  # the last lines (e.g. "stopped") get written
-        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
-        try:
-            self._queue.put_nowait(f"{stamp} {line}")
-        except queue.Full:
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._hms = time.strftime("%H:%M:%S", time.localtime(self._second))
+        if len(self._lines) >= LOG_QUEUE_MAX:
             self._dropped += 1
+            return
+        self._lines.append(f"{self._hms}.{int(now * 1000) % 1000:03d} {line}")
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _run(self) -> None:
         while True:
-            line = self._queue.get()
+            self._wake.wait()
+            self._wake.clear()
+            self._writing = True
+            batch = []
+            while self._lines:
+                batch.append(self._lines.popleft())
             if self._dropped:
                 dropped, self._dropped = self._dropped, 0
-                line = f"{line}\n(log: {dropped} line(s) dropped while stderr was full)"
+                batch.append(f"(log: {dropped} line(s) dropped while stderr was full)")
             with contextlib.suppress(OSError, ValueError):
-                print(line, file=sys.stderr, flush=True)
-            self._queue.task_done()
+                sys.stderr.write("\n".join(batch) + "\n")
+                sys.stderr.flush()
+            self._writing = False
+            time.sleep(LOG_BATCH_S)
 
     def flush(self, timeout_s: float = 2.0) -> None:
-        """Wait (bounded) until the queued lines are written."""
+        """Wait (bounded) until the lines given are written."""
         end = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < end:
+        while (self._lines or self._writing) and time.monotonic() < end:
             time.sleep(0.01)
 
 
 stderr_log = _StderrWriter()
 
 
-@dataclass
-class _Conn:
-    """What the broker's limits know of one open connection."""
+# A connection's phase: silent so far (the list comes when its timer fires, or at its EOF);
+# a rendezvous client (its timer is the deadline of its next whole line); closed.
+_GRACE, _LINES, _CLOSED = 0, 1, 2
 
-    ip: str
-    prefix: str
-    rendezvous: bool = False  # it began a rendezvous line (an eviction is told so)
+
+class _Readers:
+    """The client sockets' reading, on one epoll of ours that the event loop watches as a
+    single reader: watching a socket is one epoll_ctl (asyncio's add_reader and
+    remove_reader cost some 10 us of Python per connection: a tenth of the broker's time
+    when it pairs), and a socket that closes leaves the set by itself (Linux drops a
+    closed descriptor from an epoll set). Without epoll, the loop's add_reader."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        if self._epoll is not None:
+            loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        if self._epoll is None:
+            self._loop.add_reader(fd, callback)
+            return
+        self._epoll.register(fd, select.EPOLLIN)
+        self._callbacks[fd] = callback
+
+    def unwatch(self, fd: int, closing: bool = False) -> None:
+        """Stop reading ``fd``; ``closing``: it is closed next (nothing to tell epoll)."""
+        if self._epoll is None:
+            self._loop.remove_reader(fd)
+        elif self._callbacks.pop(fd, None) is not None and not closing:
+            self._epoll.unregister(fd)
+
+    def ready_now(self) -> None:
+        """Handle what is readable already (before the loop's next turn would)."""
+        if self._epoll is not None:
+            self._ready()
+
+    def _ready(self) -> None:
+        for fd, _ in self._epoll.poll(0):  # type: ignore[union-attr]
+            callback = self._callbacks.get(fd)
+            if callback is not None:  # (not closed by an earlier one of this batch)
+                callback()
+
+    def close(self) -> None:
+        if self._epoll is not None and not self._epoll.closed:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+
+
+class _Transport:
+    """The part of an asyncio transport the broker uses, straight on the non-blocking
+    socket: reading watched by _Readers, each write tried at once (a reply fits the
+    socket's buffer; what does not waits for writability), callbacks called directly.
+    (asyncio's own server costs a task and a handful of queued callbacks per connection.)"""
+
+    __slots__ = ("_loop", "_readers", "_sock", "_fd", "_protocol", "_peername", "_buffer",
+                 "_closing", "_reading", "_writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, readers: _Readers, sock: socket.socket,
+                 protocol: _Conn, peername: tuple[str, int]) -> None:
+        self._loop = loop
+        self._readers = readers
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._peername = peername
+        self._buffer = bytearray()
+        self._closing = self._reading = self._writing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._sock is None:
+            return default
+        if name == "peername":
+            return self._peername
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        return default
+
+    def start_reading(self) -> None:
+        self.resume_reading()
+
+    def pause_reading(self, closing: bool = False) -> None:
+        if self._reading:
+            self._reading = False
+            self._readers.unwatch(self._fd, closing)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._readers.watch(self._fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(READ_MAX)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        try:
+            if data:
+                self._protocol.data_received(data)
+            else:
+                self._protocol.eof_received()
+                self.close()
+        except Exception as exc:  # a bug: this connection goes (as asyncio's transports do)
+            self._fatal(exc)
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._sock is None:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._writing = True
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+
+    def _write_ready(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        del self._buffer[:sent]
+        if not self._buffer:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+
+    def close(self) -> None:
+        """Close once what was written has gone (bounded: WRITE_DRAIN_TIMEOUT_S)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._buffer:
+            self.pause_reading()
+            self._loop.call_later(WRITE_DRAIN_TIMEOUT_S, self._finish, None)
+        else:
+            self._finish(None)
+
+    def abort(self) -> None:
+        """Close now, whatever is still unsent (an eviction: its slot and its descriptor
+        are free at once)."""
+        self._closing = True
+        self._finish(None)
+
+    def _fatal(self, exc: Exception) -> None:
+        self._closing = True
+        self._finish(exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._sock is None:
+            return
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        self.pause_reading(closing=True)
+        sock, self._sock = self._sock, None
+        sock.close()
+        self._protocol.connection_lost(exc)
+
+
+class _Conn:
+    """One client connection, admitted under the caps (Broker._admit): its transport
+    calls it, the broker decides. What the limits know of it too: its address's network,
+    and whether it began a rendezvous line (an eviction is told so)."""
+
+    __slots__ = ("broker", "conn", "transport", "public", "prefix", "rendezvous", "phase",
+                 "deadline", "timer", "decoder", "messages", "busy")
+
+    def __init__(self, broker: Broker, conn: int, public: Endpoint, prefix: str) -> None:
+        self.broker = broker
+        self.conn = conn  # the connection id
+        self.transport: _Transport = None  # type: ignore[assignment]
+        self.public = public
+        self.prefix = prefix
+        self.rendezvous = False
+        self.phase = _GRACE
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.decoder: LineDecoder = None  # type: ignore[assignment]  # once it speaks
+        self.messages: Iterator[Message] | None = None  # the whole lines not handled yet
+        self.busy = False  # a task handles one of its messages (reading is paused)
+
+    def connection_made(self, transport: _Transport) -> None:
+        self.broker._accepted(self, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.broker._received(self, data)
+
+    def eof_received(self) -> None:
+        self.broker._eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broker._lost(self, exc)
 
 
 def _buckets(rate: tuple[float, float]) -> TokenBuckets:
@@ -171,14 +403,20 @@ class Broker:
     seed_grace_s: float = SEED_GRACE_S
     seeds: SeedList = field(default_factory=SeedList)
     sessions: SessionTable = field(default_factory=SessionTable)
-    _writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
+    _clients: dict[int, _Conn] = field(default_factory=dict)  # open: replies go to these
     _next_conn: int = 0
     services: dict[str, Service] = field(default_factory=dict)
-    _servers: list[socket.socket] = field(default_factory=list)  # the listening sockets
+    _listeners: list[socket.socket] = field(default_factory=list)
     _per_ip: dict[str, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     syn_probe: bool = False  # probe each registering client's NAT with one unsolicited SYN
     sync_hold_s: dict[int, float] = field(default_factory=dict)  # for the log line, then gone
+    _loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
+    _silent: collections.deque[_Conn] = field(default_factory=collections.deque)
+    _grace_timer: asyncio.TimerHandle | None = None
+    _readers: _Readers = None  # type: ignore[assignment]  # set by start()
+    _open_transports: int = 0
+    _closes_taken: bool = False  # this accept batch looked at the waiting reads already
     # The limits (README "Broker limits"); max_connections is lowered at start() to what
     # the open-file limit leaves.
     max_connections: int = MAX_CONNECTIONS
@@ -186,7 +424,9 @@ class Broker:
     max_connections_per_prefix: int = MAX_CONNECTIONS_PER_PREFIX
     rate_per_ip: TokenBuckets = field(default_factory=lambda: _buckets(RATE_PER_IP))
     rate_per_prefix: TokenBuckets = field(default_factory=lambda: _buckets(RATE_PER_PREFIX))
-    _conns: dict[int, _Conn] = field(default_factory=dict)  # every connection accepted
+    # Every connection counted in: admitted, its descriptor not closed yet (one closing
+    # after its last reply is no longer in _clients, but still here).
+    _conns: dict[int, _Conn] = field(default_factory=dict)
     _conns_per_prefix: MaxCounter = field(default_factory=MaxCounter)
     # Per prefix, its idle connections (evictable), oldest first.
     _idle: dict[str, OrderedDict[int, None]] = field(default_factory=dict)
@@ -198,16 +438,17 @@ class Broker:
         self._carry_out([Reply(conn, data, close)])
 
     def is_open(self, conn: int) -> bool:
-        return conn in self._writers
+        return conn in self._clients
 
     def local_endpoint(self, conn: int) -> Endpoint | None:
         """The broker address and port that connection ``conn`` reached."""
-        writer = self._writers.get(conn)
-        sockname = writer.get_extra_info("sockname") if writer is not None else None
+        c = self._clients.get(conn)
+        sockname = c.transport.get_extra_info("sockname") if c is not None else None
         return Endpoint.from_sockaddr(sockname) if sockname else None
 
     async def start(self) -> None:
-        asyncio.get_running_loop().set_exception_handler(self._loop_error)
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(self._loop_error)
         soft, hard, before = raise_nofile_limit()
         budget = MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE)
         if budget < self.max_connections:
@@ -215,79 +456,73 @@ class Broker:
         raised = f"raised from {before} to {soft}" if soft != before else f"{soft}"
         self.log(f"open files: soft limit {raised} (hard {hard}): serving at most "
                  f"{self.max_connections} connections ({FD_RESERVE} descriptors kept back)")
-        loop = asyncio.get_running_loop()
+        self._readers = _Readers(self._loop)
         for ep in self.binds:
             family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
             sock = socket.create_server((ep.ip, ep.port), family=family, backlog=BACKLOG)
-            sock.setblocking(False)
-            self._servers.append(sock)
-            loop.add_reader(sock.fileno(), self._accept, sock)
+            try:
+                # Every accepted connection inherits these (Linux): no syscalls per client.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):
+                    enable_keepalive(sock, *KEEPALIVE)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            self._listeners.append(sock)
+            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
             self.log(f"listening on {Endpoint.from_sockaddr(sock.getsockname())}")
 
     @property
     def listening(self) -> list[Endpoint]:
-        return [Endpoint.from_sockaddr(s.getsockname()) for s in self._servers
+        return [Endpoint.from_sockaddr(s.getsockname()) for s in self._listeners
                 if s.fileno() >= 0]
 
-    def _accept(self, listener: socket.socket) -> None:
-        """Accept what is waiting (ACCEPT_BATCH at most); admit each connection or close
-        it at once (the limits: ``_admit``)."""
-        loop = asyncio.get_running_loop()
+    def _accept_ready(self, listener: socket.socket) -> None:
+        """Accept what is waiting (ACCEPT_BATCH at most, EVICT_PER_TURN evictions at
+        most); admit each connection (the limits: ``_admit``) and make its transport, or
+        close it at once."""
         evicted = self.stats["evicted"]
+        self._closes_taken = False
         for _ in range(ACCEPT_BATCH):
             if self.stats["evicted"] - evicted >= EVICT_PER_TURN:
                 return
             try:
-                sock, addr = listener.accept()
+                sock, peername = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
-                continue
+                continue  # that one connection failed: the next
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    loop.remove_reader(listener.fileno())
-                    loop.call_later(ACCEPT_RETRY_S, self._resume_accept, listener)
-                self._loop_error(loop, {"message": "socket.accept() out of system resource"
-                                        if exc.errno == errno.EMFILE else "accept() failed",
-                                        "exception": exc})
+                    # Out of descriptors or memory: accept nothing for a while (what asyncio's
+                    # servers do), rather than spin on a listener that stays readable.
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_S, self._accept_again, listener)
+                self._loop_error(self._loop, {
+                    "message": "socket.accept() out of system resource"
+                    if exc.errno == errno.EMFILE else "accept() failed", "exception": exc})
                 return
             # The original protocol carries IPv4 only; others get nothing.
-            conn = self._next_conn
-            if sock.family != socket.AF_INET or not self._admit(conn, addr[0]):
+            if sock.family != socket.AF_INET:
                 sock.close()
                 continue
-            self._next_conn += 1
-            task = loop.create_task(self._serve(conn, sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def _resume_accept(self, listener: socket.socket) -> None:
-        if listener.fileno() >= 0:
-            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
-
-    async def _serve(self, conn: int, sock: socket.socket) -> None:
-        """Streams for an admitted connection, then ``_handle``."""
-        loop = asyncio.get_running_loop()
-        try:
+            prefix = prefix_of(peername[0])
+            if not self._admit(peername[0], prefix):
+                sock.close()
+                continue
             sock.setblocking(False)
-            reader = asyncio.StreamReader(loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
-        except asyncio.CancelledError:  # the broker stops
-            self._release(conn)
-            sock.close()
-            raise
-        except (OSError, RuntimeError) as exc:
-            self._release(conn)
-            sock.close()
-            self._log_offender(("serve", exc.__class__.__name__), f"connection lost at accept: "
-                                                                  f"{exc!r}")
-            return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        if conn not in self._conns:  # evicted before it started (the broker was full)
-            writer.close()
-            return
-        await self._handle(conn, reader, writer)
+            conn = self._next_conn
+            self._next_conn += 1
+            c = _Conn(self, conn, Endpoint.from_sockaddr(peername), prefix)
+            self._count_in(c)
+            transport = _Transport(self._loop, self._readers, sock, c, peername)
+            c.connection_made(transport)
+            transport.start_reading()
+
+    def _accept_again(self, listener: socket.socket) -> None:
+        if listener in self._listeners and listener.fileno() >= 0:
+            self._loop.add_reader(listener.fileno(), self._accept_ready, listener)
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -296,26 +531,34 @@ class Broker:
             self._carry_out(self.sessions.expire(time.monotonic()))
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for listener in self._servers:
-            if listener.fileno() >= 0:
-                loop.remove_reader(listener.fileno())
-                listener.close()
-        for writer in list(self._writers.values()):
-            writer.close()
-        # Let the handlers finish (they hold the writers), then cancel what is left, so
-        # that asyncio.run() has nothing to cancel and print.
+        for sock in self._listeners:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        self._silent.clear()
+        for c in list(self._clients.values()):
+            self._close(c)
+        # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
+        # has nothing to cancel and print; and let the transports close.
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_GRACE_S)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        end = time.monotonic() + CLOSE_GRACE_S
+        while self._open_transports > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self._readers is not None:
+            self._readers.close()
 
     def rtt(self, conn: int) -> tuple[float, float] | None:
         """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
         (TCP_INFO), None if unknown."""
-        writer = self._writers.get(conn)
-        sock = writer.get_extra_info("socket") if writer is not None else None
+        c = self._clients.get(conn)
+        sock = c.transport.get_extra_info("socket") if c is not None else None
         return tcp_rtt(sock) if sock is not None else None
 
     def _carry_out(self, replies: list[Reply]) -> None:
@@ -333,156 +576,267 @@ class Broker:
                                                                    reply.close)])
                     replies = [r for r in replies if r is not reply]
         for reply in replies:
-            writer = self._writers.get(reply.conn)  # type: ignore[call-overload]
-            if writer is None:
+            c = self._clients.get(reply.conn)  # type: ignore[call-overload]
+            if c is None:
                 continue
-            writer.write(reply.data)
+            c.transport.write(reply.data)
             if reply.close:
-                self._writers.pop(reply.conn, None)  # type: ignore[call-overload]
-                writer.close()
+                self._close(c)
 
-    async def _handle(self, conn: int, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        sock = writer.get_extra_info("socket")
-        if sock is None or not peername:
-            self._release(conn)
-            writer.close()
+    def _accepted(self, c: _Conn, transport: _Transport) -> None:
+        """An admitted connection's transport is made (counted in by _accept_ready)."""
+        c.transport = transport
+        self._open_transports += 1
+        # (keepalive and TCP_NODELAY: inherited from the listener)
+        self._clients[c.conn] = c
+        # Its grace ends after every earlier client's: one timer for all (_grace_over).
+        c.deadline = self._loop.time() + self.seed_grace_s
+        self._silent.append(c)
+        if self._grace_timer is None:
+            self._grace_timer = self._loop.call_at(c.deadline, self._grace_over)
+
+    # --- a connection's life after accept: no task, no wait_for, one timer -----------------
+    # Whole lines are handled as they come, in the callbacks of the connection's protocol.
+    # A message whose handling waits (a service, a syn probe) goes on in a task; reading
+    # pauses until it is done, so that a connection's messages are handled one at a time.
+
+    def _set_deadline(self, c: _Conn, deadline: float) -> None:
+        c.deadline = deadline
+        # The timer is armed for the earliest deadline only: a later one re-arms it when
+        # it fires (most connections close before their first deadline: one timer each).
+        if c.timer is None or deadline < c.timer.when():
+            if c.timer is not None:
+                c.timer.cancel()
+            c.timer = self._loop.call_at(deadline, self._deadline_passed, c, deadline)
+
+    def _deadline_passed(self, c: _Conn, when: float) -> None:
+        c.timer = None
+        if c.phase == _CLOSED or c.busy:  # a busy connection's deadline is looked at after
             return
-        public = Endpoint.from_sockaddr(peername)
-        with contextlib.suppress(OSError):
-            enable_keepalive(sock, *KEEPALIVE)
-        self._writers[conn] = writer
-        try:
-            try:
-                first = await asyncio.wait_for(reader.read(LINE_MAX), self.seed_grace_s)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
-                first = b""
-            if conn not in self._writers:
-                return  # evicted meanwhile (the broker was full)
-            if not first:
-                entries = self.seeds.visit(public, time.monotonic())
-                writer.write(encode_seed_list(entries))
-                self.log(f"list {public}: {len(entries)} endpoint(s)")
-            elif looks_like_rendezvous(first):
-                self._conns[conn].rendezvous = True
-                await self._rendezvous(conn, public, reader, first)
-            else:
-                self.log(f"closed {public}: sent {len(first)} bytes that are neither protocol")
-        except (ConnectionError, OSError) as exc:
-            self.log(f"connection {public}: {exc.__class__.__name__}: {exc}")
-        except Exception as exc:  # keep serving everyone else whatever one client did
-            self.log(f"connection {public}: internal error {exc!r}")
-        finally:
-            self._carry_out(self.sessions.disconnect(conn))
-            self._writers.pop(conn, None)
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), WRITE_DRAIN_TIMEOUT_S)
-            except Exception:  # a peer that reads nothing (its data unsent), or a reset
-                writer.transport.abort()
-            finally:
-                # Counted out once its descriptor is closed (or about to be, this turn),
-                # so that the cap stays under the open-file limit.
-                self._release(conn)
+        if c.deadline > when:  # moved on since the timer was armed
+            self._set_deadline(c, c.deadline)
+        else:
+            self._close(c)  # no whole line in time: closed without a word
 
-    async def _rendezvous(self, conn: int, public: Endpoint, reader: asyncio.StreamReader,
-                          first: bytes) -> None:
-        decoder = LineDecoder()
-        data = first
-        # Until a whole line has come, a connection gets only a few seconds: one that
-        # trickles bytes cannot hold a slot for the whole session wait.
-        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
-        while conn in self._writers:
-            try:
-                for msg in decoder.feed(data):
-                    deadline = time.monotonic() + self.sessions.wait_max_s + EXPIRE_EVERY_S
-                    if msg.verb in RATE_LIMITED_VERBS and not self._within_rate(conn, public,
-                                                                                 msg.verb):
-                        return
-                    service = self.services.get(msg.verb)
-                    if service is not None:
-                        await service(self, conn, public, msg)
-                        self._not_idle(conn)  # a nat-check control connection, say
-                        continue
-                    if msg.verb == "PRIMED" and self.sessions.priming(conn):
-                        self._carry_out(self.sessions.step(conn, msg.verb))
-                        continue
-                    if msg.verb == "WHOAMI":
-                        self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
-                        # Until it registers, a connection keeps the short first-line bound.
-                        deadline = time.monotonic() + FIRST_LINE_TIMEOUT_S
-                        continue
-                    if msg.verb != "REGISTER":
-                        raise ProtocolError(f"unexpected {msg.verb} from a client")
-                    nameplate = msg.get("nameplate")
-                    if nameplate is not None and nameplate != "new" and \
-                            not NAMEPLATE_RE.fullmatch(nameplate):
-                        raise ProtocolError("nameplate= is new or a number of 1-6 digits")
-                    # A new code's number is chosen right before registering (after the
-                    # probe's wait): two new codes can never be given one number.
-                    session = msg.require("session") if nameplate is None else f"#{nameplate}"
-                    local = msg.endpoint("local") if msg.get("local") else None
-                    offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
-                    unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
-                    if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
-                            conn, session, offered, msg.get("mapping")):
-                        unsolicited = await self._probe_unsolicited(conn, public)
-                        if conn not in self._writers:
-                            return
-                    if session == "#new":
-                        session = self.sessions.new_nameplate()
-                    replies = self.sessions.register(
-                        conn, session, public, local, time.monotonic(), offered,
-                        msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
-                        Offer.parse(msg.get))
-                    self._carry_out(replies)
-                    self._log_replies(public, session, replies)
-                    if self.sessions.holds(conn):
-                        self._not_idle(conn)
-            except ProtocolError as exc:
-                self.log(f"bad request from {public}: {exc}")
-                self._carry_out([Reply(conn, encode_message(
-                    "ERROR", code="bad-request", message=str(exc)[:120]), close=True)])
+    def _grace_over(self) -> None:
+        """The clients whose SEED_GRACE_S has passed in silence get the list. They are
+        queued in the order they came, which is the order their grace ends, so one timer
+        (for the first) serves them all: with thousands of silent clients, a timer each
+        cost a heap of thousands of timers, sifted in Python at every answer."""
+        self._grace_timer = None
+        now = self._loop.time()
+        silent = self._silent
+        while silent:
+            c = silent[0]
+            if c.phase != _GRACE:  # spoke (or closed) meanwhile
+                silent.popleft()
+            elif c.deadline <= now:
+                silent.popleft()
+                self._answer_list(c)
+            else:
+                self._grace_timer = self._loop.call_at(c.deadline, self._grace_over)
                 return
-            if conn not in self._writers:
+
+    def _answer_list(self, c: _Conn) -> None:
+        answer = self.seeds.answer(c.public, time.monotonic())
+        c.transport.write(answer)
+        self.log(f"list {c.public}: {answer[0]} endpoint(s)")
+        self._close(c)
+
+    def _received(self, c: _Conn, data: bytes) -> None:
+        if c.phase == _GRACE:
+            if not looks_like_rendezvous(data):
+                self.log(f"closed {c.public}: sent {min(len(data), LINE_MAX)} bytes that are "
+                         "neither protocol")
+                self._close(c)
                 return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                data = await asyncio.wait_for(reader.read(LINE_MAX), remaining)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
-                return
-            if not data:
-                if conn in self._writers:  # not closed by us after PEER or ERROR
-                    self.log(f"{public} left before its peer came")
-                return
+            c.phase = _LINES
+            c.rendezvous = True
+            c.decoder = LineDecoder()
+            # Until a whole line has come, a connection gets only a few seconds: one that
+            # trickles bytes cannot hold a slot for the whole session wait.
+            self._set_deadline(c, self._loop.time() + FIRST_LINE_TIMEOUT_S)
+        elif c.phase == _CLOSED:
+            return
+        c.messages = c.decoder.feed(data)
+        self._run(c)
+
+    def _eof(self, c: _Conn) -> None:
+        if c.phase == _GRACE:  # silence, then EOF: the list at once
+            self._answer_list(c)
+        elif c.phase == _LINES:  # (reading pauses while busy: no EOF then)
+            self.log(f"{c.public} left before its peer came")
+            self._close(c)
+
+    def _lost(self, c: _Conn, exc: Exception | None) -> None:
+        """Its descriptor is closed: only now is it counted out (_release)."""
+        self._open_transports -= 1
+        if c.phase != _CLOSED:
+            if exc is not None:
+                self.log(f"connection {c.public}: {exc.__class__.__name__}: {exc}")
+            self._close(c)
+        self._release(c.conn)
+
+    def _close(self, c: _Conn) -> None:
+        """No more replies to ``c``; its transport closes once what was written has gone
+        (then ``_lost``)."""
+        if c.phase == _CLOSED:
+            return
+        c.phase = _CLOSED
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        c.messages = None
+        self._clients.pop(c.conn, None)
+        self._carry_out(self.sessions.disconnect(c.conn))
+        c.transport.close()
+
+    def _run(self, c: _Conn) -> None:
+        """Handle the whole lines ``c`` sent, in order, until one has to wait (a task goes
+        on from there) or the connection closes."""
+        try:
+            while c.phase == _LINES and c.messages is not None:
+                msg = next(c.messages, None)
+                if msg is None:
+                    break
+                waits = self._message(c, msg)
+                if waits is not None:
+                    c.busy = True
+                    c.transport.pause_reading()
+                    task = self._loop.create_task(self._resume(c, waits))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return
+        except Exception as exc:
+            self._failed(c, exc)
+            return
+        if c.phase == _LINES:
+            if self._loop.time() >= c.deadline:
+                self._close(c)
+            elif c.timer is None:  # it fired while a task was busy
+                self._set_deadline(c, c.deadline)
+
+    async def _resume(self, c: _Conn, waits: Awaitable[None]) -> None:
+        try:
+            await waits
+        except Exception as exc:
+            self._failed(c, exc)
+        finally:
+            c.busy = False
+        if c.phase == _LINES:
+            c.transport.resume_reading()
+            self._run(c)
+
+    def _failed(self, c: _Conn, exc: Exception) -> None:
+        if isinstance(exc, ProtocolError):
+            self.log(f"bad request from {c.public}: {exc}")
+            self._carry_out([Reply(c.conn, encode_message(
+                "ERROR", code="bad-request", message=str(exc)[:120]), close=True)])
+        elif isinstance(exc, (ConnectionError, OSError)):
+            self.log(f"connection {c.public}: {exc.__class__.__name__}: {exc}")
+        else:  # keep serving everyone else whatever one client did
+            self.log(f"connection {c.public}: internal error {exc!r}")
+        self._close(c)
+
+    def _message(self, c: _Conn, msg: Message) -> Awaitable[None] | None:
+        """Handle one message; an awaitable if the rest of its handling has to wait."""
+        conn, public = c.conn, c.public
+        self._set_deadline(c, self._loop.time() + self.sessions.wait_max_s + EXPIRE_EVERY_S)
+        if msg.verb in RATE_LIMITED_VERBS and not self._within_rate(conn, public, msg.verb):
+            return None  # (told, and closed)
+        service = self.services.get(msg.verb)
+        if service is not None:
+            return self._service(c, service, msg)
+        if msg.verb == "PRIMED" and self.sessions.priming(conn):
+            self._carry_out(self.sessions.step(conn, msg.verb))
+            return None
+        if msg.verb == "WHOAMI":
+            self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
+            # Until it registers, a connection keeps the short first-line bound.
+            self._set_deadline(c, self._loop.time() + FIRST_LINE_TIMEOUT_S)
+            return None
+        if msg.verb != "REGISTER":
+            raise ProtocolError(f"unexpected {msg.verb} from a client")
+        nameplate = msg.get("nameplate")
+        if nameplate is not None and nameplate != "new" and \
+                not NAMEPLATE_RE.fullmatch(nameplate):
+            raise ProtocolError("nameplate= is new or a number of 1-6 digits")
+        session = msg.require("session") if nameplate is None else f"#{nameplate}"
+        local = msg.endpoint("local") if msg.get("local") else None
+        offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
+        unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
+        if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
+                conn, session, offered, msg.get("mapping")):
+            return self._register_probed(c, msg, session, local, offered)
+        self._register(c, msg, session, local, offered, unsolicited)
+        return None
+
+    async def _service(self, c: _Conn, service: Service, msg: Message) -> None:
+        await service(self, c.conn, c.public, msg)
+        self._not_idle(c.conn)  # a nat-check control connection, say
+
+    async def _register_probed(self, c: _Conn, msg: Message, session: str,
+                               local: Endpoint | None, offered: frozenset[str]) -> None:
+        unsolicited = await self._probe_unsolicited(c.conn, c.public)
+        if c.phase == _LINES:
+            self._register(c, msg, session, local, offered, unsolicited)
+
+    def _register(self, c: _Conn, msg: Message, session: str, local: Endpoint | None,
+                  offered: frozenset[str], unsolicited: str | None) -> None:
+        # A new code's number is chosen right before registering (after the probe's
+        # wait): two new codes can never be given one number.
+        if session == "#new":
+            session = self.sessions.new_nameplate()
+        replies = self.sessions.register(
+            c.conn, session, c.public, local, time.monotonic(), offered,
+            msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
+            Offer.parse(msg.get))
+        self._carry_out(replies)
+        self._log_replies(c.public, session, replies)
+        if self.sessions.holds(c.conn):
+            self._not_idle(c.conn)
 
     # --- limits (README "Broker limits") -------------------------------------------------
 
-    def _admit(self, conn: int, ip: str) -> bool:
-        """Count a new connection in, or say why not (one log line per offender and
-        interval). At the total cap, the oldest idle connection of the network holding
-        the most goes, if that network holds at least two more than the newcomer's."""
-        prefix = prefix_of(ip)
-        why = None
+    def _admit(self, ip: str, prefix: str) -> bool:
+        """May a new connection from ``ip`` (of network ``prefix``) be counted in? Else
+        say why (one log line per offender and interval). At the total cap, the oldest
+        idle connection of the network holding the most goes, if that network holds at
+        least two more than the newcomer's. Before a refusal or an eviction, the clients'
+        reads waiting already are taken in (once an accept batch): a client that closed
+        frees its slot, and a newcomer right behind it is neither refused nor the cause
+        of an eviction."""
+        refusal = self._over_caps(ip, prefix, evict=self._closes_taken)
+        if refusal is not None and not self._closes_taken:
+            self._closes_taken = True
+            self._readers.ready_now()
+            refusal = self._over_caps(ip, prefix, evict=True)
+        if refusal is None:
+            return True
+        key, why = refusal
+        self.stats["refused"] += 1
+        self._log_offender(key, f"refused connections from {ip}: {why}")
+        return False
+
+    def _over_caps(self, ip: str, prefix: str, evict: bool) -> tuple[object, str] | None:
+        """Which cap a newcomer from ``ip`` is over (the log's key, why), None if none (at
+        the total cap, once ``_evict_idle`` made room)."""
         if self._per_ip.get(ip, 0) >= self.max_connections_per_ip:
-            why, key = f"{self.max_connections_per_ip} connections open from this address", ip
-        elif self._conns_per_prefix[prefix] >= self.max_connections_per_prefix:
-            why, key = (f"{self.max_connections_per_prefix} connections open from its "
-                        f"network {prefix}"), prefix
-        elif len(self._conns) >= self.max_connections and not self._evict_idle(prefix):
-            why, key = f"the broker holds {self.max_connections} connections", "full"
-        if why is not None:
-            self.stats["refused"] += 1
-            self._log_offender(key, f"refused connections from {ip}: {why}")
-            return False
-        self._conns[conn] = _Conn(ip, prefix)
+            return ip, f"{self.max_connections_per_ip} connections open from this address"
+        if self._conns_per_prefix[prefix] >= self.max_connections_per_prefix:
+            return prefix, (f"{self.max_connections_per_prefix} connections open from its "
+                            f"network {prefix}")
+        if len(self._conns) >= self.max_connections and not (evict and
+                                                             self._evict_idle(prefix)):
+            return "full", f"the broker holds {self.max_connections} connections"
+        return None
+
+    def _count_in(self, c: _Conn) -> None:
+        ip = c.public.ip
+        self._conns[c.conn] = c
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        self._conns_per_prefix.add(prefix)
-        self._idle.setdefault(prefix, OrderedDict())[conn] = None
-        return True
+        self._conns_per_prefix.add(c.prefix)
+        self._idle.setdefault(c.prefix, OrderedDict())[c.conn] = None
 
     def _evict_idle(self, prefix: str) -> bool:
         # Only if the newcomer's network, with it, still holds fewer than the busiest:
@@ -494,16 +848,16 @@ class Broker:
             idle = self._idle.get(top)  # type: ignore[call-overload]
             if not idle:
                 continue
-            victim = next(iter(idle))
-            info = self._conns[victim]
-            writer = self._writers.pop(victim, None)
-            if writer is not None:
-                if info.rendezvous:
-                    writer.write(encode_message("ERROR", code="evicted", message=(
-                        "the broker is full: the oldest idle connection of the busiest "
-                        "network goes")))
-                writer.close()
-            self._release(victim)
+            victim = self._conns[next(iter(idle))]
+            if victim.phase != _CLOSED and victim.rendezvous:
+                victim.transport.write(encode_message("ERROR", code="evicted", message=(
+                    "the broker is full: the oldest idle connection of the busiest "
+                    "network goes")))
+            self._close(victim)
+            # Its descriptor closed now, whatever was unsent (a list answer nobody reads):
+            # counted out by _lost, its slot free for the newcomer.
+            victim.transport.abort()
+            self._release(victim.conn)  # (done already: _lost)
             self.stats["evicted"] += 1
             self._log_offender(("evicted", top), f"evicted idle connections of {top} "
                                                  f"(the broker holds {self.max_connections})")
@@ -511,27 +865,28 @@ class Broker:
         return False
 
     def _not_idle(self, conn: int) -> None:
-        info = self._conns.get(conn)
-        idle = self._idle.get(info.prefix) if info is not None else None
+        c = self._conns.get(conn)
+        idle = self._idle.get(c.prefix) if c is not None else None
         if idle is not None:
             idle.pop(conn, None)
 
     def _release(self, conn: int) -> None:
-        """Count a connection out (once: eviction and the handler's end both call it)."""
-        info = self._conns.pop(conn, None)
-        if info is None:
+        """Count a connection out (once), when its descriptor is closed."""
+        c = self._conns.pop(conn, None)
+        if c is None:
             return
-        left = self._per_ip.get(info.ip, 1) - 1
+        ip = c.public.ip
+        left = self._per_ip.get(ip, 1) - 1
         if left > 0:
-            self._per_ip[info.ip] = left
+            self._per_ip[ip] = left
         else:
-            self._per_ip.pop(info.ip, None)
-        self._conns_per_prefix.add(info.prefix, -1)
-        idle = self._idle.get(info.prefix)
+            self._per_ip.pop(ip, None)
+        self._conns_per_prefix.add(c.prefix, -1)
+        idle = self._idle.get(c.prefix)
         if idle is not None:
             idle.pop(conn, None)
             if not idle:
-                del self._idle[info.prefix]
+                del self._idle[c.prefix]
 
     def _within_rate(self, conn: int, public: Endpoint, verb: str) -> bool:
         """Take a token of the address's and of its network's bucket; over either, the
@@ -557,8 +912,8 @@ class Broker:
             self.log(line + more)
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """asyncio's errors ("socket.accept() out of system resource" when the open
-        files run out, and anything else) as one log line per kind and interval: never a
+        """asyncio's errors (and accept()'s: "socket.accept() out of system resource"
+        when the open files run out) as one log line per kind and interval: never a
         traceback, and never one per connection."""
         self.stats["loop_errors"] += 1
         message = str(context.get("message") or "asyncio error")

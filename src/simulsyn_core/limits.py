@@ -103,6 +103,9 @@ class MaxCounter:
         return len(self._count)
 
     def add(self, key: Hashable, delta: int = 1) -> None:
+        if delta == 1 or delta == -1:  # (nearly every call: a connection in or out)
+            self._step(key, delta)
+            return
         for _ in range(abs(delta)):
             self._step(key, 1 if delta > 0 else -1)
 

@@ -6,7 +6,9 @@ returned actions, so every rule below is tested without a network.
 
 from __future__ import annotations
 
+import itertools
 import re
+import socket
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from . import birthday as bday
 from .endpoint import Endpoint
 from .limits import MaxCounter, prefix_of
-from .wire import SEED_MAX_ENTRIES, SESSION_RE, encode_message
+from .wire import SEED_ENTRY, SEED_MAX_ENTRIES, SESSION_RE, decode_seed_list, encode_message
 
 SEED_MAX_AGE_S = 60.0
 NO_OFFER = bday.Offer()
@@ -56,21 +58,53 @@ def key_fields(session: str) -> dict[str, str]:
 
 
 class SeedList:
-    """The original example's answer: the last few endpoints that asked, own entry last."""
+    """The original example's answer: the last few endpoints that asked, own entry last.
+
+    Kept as the answer's own bytes: the caller's entry is last because it has just
+    visited, so every caller's answer is the same bytes (the count, then the 6-byte
+    entries in order). A visit edits them where the list changed (the caller's entry
+    moved or added at the end, the oldest cut at the front), and nothing is encoded
+    again; a caller that asks twice in a row gets the very same bytes."""
 
     def __init__(self, max_entries: int = SEED_MAX_ENTRIES, max_age_s: float = SEED_MAX_AGE_S):
         self.max_entries = max_entries
         self.max_age_s = max_age_s
-        self._entries: list[tuple[Endpoint, float]] = []
+        self._entries: dict[bytes, float] = {}  # entry -> its last visit, oldest first
+        self._body = b""  # the entries, in that order
+        self._answer = b"\x00"
+
+    def answer(self, endpoint: Endpoint, now: float) -> bytes:
+        """Note the visit of ``endpoint``; the list answer it gets (wire format)."""
+        entries, size = self._entries, SEED_ENTRY.size
+        entry = SEED_ENTRY.pack(socket.inet_aton(endpoint.ip), endpoint.port)
+        body = self._body
+        if entries.pop(entry, None) is None:
+            body += entry
+        elif body[-size:] != entry:
+            pos = body.find(entry)
+            while pos % size:  # a match across two entries: the aligned one is further
+                pos = body.find(entry, pos + 1)
+            body = body[:pos] + body[pos + size:] + entry
+        entries[entry] = now
+        # Oldest first, so the stale ones are at the front (a visit's time never goes back,
+        # but one that did only keeps an entry longer: they are looked at in order).
+        cut = 0
+        for seen in entries.values():
+            if len(entries) - cut <= self.max_entries and now - seen <= self.max_age_s:
+                break
+            cut += 1
+        if cut:
+            for oldest in list(itertools.islice(entries, cut)):
+                del entries[oldest]
+            body = body[cut * size:]
+        if body is not self._body:
+            self._body = body
+            self._answer = bytes((len(entries),)) + body
+        return self._answer
 
     def visit(self, endpoint: Endpoint, now: float) -> list[Endpoint]:
-        self._entries = [
-            (ep, t) for ep, t in self._entries
-            if now - t <= self.max_age_s and ep != endpoint
-        ]
-        self._entries.append((endpoint, now))
-        del self._entries[: -self.max_entries]
-        return [ep for ep, _ in self._entries]
+        """``answer``, decoded."""
+        return decode_seed_list(self.answer(endpoint, now))
 
 
 @dataclass(frozen=True)
