@@ -14,6 +14,25 @@ from collections.abc import Iterator
 from typing import Any
 
 SYNPROBE = [sys.executable, "-m", "synprobe"]
+# Ports for tests that bind a given port: below Linux's ephemeral range (32768-60999), so
+# that the thousands of connections other tests make in parallel (the broker's flood
+# tests) are never given the port between our check and the bind.
+_TEST_PORTS = (20000, 32000)
+
+
+def free_port() -> int:
+    """A loopback port that is free now, outside the ephemeral range (bounded tries)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(*_TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free test port in 200 tries")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import free_port
+
 from .helpers import SYNPROBE, read_line
 
 # Runs the broker with some limits scaled down (so that CI fills them in seconds): keyword
@@ -378,9 +380,7 @@ def test_one_network_holds_at_most_its_share_of_connections() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 @pytest.mark.parametrize("case", ["cli-q", "cli", "fd-budget-overstated"])

@@ -20,6 +20,7 @@ from synprobe.packets.decode import ACK, FIN, RST, SYN
 from synprobe.packets.reader import read_capture
 from synprobe.packets.writer import PcapNgWriter, cooked_header
 from synprobe.punch_pcap import Roles, RunPacket, packet_role
+from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, wait_for_stderr
 
@@ -106,9 +107,7 @@ def _listening_peer() -> socket.socket:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _punch_loopback(tmp_path: Path, extra: list[str], prefix: list[str] | None = None,

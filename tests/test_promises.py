@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from simulsyn_core.exitcodes import ExitStatus
+from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_output
 
@@ -33,9 +34,7 @@ ORIGINAL = [sys.executable, str(Path(__file__).with_name("original_example.py"))
 # --- small tools ----------------------------------------------------------------------
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _run(args: list[str], timeout_s: float = 60, **kwargs: Any
