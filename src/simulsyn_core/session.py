@@ -53,6 +53,14 @@ FIRST_WAIT_S = 0.5
 # Birthday punching: after the last SYN of the side that sends after GO, its guesses get
 # this long to be answered (the kernel's own retransmission of each, 1 s later, included).
 BIRTHDAY_LINGER_S = 1.2
+# TTL-limited sockets first (the easy NAT may answer a full SYN): the random side's sockets
+# keep their limited TTL until the guesses are all out, so that the kernel's own SYN
+# retransmission (1 s after each SYN) cannot reach the easy NAT before the guess that
+# opens its hole and be answered with an RST that ends the socket. A guess that met a
+# socket meanwhile got a SYN+ACK that died on the way; the socket resends it 1 s later, in
+# full by then: the pair connects up to this much later.
+BIRTHDAY_HOLD_S = 1.0
+BIRTHDAY_OPEN_UP_MAX_S = 0.95  # open up at most this long after GO (before the first resend)
 # What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
 # broker chooses from what it knows of both NATs (rendezvous.plan_pair).
 _ALL = (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC, STRATEGY_BIRTHDAY)
@@ -325,6 +333,8 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
     if spraying and first_out and plan.ttl_limited:
         ttl = _priming_ttl(cfg, rdv, event, report)
         report.ttl = ttl
+    held_s = BIRTHDAY_HOLD_S if plan.ttl_limited and plan.order == bday.ORDER_SOCKETS_FIRST \
+        else 0.0
     if spraying:
         targets = [rdv.peer] * count
         local: int | None = None
@@ -339,7 +349,8 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         sent = 0
         try:
             if first_out:
-                sent = pool.burst(targets, 0, local, rate, ttl, deadline, stop_on_connect=False)
+                sent = pool.burst(targets, 0, local, rate, ttl, deadline, stop_on_connect=False,
+                                  hold_ttl=ttl is not None)
                 _phase(report, rdv.known_at, "sent", syns=pool.opened, ttl=ttl)
                 event(f"birthday: {pool.opened} SYNs out" + (f" with TTL {ttl}" if ttl else "")
                       + "; waiting for GO")
@@ -356,9 +367,14 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
         # easy side's choice) a path check longer.
         other = plan.guesses if spraying else plan.sockets
         follow_s = CONFIRM_TIMEOUT_S if spraying else 0.0
-        until = (min(deadline, go + other / rate + BIRTHDAY_LINGER_S + follow_s)
+        until = (min(deadline, go + other / rate + BIRTHDAY_LINGER_S + held_s + follow_s)
                  if first_out else deadline)
+        open_up_at = go + min(other / rate, BIRTHDAY_OPEN_UP_MAX_S) if ttl is not None else None
         while (now := time.monotonic()) < until:
+            if open_up_at is not None and now >= open_up_at:
+                pool.open_up()
+                open_up_at = None
+                _phase(report, rdv.known_at, "open-up")
             candidates = pool.readable if spraying else pool.connected
             if candidates:
                 sock, index = candidates.pop(0)
@@ -373,9 +389,10 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
             if not first_out and sent < len(targets) and not pool.connected:
                 sent = pool.burst(targets, sent, local, rate, None, until, stop_on_connect=True)
                 if sent == len(targets):
-                    until = min(deadline, time.monotonic() + BIRTHDAY_LINGER_S + follow_s)
+                    until = min(deadline, time.monotonic() + BIRTHDAY_LINGER_S + held_s
+                                + follow_s)
                 continue
-            pool.poll(min(until - now, 0.05))
+            pool.poll(min(until - now, 0.05, max(0.0, (open_up_at or until) - now)))
     finally:
         keep = winner[0] if winner else None
         pool.close(keep=keep)

@@ -73,10 +73,11 @@ class Pool:
     last_sent: float | None = None
 
     def open(self, target: Endpoint, index: int, local_port: int | None,
-             ttl: int | None) -> None:
+             ttl: int | None, hold_ttl: bool = False) -> None:
         """One non-blocking connect() to ``target`` from ``local_port`` (None: a port the
         kernel picks). ``ttl``: its SYN leaves with that TTL (and IP_MINTTL drops the
-        time-exceeded it draws), then the socket gets a full TTL for what follows."""
+        time-exceeded it draws), then the socket gets a full TTL for what follows, unless
+        ``hold_ttl``: then it keeps the limited TTL until ``open_up()``."""
         if local_port is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,7 +89,7 @@ class Pool:
                 sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, PRIME_MINTTL)
             sock.setblocking(False)
             code = sock.connect_ex(target.sockaddr)
-            if ttl is not None:  # the SYN is out: our SYN+ACK and retransmissions in full
+            if ttl is not None and not hold_ttl:  # the SYN is out: what follows in full
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
         except OSError as exc:
             sock.close()
@@ -129,8 +130,15 @@ class Pool:
                 self._close(sock)
         return came
 
+    def open_up(self) -> None:
+        """A full TTL for every open socket (held ones: what they send from now on)."""
+        for sock, _ in [*self.pending.values(), *self.connected]:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+
     def burst(self, targets: Sequence[Endpoint], start: int, local_port: int | None,
-              rate: float, ttl: int | None, deadline: float, stop_on_connect: bool) -> int:
+              rate: float, ttl: int | None, deadline: float, stop_on_connect: bool,
+              hold_ttl: bool = False) -> int:
         """Open a socket per target from index ``start`` on, at most ``rate`` per second,
         watching for connections in between; stop early while one is up when
         ``stop_on_connect``. Returns the index of the next target not sent."""
@@ -144,7 +152,7 @@ class Pool:
                 if now >= due:
                     break
                 self.poll(min(due, deadline) - now)
-            self.open(targets[index], index, local_port, ttl)
+            self.open(targets[index], index, local_port, ttl, hold_ttl)
         if stop_on_connect:
             self.poll(0)
         return len(targets)
