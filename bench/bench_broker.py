@@ -617,8 +617,8 @@ def main() -> int:
     # Our broker holds each silent client SEED_GRACE_S (1 s) and at most MAX_CONNECTIONS
     # (20480, or the open-file limit less 128) at once: past that many list answers a
     # second, that cap is the limit.
-    ap.add_argument("--list-clients", type=int, default=8100)
-    ap.add_argument("--list-rate", type=float, default=6500.0,
+    ap.add_argument("--list-clients", type=int, default=16000)
+    ap.add_argument("--list-rate", type=float, default=12000.0,
                     help="new list clients a second offered to our broker")
     ap.add_argument("--raised-clients", type=int, default=16000)
     ap.add_argument("--raised-rate", type=float, default=12000.0)
