@@ -267,3 +267,53 @@ def test_a_broker_hands_out_numbers_and_pairs_by_them() -> None:
         finally:
             for s in (a, b, c, d):
                 s.close()
+
+
+def test_a_confirmation_whose_last_byte_comes_alone_is_still_checked() -> None:
+    a, b = Handshake(b"1-apple-adroitness"), Handshake(b"1-apple-adroitness")
+    b_confirm = b.feed(a.opening())
+    a.feed(b.opening())
+    a.feed(b_confirm[:-1])
+    a.check()
+    assert not a.confirmed
+    a.feed(b_confirm[-1:])
+    a.check()
+    assert a.confirmed
+
+
+def test_a_session_name_cannot_reach_a_code_number() -> None:
+    from tests.helpers import loopback_broker, read_line
+
+    with loopback_broker() as (_, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as a, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as b:
+            a.sendall(b"SSYN1 REGISTER nameplate=new\n")
+            assert parse_line(read_line(a).strip()).fields["nameplate"] == "1"
+            b.sendall(b"SSYN1 REGISTER session=#1\n")
+            msg = parse_line(read_line(b).strip())
+            assert msg.verb == "ERROR" and msg.fields["code"] == "bad-session"
+
+
+def test_an_altered_record_behind_the_confirmation_is_tampering_not_a_wrong_code() -> None:
+    sa, sb = socket.socketpair()
+    sb.settimeout(5)
+    peer = Handshake(b"1-apple-adroitness")
+
+    def peer_side() -> None:
+        sb.sendall(peer.opening())
+        ours = sb.recv(100)  # our PAKE frame
+        confirm = peer.feed(ours)
+        assert peer.channel is not None
+        data = bytearray(peer.channel.seal(DATA, b"hello"))
+        data[-1] ^= 1
+        sb.sendall(confirm + bytes(data))
+
+    thread = threading.Thread(target=peer_side)
+    thread.start()
+    try:
+        with pytest.raises(Tampered, match="altered"):
+            secure(sa, b"1-apple-adroitness", b"", 2.0)
+    finally:
+        thread.join(5)
+        sa.close()
+        sb.close()

@@ -762,6 +762,9 @@ class Broker:
                 not NAMEPLATE_RE.fullmatch(nameplate):
             raise ProtocolError("nameplate= is new or a number of 1-6 digits")
         session = msg.require("session") if nameplate is None else f"#{nameplate}"
+        if nameplate is None and session.startswith("#"):
+            # "#N" is how the table keeps a code's number: a session name never is one.
+            session = "#"  # invalid: answered bad-session as any other bad name
         local = msg.endpoint("local") if msg.get("local") else None
         offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
         unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)

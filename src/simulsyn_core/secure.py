@@ -198,7 +198,7 @@ class Handshake:
     def check(self) -> None:
         """Open the peer's first record once it is whole: ``confirmed`` if it is the
         peer's CONFIRM under the key we derived. Raises AuthFailed."""
-        if self.channel is None or self.confirmed or len(self._buffer) < 2:
+        if self.channel is None or self.confirmed or not self._buffer:
             return
         try:
             records = self.channel.feed(bytes(self._buffer))

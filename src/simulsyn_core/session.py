@@ -251,8 +251,10 @@ def protection(cfg: PunchConfig, nameplate: str | None) -> tuple[str, bytes | No
     """How the session is protected: ``(mode, the PAKE's password)``.
 
     code: the code's number and words (the broker saw only the number); secret: --secret
-    with the session name (or with --peer); session-name: only the name, which the broker
-    and anyone who guesses it know: encrypted against the paths, not authenticated; plain:
+    with the session name (or with --peer); session-name: only the name, which the broker,
+    anyone on the path to it and anyone who guesses it know: encrypted, not authenticated
+    (a passive eavesdropper on the punched path reads nothing; whoever knows the name can
+    be the peer); plain:
     --plain, or a peer of the original (--seed-broker, --peer without --secret)."""
     if cfg.plain:
         return "plain", None
@@ -282,7 +284,11 @@ def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: b
     info["pake"] = PAKE
     try:
         channel, early = secure(sock, password, leftover, AUTH_TIMEOUT_S)
-    except (AuthFailed, Tampered) as exc:
+    except Tampered as exc:  # a record that came with the peer's confirmation
+        abort(sock)
+        raise ToolError(ExitStatus.TAMPERED, f"connection closed: a {exc} (not the peer's "
+                        "stream: tampered with on the way)") from None
+    except AuthFailed as exc:
         abort(sock)
         raise ToolError(ExitStatus.AUTH_FAILED, f"authentication failed: {exc}; nothing "
                         "was sent" + ("; start again with a new code" if mode == "code"
