@@ -58,8 +58,10 @@ BIRTHDAY_LINGER_S = 1.2
 # retransmission (1 s after each SYN) cannot reach the easy NAT before the guess that
 # opens its hole and be answered with an RST that ends the socket. A guess that met a
 # socket meanwhile got a SYN+ACK that died on the way; the socket resends it 1 s later, in
-# full by then: the pair connects up to this much later.
-BIRTHDAY_HOLD_S = 1.0
+# full by then (a socket the guess reached is given its full TTL at once; its SYN+ACK is
+# resent on the SYN's own timer, 1 s then 3 s after the SYN): the pair connects up to this
+# much later.
+BIRTHDAY_HOLD_S = 2.2
 BIRTHDAY_OPEN_UP_MAX_S = 0.95  # open up at most this long after GO (before the first resend)
 # What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
 # broker chooses from what it knows of both NATs (rendezvous.plan_pair).
@@ -381,6 +383,8 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
                 pool.open_up()
                 open_up_at = None
                 _phase(report, rdv.known_at, "open-up")
+            elif open_up_at is not None:
+                pool.open_up_answered()
             candidates = pool.readable if spraying else pool.connected
             if candidates:
                 sock, index = candidates.pop(0)

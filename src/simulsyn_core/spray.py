@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
-from .prime import FULL_TTL, IP_MINTTL, PRIME_MINTTL
+from .prime import FULL_TTL, IP_MINTTL, PRIME_MINTTL, TCP_SYN_RECV
 from .sockets import TCP_ESTABLISHED, abort, bound_socket, errno_name, tcp_state
 
 TCP_INFO_TOTAL_RETRANS = 100  # struct tcp_info: tcpi_total_retrans (u32)
@@ -71,6 +71,7 @@ class Pool:
     retransmitted: int = 0  # the kernel's SYN retransmissions, of closed sockets
     first_sent: float | None = None
     last_sent: float | None = None
+    _opened_up: set[int] = field(default_factory=set)  # held sockets given a full TTL
 
     def open(self, target: Endpoint, index: int, local_port: int | None,
              ttl: int | None, hold_ttl: bool = False) -> None:
@@ -129,6 +130,20 @@ class Pool:
                 self.failed[errno_name(code or errno.ENOTCONN)] += 1
                 self._close(sock)
         return came
+
+    def open_up_answered(self) -> int:
+        """A full TTL for each held socket that a peer's SYN reached (SYN-RECEIVED): its
+        SYN+ACK, resent on the SYN's own timer, then crosses. Returns how many."""
+        count = 0
+        for fd, (sock, _) in self.pending.items():
+            if fd in self._opened_up:
+                continue
+            with contextlib.suppress(OSError):
+                if tcp_state(sock) == TCP_SYN_RECV:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+                    self._opened_up.add(fd)
+                    count += 1
+        return count
 
     def open_up(self) -> None:
         """A full TTL for every open socket (held ones: what they send from now on)."""
