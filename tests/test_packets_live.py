@@ -12,6 +12,7 @@ import time
 import pytest
 
 from synprobe.packets.live import LiveFrame, PacketSocket, bpf_tcp_port_or_icmp
+from tests.helpers import free_port
 
 
 def _ports(frame: LiveFrame) -> tuple[int, int] | None:
@@ -28,7 +29,8 @@ def test_the_filter_keeps_only_the_port_it_names() -> None:
     listeners = []
     for _ in range(2):
         srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
+        # below the ephemeral range: no parallel test's client port can be ours
+        srv.bind(("127.0.0.1", free_port()))
         srv.listen()
         listeners.append(srv)
     ours, other = (s.getsockname()[1] for s in listeners)
