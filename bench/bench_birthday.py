@@ -14,7 +14,7 @@ birthday phase.
 
 The baseline in the same run is the formula: a setting whose measured rate falls below
 the uniform formula's by more than its interval says the model (or the code) is wrong;
-exit 1 then, and when the default setting (450 x 450) connects in under 95% of its
+exit 1 then, and when the default setting (700 x 700) connects in under 95% of its
 runs or its median exceeds 3 s.
 
     sudo .venv/bin/python bench/bench_birthday.py [--runs 50] [--settings 100x100,...]
@@ -38,7 +38,7 @@ from simulsyn_core import birthday as bday  # noqa: E402
 from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
 
-SETTINGS = "100x100,200x200,300x300,450x450"
+SETTINGS = "100x100,200x200,300x300,450x450,700x700"
 DEFAULT = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES)
 TIMEOUT_S = 12.0
 # Prints the NAT's conntrack count at start and its peak, sampled every 5 ms until its

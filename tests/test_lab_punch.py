@@ -34,9 +34,9 @@ def expectation(a: str, b: str) -> tuple[str, str]:
                            "addresses from each, and refuses the pair at once (neither side "
                            "has a port the other can aim at)")
     if "random" in pair:
-        return "connect", ("birthday: the random side opens 450 sockets (its NAT gives each "
-                           "a random port), the other sends 450 guesses of those ports from "
-                           "its one port; Linux's hot band guessed first, p > 0.99")
+        return "connect", ("birthday: the random side opens 700 sockets (its NAT gives each "
+                           "a random port), the other sends 700 guesses of those ports from "
+                           "its one port; Linux's hot band guessed first, p > 0.999999")
     if a == b == "syn-drop-all":
         return "fail", "both NATs drop every inbound SYN, replies to their own SYNs included"
     return "connect", ("both sides prime: each opens its own NAT's hole with a TTL-limited SYN "

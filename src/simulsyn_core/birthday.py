@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from .numbers import ascii_int
 
-DEFAULT_SOCKETS = 450  # N: the random side's sockets
-DEFAULT_GUESSES = 450  # M: the easy side's guessed ports
+DEFAULT_SOCKETS = 700  # N: the random side's sockets
+DEFAULT_GUESSES = 700  # M: the easy side's guessed ports
 DEFAULT_RATE = 500.0  # new SYNs per second per side, at most
 MAX_SOCKETS = 4096
 MAX_GUESSES = 16384
@@ -224,5 +224,5 @@ def summary(p: Plan) -> str:
     """N, M, the range and the chance, for --verbose."""
     lo, hi = p.port_range
     return (f"{p.sockets} sockets x {p.guesses} guesses over ports {lo}-{hi} ({p.size}): "
-            f"p = {p.p_expected():.3f}" + (" (Linux's hot band, as nat-check saw)"
+            f"p = {p.p_expected():.4f}" + (" (Linux's hot band, as nat-check saw)"
                                            if p.port_hot else " (uniform)"))

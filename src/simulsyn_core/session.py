@@ -414,7 +414,7 @@ def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
     if winner is None:
         return PunchResult(None, [Attempt(1, attempt_time, time.monotonic() - go, "ETIMEDOUT")],
                            None, f"birthday: no guess matched: {plan.sockets} sockets x "
-                           f"{plan.guesses} guesses (p = {plan.p_expected():.3f}), "
+                           f"{plan.guesses} guesses (p = {plan.p_expected():.4f}), "
                            f"{pool.opened} SYNs of ours out, {pool.syns_sent} with the "
                            "kernel's retransmissions")
     sock, index, leftover = winner
