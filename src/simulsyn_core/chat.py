@@ -41,6 +41,25 @@ class _PeerLost(Exception):
     pass
 
 
+class LineInput:
+    """stdin bytes to chat lines: whole lines as they come, a line over PENDING_MAX sent
+    before its newline, the unfinished last line at the end of input."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines ``chunk`` completes; b"" (end of input): the unfinished one, if any."""
+        if not chunk:
+            last, self.pending = self.pending, b""
+            return [_text(last)] if last else []
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        if len(self.pending) > PENDING_MAX:  # a huge line: send what we have
+            lines.append(self.pending)
+            self.pending = b""
+        return [_text(line) for line in lines]
+
+
 class PlainCodec:
     """The original's framing: a length byte, then UTF-8 (messages over 255 bytes are
     cut into several)."""
@@ -165,7 +184,7 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     sock.setblocking(False)
     outbuf = bytearray()
-    pending = b""
+    lines = LineInput()
     sent = received = 0
     stdin_open = peer_open = True
     write_shut = False
@@ -177,22 +196,13 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
         return _broken(sock, exc, event)
 
     def take_input(chunk: bytes) -> None:
-        nonlocal pending, sent, stdin_open
-        if not chunk:  # end of input: frame the last unfinished line
-            if pending:
-                outbuf.extend(codec.encode(_text(pending)))
-                sent += 1
-                pending = b""
+        nonlocal sent, stdin_open
+        for line in lines.feed(chunk):
+            outbuf.extend(codec.encode(line))
+            sent += 1
+        if not chunk:  # end of input: after the last unfinished line, the end
             outbuf.extend(codec.end())
             stdin_open = False
-            return
-        *lines, pending = (pending + chunk).split(b"\n")
-        if len(pending) > PENDING_MAX:  # a huge line: send what we have
-            lines.append(pending)
-            pending = b""
-        for line in lines:
-            outbuf.extend(codec.encode(_text(line)))
-            sent += 1
 
     try:
         while stdin_open or peer_open or outbuf:
@@ -266,6 +276,13 @@ def secure(sock: socket.socket, password: bytes, initial: bytes, timeout_s: floa
     the channel and any chat messages that came with the peer's confirmation. ``initial``:
     bytes already received (after the path check). Raises AuthFailed (also when the peer
     says nothing in time, or leaves), Tampered."""
+    channel, records = secure_records(sock, password, initial, timeout_s)
+    return channel, [p for kind, p in records if kind == DATA]
+
+
+def secure_records(sock: socket.socket, password: bytes, initial: bytes, timeout_s: float
+                   ) -> tuple[Channel, list[tuple[int, bytes]]]:
+    """``secure``, with every record that came with the peer's confirmation (opened)."""
     hs = Handshake(password)
     try:
         _send_all(sock, hs.opening())
@@ -278,7 +295,7 @@ def secure(sock: socket.socket, password: bytes, initial: bytes, timeout_s: floa
             hs.check()
             if hs.confirmed:
                 assert hs.channel is not None
-                return hs.channel, [p for kind, p in hs.leftover() if kind == DATA]
+                return hs.channel, hs.leftover()
             got = next(chunks, None)
             if got is None:
                 raise AuthFailed(f"the peer did not authenticate within {timeout_s:.0f} s")

@@ -7,6 +7,7 @@ broker observes is the one the punch will reuse.
 from __future__ import annotations
 
 import errno
+import re
 import selectors
 import socket
 import time
@@ -32,6 +33,10 @@ WHOAMI_TIMEOUT_S = 2.0  # each answer of the mapping check, at most
 TUPLE_BUSY_S = 2.0  # reconnecting to an older broker: how long our old 4-tuple may linger
 TUPLE_RETRY_S = 0.02
 SEED_POLL_INTERVAL_S = 0.25  # how often --seed-broker asks the list broker again
+RELAY_WAIT_S = 35.0  # for RELAYED: the broker waits 30 s for the peer's RELAY
+RELAY_STATUS_S = 3.0
+RELAY_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+STRATEGY_RELAY = "relay"
 
 Event = Callable[[str], None]
 
@@ -51,6 +56,7 @@ class Rendezvous:
     why: str | None = None  # the broker's reason for the strategy
     birthday: tuple[str, bday.Plan] | None = None  # strategy birthday: our side, the plan
     nameplate: str | None = None  # a code's number we registered under (the broker's, for new)
+    relay: str | None = None  # the broker relays this pair: the token for RELAY (PEER relay=)
 
 
 @dataclass(frozen=True)
@@ -380,7 +386,14 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
                         f"broker {broker}: protocol error: {exc}") from None
     strategy = msg.get("strategy")
     why = (msg.get("why") or "").replace("_", " ") or None
-    if strategy is not None and strategy in strategies:
+    token = msg.get("relay") if STRATEGY_RELAY in strategies else None
+    if token is not None and not RELAY_TOKEN_RE.fullmatch(token):
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"broker {broker}: protocol error: PEER relay= is not a token")
+    if strategy == STRATEGY_RELAY and token is not None:
+        return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
+                          None, why, relay=token)
+    if strategy is not None and strategy in strategies and strategy != STRATEGY_RELAY:
         plan = bday.Plan.parse(msg.get) if strategy == "birthday" else None
         if strategy == "birthday" and plan is None:
             raise ToolError(ExitStatus.BROKER_UNREACHABLE,
@@ -388,8 +401,8 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
                             "a whole plan")
         control = Control(sock, broker, decoder) if strategy in EXCHANGED else None
         return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
-                          control, why, plan)
-    return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall)
+                          control, why, plan, relay=token)
+    return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, relay=token)
 
 
 def _finish(sock: socket.socket, deadline: float) -> None:
@@ -436,3 +449,66 @@ def seed_rendezvous(broker: Endpoint, local_port: int, deadline: float,
                             f"no other endpoint appeared on list broker {broker} in time "
                             f"({polls} polls)")
         time.sleep(SEED_POLL_INTERVAL_S)
+
+
+def relay_connect(broker: Endpoint, token: str, deadline: float) -> tuple[socket.socket, bytes]:
+    """Join the broker's relay for our pair (docs/protocol.md, "Relay"): a new connection
+    from any port, ``RELAY token=``, then RELAYED once the peer is there too. Returns the
+    connection (raw bytes to and from the peer from then on) and what came after RELAYED.
+    Raises ToolError(PUNCH_FAILED) when the broker refuses, BROKER_UNREACHABLE when it
+    cannot be reached."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
+                                                     deadline - time.monotonic()))
+        if code:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"relay {broker}: connect failed: {describe_errno(code)}")
+        sock.setblocking(True)
+        try:
+            sock.sendall(encode_message("RELAY", token=token))
+        except OSError as exc:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"relay {broker}: {exc.strerror or exc}") from None
+        decoder = LineDecoder()
+        late = (ExitStatus.PUNCH_FAILED, f"relay {broker}: the peer did not join the relay "
+                                         "in time")
+        msg = _next_message(sock, decoder, min(deadline, time.monotonic() + RELAY_WAIT_S),
+                            broker, late, first=True)
+        if msg is None:
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"relay {broker} closed the connection before RELAYED")
+        if msg.verb == "ERROR":
+            raise ToolError(ExitStatus.PUNCH_FAILED, f"relay {broker}: {_refusal(msg)}")
+        if msg.verb != "RELAYED":
+            raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                            f"relay {broker}: protocol error: unexpected {msg.verb}")
+        leftover = bytes(decoder.buffer)
+        decoder.buffer.clear()
+        return sock, leftover
+    except BaseException:
+        sock.close()
+        raise
+
+
+def relay_status(broker: Endpoint, token: str) -> str:
+    """Why the broker ended our relayed session (RELAY_STATUS), as a sentence; best effort
+    (a broker that cannot say gets "the relay connection broke")."""
+    deadline = time.monotonic() + RELAY_STATUS_S
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if connect_nonblocking(sock, broker, RELAY_STATUS_S):
+            return "the relay connection broke (the broker cannot be asked why)"
+        sock.setblocking(True)
+        sock.sendall(encode_message("RELAY_STATUS", token=token))
+        late = (ExitStatus.BROKER_UNREACHABLE, "no answer")
+        msg = _next_message(sock, LineDecoder(), deadline, broker, late, first=True)
+    except (OSError, ToolError):
+        return "the relay connection broke (the broker cannot be asked why)"
+    finally:
+        sock.close()
+    if msg is None or msg.verb != "RELAY_ENDED":
+        return "the relay connection broke (the broker did not say why)"
+    reason = msg.get("reason") or "unknown"
+    text = (msg.get("message") or "").replace("_", " ")
+    return f"the relay ended the session: {reason}" + (f": {text}" if text else "")

@@ -32,6 +32,12 @@ HEADER = struct.Struct("!HQ")  # length of what follows the length field, seq
 TAG_LEN = 16
 RECORD_MAX = 16384  # payload bytes per record; longer chat lines are cut into several
 CONFIRM, DATA, END = 0, 1, 2
+# A relayed session numbers its messages, so that they can move to a direct connection
+# (moving.py): NUMBERED is ``number:u64 | text``, MOVE ``next number:u64`` (the sender's
+# messages from that number on come over the direct connection).
+NUMBERED, MOVE = 3, 4
+NUMBER = struct.Struct("!Q")
+KINDS = frozenset({CONFIRM, DATA, END, NUMBERED, MOVE})
 CONFIRM_TEXT = b"simulsyn e2e v1"
 CIPHER = "ChaCha20-Poly1305"
 PAKE = "SPAKE2 (Ed25519, symmetric)"
@@ -97,17 +103,14 @@ class Channel:
 
     def seal_text(self, text: str) -> bytes:
         """A chat message as DATA records, cut on character boundaries."""
-        data = text.encode("utf-8")
-        out = bytearray()
-        start = 0
-        while True:
-            end = min(start + RECORD_MAX, len(data))
-            while end < len(data) and end > start and (data[end] & 0xC0) == 0x80:
-                end -= 1
-            out += self.seal(DATA, data[start:end])
-            start = end
-            if start >= len(data):
-                return bytes(out)
+        return b"".join(self.seal(DATA, chunk) for chunk in cut_text(text, RECORD_MAX))
+
+    def seal_numbered(self, first: int, text: str) -> tuple[bytes, int]:
+        """A chat message as NUMBERED records (one number each, from ``first``): the
+        records and how many."""
+        chunks = cut_text(text, RECORD_MAX - NUMBER.size)
+        return b"".join(self.seal(NUMBERED, NUMBER.pack(first + i) + chunk)
+                        for i, chunk in enumerate(chunks)), len(chunks)
 
     def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
         """The records in ``data`` (buffered across calls), opened: (type, payload).
@@ -141,8 +144,8 @@ class Channel:
             kind, payload = plain[0], plain[1:]
             if kind == END:
                 self.ended = True
-            elif kind not in (DATA, CONFIRM):
-                raise Tampered("altered", f"record {seq} of unknown type {kind}")
+            elif kind not in KINDS or (kind in (NUMBERED, MOVE) and len(payload) < 8):
+                raise Tampered("altered", f"record {seq} of unknown type or size ({kind})")
             yield kind, payload
 
     def check_end(self) -> None:
@@ -154,6 +157,22 @@ class Channel:
     @property
     def pending(self) -> int:
         return len(self.buffer)
+
+
+def cut_text(text: str, size: int) -> list[bytes]:
+    """``text`` in UTF-8, cut into pieces of at most ``size`` bytes on character
+    boundaries (one empty piece for an empty text)."""
+    data = text.encode("utf-8")
+    pieces = []
+    start = 0
+    while True:
+        end = min(start + size, len(data))
+        while end < len(data) and end > start and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        pieces.append(data[start:end])
+        start = end
+        if start >= len(data):
+            return pieces
 
 
 class Handshake:

@@ -6,16 +6,34 @@ import contextlib
 import random
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
 
 from . import birthday as bday
-from .chat import SealedCodec, chat, close_cleanly, confirm_path, hello_exchange, secure
-from .client import Control, NatFacts, Rendezvous, rendezvous, seed_rendezvous
+from .chat import (
+    SealedCodec,
+    chat,
+    close_cleanly,
+    confirm_path,
+    hello_exchange,
+    secure_records,
+)
+from .client import (
+    STRATEGY_RELAY,
+    Control,
+    NatFacts,
+    Rendezvous,
+    relay_connect,
+    relay_status,
+    rendezvous,
+    seed_rendezvous,
+)
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
+from .moving import MovingChat, Upgrade, Upgrades
 from .prime import (
     DEFAULT_TTL,
     FULL_TTL,
@@ -40,7 +58,7 @@ from .punch import (
     punch,
 )
 from .rendezvous import STRATEGY_BIRTHDAY, STRATEGY_ORDER, STRATEGY_PRIME, STRATEGY_SYNC
-from .secure import CIPHER, PAKE, AuthFailed, Tampered
+from .secure import CIPHER, DATA, END, PAKE, AuthFailed, Channel, Tampered
 from .sockets import abort, bound_socket
 from .spray import Pool, raise_nofile
 
@@ -63,6 +81,15 @@ BIRTHDAY_LINGER_S = 1.2
 # much later.
 BIRTHDAY_HOLD_S = 2.2
 BIRTHDAY_OPEN_UP_MAX_S = 0.95  # open up at most this long after GO (before the first resend)
+# With a relay (the broker's PEER relay=): the punch gets this long, then the chat goes
+# through the relay while the punch goes on in the background (upgrade rounds).
+RELAY_AFTER_S = 6.0
+RELAY_JOIN_MIN_S = 8.0  # to join the relay, at least (the peer's punch fails about then)
+# The background rounds: the pause before each (the first punch just failed), and each
+# round's bound (the peer's registration for it included).
+UPGRADE_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 30.0, 30.0)
+UPGRADE_ROUND_S = 20.0
+RELAY_MODES = ("auto", "never", "only")
 # What each --strategy offers the broker (REGISTER strategies=); auto offers all, and the
 # broker chooses from what it knows of both NATs (rendezvous.plan_pair).
 _ALL = (STRATEGY_PRIME, STRATEGY_ORDER, STRATEGY_SYNC, STRATEGY_BIRTHDAY)
@@ -92,6 +119,7 @@ class PunchConfig:
     words: str | None = None  # a code's words (with the number: the PAKE's password)
     secret: str | None = None  # --secret: the PAKE's password with --session or --peer
     plain: bool = False  # --plain: the original's framing, no PAKE, no encryption
+    relay: str = "auto"  # one of RELAY_MODES: the broker's relay when the punch fails
 
     @property
     def mode(self) -> str:
@@ -129,6 +157,8 @@ class PunchReport:
     birthday: dict[str, Any] | None = None  # strategy birthday: N, M, range, chance, winner
     nameplate: str | None = None  # the code's number (never its words)
     security: dict[str, Any] | None = None  # mode, encrypted, authenticated, verifier...
+    path: str | None = None  # "direct" or "relay": where the chat ran (ended) once connected
+    upgraded_after_s: float | None = None  # relay -> direct: seconds after the relay came up
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,24 +237,35 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     report.peer_known_at = rdv.known_wall
     event(f"peer {rdv.peer}" + (f" (its local endpoint {rdv.peer_local})" if rdv.peer_local
                                 else "") + (f"; our role: {rdv.role}" if rdv.role else ""))
-    schedule = PunchSchedule(cfg.retries, cfg.retry_interval_s, cfg.attempt_timeout_s)
-    # Both sides of a broker session are synprobe: prove the path before calling it up.
-    # The original's peers (seed-broker, direct) would not answer the check.
-    confirm = confirm_path if cfg.mode == "broker" else None
-    if rdv.birthday is not None and rdv.control is not None:
-        result = _birthday(cfg, rdv, rdv.control, port, deadline, event, report)
-    else:
-        pending = _choose(cfg, rdv, port, deadline, event, report)
-        result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm,
-                       pending)
-    if result.sock is not None:
-        clear_minttl(result.sock)
+    token = rdv.relay if cfg.relay != "never" else None
+    if cfg.relay == "only" and token is None:
+        if rdv.control is not None:
+            rdv.control.sock.close()
+        raise ToolError(ExitStatus.PUNCH_FAILED, "--relay only: the broker offers no relay "
+                        "(it runs without --relay, or is an older synprobe broker)")
+    if token is not None and (rdv.strategy == STRATEGY_RELAY or cfg.relay == "only"):
+        if rdv.control is not None:
+            rdv.control.sock.close()
+        report.strategy = STRATEGY_RELAY
+        report.strategy_reason = rdv.why if rdv.strategy == STRATEGY_RELAY else "--relay only"
+        event(f"relay: {report.strategy_reason}")
+        return _relayed(cfg, rdv, token, port, deadline, event, report, on_report, chat_mode,
+                        stdin_fd, out, upgrade=False)
+    direct_deadline = deadline if token is None else min(deadline,
+                                                         time.monotonic() + RELAY_AFTER_S)
+    result = _punch_direct(cfg, rdv, port, direct_deadline, event, report)
     report.attempts = len(result.attempts)
     report.attempt_log = [
         {"n": a.number, "t_s": round(a.started_s, 6), "duration_s": round(a.duration_s, 6),
          "outcome": a.outcome} for a in result.attempts]
+    if result.sock is None and token is not None:
+        event(f"punch to {rdv.peer} failed ({result.error}); the chat goes through the "
+              "broker's relay, and the punch goes on in the background")
+        return _relayed(cfg, rdv, token, port, deadline, event, report, on_report, chat_mode,
+                        stdin_fd, out, upgrade=True)
     if result.sock is None:
         raise ToolError(ExitStatus.PUNCH_FAILED, f"punch to {rdv.peer} failed: {result.error}")
+    report.path = "direct"
     assert result.established_at is not None
     report.established = True
     report.local = str(result.local)
@@ -247,6 +288,133 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
             return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
         initial = b"" if codec is not None else result.leftover
         return chat(sock, stdin_fd, out, event, initial=initial, codec=codec, early=early)
+
+
+def _punch_direct(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
+                  event: Callable[[str], None], report: PunchReport) -> PunchResult:
+    """The punch for the strategy the broker chose (or the options'), until ``deadline``."""
+    schedule = PunchSchedule(cfg.retries, cfg.retry_interval_s, cfg.attempt_timeout_s)
+    # Both sides of a broker session are synprobe: prove the path before calling it up.
+    # The original's peers (seed-broker, direct) would not answer the check.
+    confirm = confirm_path if cfg.mode == "broker" else None
+    if rdv.birthday is not None and rdv.control is not None:
+        result = _birthday(cfg, rdv, rdv.control, port, deadline, event, report)
+    else:
+        pending = _choose(cfg, rdv, port, deadline, event, report)
+        result = punch(port, rdv.peer, schedule, deadline, rdv.known_at, event, confirm,
+                       pending)
+    if result.sock is not None:
+        clear_minttl(result.sock)
+    return result
+
+
+def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline: float,
+             event: Callable[[str], None], report: PunchReport,
+             on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
+             out: TextIO, upgrade: bool) -> ExitStatus:
+    """The session through the broker's relay (docs/protocol.md, "Relay"); with
+    ``upgrade``, the punch goes on in the background and the chat moves onto the first
+    direct connection that comes up (moving.py)."""
+    assert cfg.broker is not None
+    sock, leftover = relay_connect(cfg.broker, token, max(deadline, time.monotonic()
+                                                          + RELAY_JOIN_MIN_S))
+    relayed_at = time.monotonic()
+    _phase(report, rdv.known_at, "relay")
+    report.established = True
+    report.path = "relay"
+    report.local = str(Endpoint.from_sockaddr(sock.getsockname()))
+    report.elapsed_s = round(relayed_at - rdv.known_at, 6)
+    report.established_at = rdv.known_wall + (relayed_at - rdv.known_at)
+    event(f"relayed: connected to the peer through the broker's relay {cfg.broker}, "
+          f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
+
+    def broke() -> str:
+        return relay_status(cfg.broker, token)  # type: ignore[arg-type]
+
+    mode, password = protection(cfg, rdv.nameplate)
+    if password is None:
+        _protect(cfg, rdv, sock, leftover, event, report)
+        event("the relay reads and could change this chat (not encrypted); no move to a "
+              "direct connection without encryption")
+        on_report(report)
+        with sock:
+            if chat_mode == "hello":
+                return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
+            status = chat(sock, stdin_fd, out, event, initial=leftover)
+            if status == ExitStatus.PEER_LOST:
+                event(broke())
+            return status
+    channel, records = _secure(cfg, rdv, sock, leftover, event, report)
+    event("the relay sees only sealed records: it cannot read or change the chat")
+    if chat_mode == "hello":
+        on_report(report)
+        with sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(channel.seal(END))
+            return close_cleanly(sock)
+    upgrades = None
+    if upgrade:
+        upgrades = Upgrades()
+        threading.Thread(target=_upgrade_rounds, name="upgrade", daemon=True,
+                         args=(cfg, token, port, password, upgrades, event)).start()
+
+    def moved(at: float) -> None:
+        report.path = "direct"
+        report.upgraded_after_s = round(at - relayed_at, 6)
+        _phase(report, rdv.known_at, "upgraded")
+
+    # With a move possible, the JSON says where the chat ended: it comes at the end.
+    if upgrades is None:
+        on_report(report)
+    try:
+        return MovingChat(sock, channel, records, stdin_fd, out, event, upgrades, broke,
+                          moved).run()
+    finally:
+        on_report(report)
+
+
+def _upgrade_rounds(cfg: PunchConfig, token: str, port: int, password: bytes,
+                    upgrades: Upgrades, event: Callable[[str], None]) -> None:
+    """In the background of a relayed chat: punch again, round after round, each a new
+    pairing at the broker (session ``<token>.<round>``, which only the two peers know),
+    with the strategy it chooses; hand the first direct connection that passes the path
+    check and the PAKE to the chat."""
+    assert cfg.broker is not None
+    for number, pause in enumerate(UPGRADE_PAUSES_S, 1):
+        if upgrades.stop.wait(pause):
+            return
+
+        def said(text: str, n: int = number) -> None:
+            if not upgrades.stop.is_set():
+                event(f"upgrade {n}: {text}")
+
+        sub = replace(cfg, session=f"{token}.{number}", nameplate=None, relay="never")
+        scratch = PunchReport()
+        deadline = time.monotonic() + UPGRADE_ROUND_S
+        result: PunchResult | None = None
+        try:
+            rdv = _learn_peer(sub, port, deadline, said)
+            result = _punch_direct(sub, rdv, port, deadline, said, scratch)
+            if result.sock is None:
+                said(f"no direct connection ({result.error})")
+                continue
+            channel, records = secure_records(result.sock, password, result.leftover,
+                                              AUTH_TIMEOUT_S)
+        except ToolError as exc:
+            said(exc.message)
+            continue
+        except (AuthFailed, Tampered, OSError) as exc:
+            said(f"the direct connection failed its authentication: {exc}")
+            if result is not None and result.sock is not None:
+                abort(result.sock)
+            continue
+        what = f"{result.local} <-> {result.peer or rdv.peer}"
+        said(f"direct connection {what} up and authenticated")
+        if not upgrades.offer(Upgrade(result.sock, channel, records, what)):
+            abort(result.sock)
+        return
+    event("upgrade: no direct connection after "
+          f"{len(UPGRADE_PAUSES_S)} rounds; the chat stays on the relay")
 
 
 def protection(cfg: PunchConfig, nameplate: str | None) -> tuple[str, bytes | None]:
@@ -283,9 +451,23 @@ def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: b
         why = "--plain" if cfg.plain else "the original's peers speak only plain framing"
         event(f"the chat is NOT encrypted ({why}): anyone on the path can read and change it")
         return None, []
-    info["pake"] = PAKE
+    channel, records = _secure(cfg, rdv, sock, leftover, event, report)
+    return SealedCodec(channel), [p for kind, p in records if kind == DATA]
+
+
+def _secure(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: bytes,
+            event: Callable[[str], None], report: PunchReport
+            ) -> tuple[Channel, list[tuple[int, bytes]]]:
+    """The PAKE of a protected session (``protection`` gives a password): the channel and
+    the records that came with the peer's confirmation. Raises ToolError(AUTH_FAILED or
+    TAMPERED)."""
+    mode, password = protection(cfg, rdv.nameplate)
+    assert password is not None
+    info: dict[str, Any] = {"mode": mode, "encrypted": False, "authenticated": False,
+                            "pake": PAKE, "cipher": None, "verifier": None}
+    report.security = info
     try:
-        channel, early = secure(sock, password, leftover, AUTH_TIMEOUT_S)
+        channel, records = secure_records(sock, password, leftover, AUTH_TIMEOUT_S)
     except Tampered as exc:  # a record that came with the peer's confirmation
         abort(sock)
         raise ToolError(ExitStatus.TAMPERED, f"connection closed: a {exc} (not the peer's "
@@ -304,7 +486,7 @@ def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: b
         event(f"authenticated: the peer holds the same {'code' if mode == 'code' else 'secret'}"
               f"; the chat is encrypted ({CIPHER}); verification string {channel.verifier} "
               "(the peer sees the same)")
-    return SealedCodec(channel), early
+    return channel, records
 
 
 def _birthday(cfg: PunchConfig, rdv: Rendezvous, control: Control, port: int,
@@ -657,8 +839,9 @@ def _learn_peer(cfg: PunchConfig, port: int, deadline: float, event: Callable[[s
         event(f"registering with broker {cfg.broker} " + (
             "for a new code" if key == "new" else f"under code number {key}"
             if cfg.nameplate is not None else f"in session {key!r}"))
+        offers = OFFERS[cfg.strategy] + ((STRATEGY_RELAY,) if cfg.relay != "never" else ())
         return rendezvous(cfg.broker, key, port, deadline, event,
-                          OFFERS[cfg.strategy], on_broker_address, cfg.facts,
+                          offers, on_broker_address, cfg.facts,
                           (cfg.birthday_sockets, cfg.birthday_guesses),
                           nameplate=cfg.nameplate is not None, on_nameplate=on_nameplate)
     if cfg.seed_broker is not None:

@@ -225,12 +225,21 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
                    "P(success) ~ 1 - exp(-N*M/R) for R ports in the random NAT's range.")
 @click.option("--birthday-rate", type=FiniteFloatRange(1, MAX_RATE), default=DEFAULT_RATE,
               show_default=True, help="Birthday punching: new SYNs per second at most.")
+@click.option("--relay", "relay", type=click.Choice(("auto", "never", "only")), default="auto",
+              show_default=True,
+              help="With a synprobe broker that relays (broker --relay): auto: when the "
+                   "punch fails (6 s) or cannot work, chat through the broker's relay while "
+                   "the punch goes on in the background, and move the chat onto the direct "
+                   "connection when it comes up (nothing lost, repeated or reordered); "
+                   "only: the relay at once, no punch; never: no relay (exit 5 when the "
+                   "punch fails). The relay sees only sealed records (not with --plain).")
 @click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
 @click.option("--no-chat", is_flag=True,
               help="Exit 0 once connected and both sides exchanged one framed hello.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout when connected or given up "
-                   "(chat lines follow it).")
+                   "(chat lines follow it); for a chat through the relay that may move "
+                   "to a direct connection, when the chat ends (after its lines).")
 @click.option("--pcap", "pcap_path", metavar="FILE",
               help="Write the run's packets (its port's TCP, ICMP errors about it) to this "
                    "pcapng, each with a comment naming its role. Needs CAP_NET_RAW; "
@@ -240,7 +249,7 @@ def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,
           role: str | None, use_natcheck: bool, birthday_sockets: int, birthday_guesses: int,
-          birthday_rate: float, verbose: bool, no_chat: bool, as_json: bool,
+          birthday_rate: float, relay: str, verbose: bool, no_chat: bool, as_json: bool,
           pcap_path: str | None) -> None:
     """Connect to a peer by TCP simultaneous open, then chat.
 
@@ -271,7 +280,9 @@ def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
     peer_local, role, attempts, elapsed_s, error, exit_code, peer_known_at,
     established_at, attempt_log, strategy, strategy_reason, ttl, ttl_source, phases,
     birthday (null unless birthday punching ran), nameplate (the code's number), security
-    (mode, encrypted, authenticated, pake, cipher, verifier).
+    (mode, encrypted, authenticated, pake, cipher, verifier), path (direct or relay:
+    where the chat ended), upgraded_after_s (relay to direct: seconds after the relay
+    came up).
     """
     from simulsyn_core.session import PunchConfig, PunchReport, run_punch
 
@@ -326,7 +337,7 @@ def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
                       strategy=strategy, ttl=ttl, role=role, facts=facts,
                       birthday_sockets=birthday_sockets, birthday_guesses=birthday_guesses,
                       birthday_rate=birthday_rate, nameplate=nameplate, words=words,
-                      secret=secret, plain=plain)
+                      secret=secret, plain=plain, relay=relay)
 
     def on_nameplate(number: str) -> None:
         from simulsyn_core.codes import make_code

@@ -64,18 +64,26 @@ class PeerRun:
 
     @property
     def report(self) -> dict[str, object] | None:
-        """The --json object (the first stdout line), if there is one."""
-        first = self.stdout.split("\n", 1)[0]
-        try:
-            value = json.loads(first)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        """The --json object, if there is one: the first stdout line, or the last (a
+        relayed chat that may move prints it when it ends)."""
+        return self._json_at()[1]
+
+    def _json_at(self) -> tuple[int | None, dict[str, object] | None]:
+        lines = self.stdout.splitlines()
+        for index in (0, len(lines) - 1) if lines else ():
+            try:
+                value = json.loads(lines[index])
+            except ValueError:
+                continue
+            if isinstance(value, dict) and "established" in value:
+                return index, value
+        return None, None
 
     @property
     def chat_lines(self) -> list[str]:
         lines = self.stdout.splitlines()
-        return lines[1:] if self.report is not None else lines
+        index = self._json_at()[0]
+        return lines if index is None else lines[:index] + lines[index + 1:]
 
 
 # A peer of punch_pair imports everything first, says so on fd W, and runs only once a
@@ -91,10 +99,14 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
                args: Sequence[str] = (), first: str = "a", stagger_s: float = 0.3,
                timeout_s: float = 30.0, broker: str | None = None,
                side_args: dict[str, Sequence[str]] | None = None,
-               side_env: dict[str, dict[str, str]] | None = None) -> tuple[PeerRun, PeerRun]:
+               side_env: dict[str, dict[str, str]] | None = None,
+               streams: tuple[Sequence[str], Sequence[str]] | None = None,
+               every_s: float = 0.1) -> tuple[PeerRun, PeerRun]:
     """Run `synprobe punch` on hA and hB at once; returns (A's run, B's run).
     ``args`` go to both, ``side_args["a"]``/``["b"]`` to one side only; ``side_env``:
     environment variables added for one side (its own SYNPROBE_STATE_DIR, say).
+    ``streams``: instead of ``messages``, lines written to each side's stdin one every
+    ``every_s`` seconds from its start (then stdin is closed).
 
     Both are started and their imports done before either runs; then ``first`` runs
     ``stagger_s`` before the other, so the order of start is known.
@@ -105,13 +117,15 @@ def punch_pair(lab: Lab, session: str, *, messages: tuple[str, str] = ("", ""),
         env = {side: {"SYNPROBE_STATE_DIR": state, **(side_env or {}).get(side, {})}
                for side in "ab"}
         return _punch_pair(lab, session, messages, args, first, stagger_s, timeout_s,
-                           broker, side_args, env)
+                           broker, side_args, env, streams, every_s)
 
 
 def _punch_pair(lab: Lab, session: str, messages: tuple[str, str], args: Sequence[str],
                 first: str, stagger_s: float, timeout_s: float, broker: str | None,
                 side_args: dict[str, Sequence[str]] | None,
-                side_env: dict[str, dict[str, str]]) -> tuple[PeerRun, PeerRun]:
+                side_env: dict[str, dict[str, str]],
+                streams: tuple[Sequence[str], Sequence[str]] | None = None,
+                every_s: float = 0.1) -> tuple[PeerRun, PeerRun]:
     target = broker or f"{BROKER_IPS[0]}:{BROKER_PORT}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     gates: dict[str, int] = {}
@@ -154,8 +168,13 @@ def _punch_pair(lab: Lab, session: str, messages: tuple[str, str], args: Sequenc
     # Feed each side its message and close stdin; collect both (bounded).
     def finish(side: str) -> PeerRun:
         proc = procs[side]
+        stream = streams[0 if side == "a" else 1] if streams is not None else None
+        limit = timeout_s + 15 + (len(stream) * every_s if stream is not None else 0.0)
         try:
-            out, err = proc.communicate(inputs[side].encode(), timeout=timeout_s + 15)
+            if stream is not None:
+                _write_slowly(proc, stream, every_s)
+            out, err = proc.communicate(None if stream is not None else inputs[side].encode(),
+                                        timeout=limit)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate(timeout=5)
@@ -175,3 +194,25 @@ def _punch_pair(lab: Lab, session: str, messages: tuple[str, str], args: Sequenc
     finally:
         pool.shutdown(wait=True)
     return results["a"], results["b"]
+
+
+def _write_slowly(proc: subprocess.Popen[bytes], lines: Sequence[str], every_s: float) -> None:
+    """Write ``lines`` to ``proc``'s stdin one every ``every_s`` seconds, then close it
+    (a peer that exits early ends the writing). Its output is read afterwards: it must
+    stay under the pipes' 64 KiB meanwhile."""
+    assert proc.stdin is not None
+    try:
+        for line in lines:
+            if proc.poll() is not None:
+                break
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+            time.sleep(every_s)
+    except BrokenPipeError:
+        pass
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        proc.stdin = None

@@ -1,0 +1,195 @@
+"""The relayed chat's move to a direct connection (moving.py), over socket pairs: every
+message of a numbered stream delivered once and in order on both sides, whenever the
+move comes; a lost, repeated or misplaced message is caught."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core.moving import MovingChat, Upgrade, Upgrades
+from simulsyn_core.secure import MOVE, NUMBER, NUMBERED, Channel
+
+KEY = bytes(range(32))
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one TCP connection on loopback (the chat sets TCP options)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+    return client, server
+
+
+def channels(key: bytes = KEY) -> tuple[Channel, Channel]:
+    """Both ends' channels for one connection (as after the PAKE: A's message, B's)."""
+    a_msg, b_msg = os.urandom(33), os.urandom(33)
+    return Channel(key, a_msg, b_msg), Channel(key, b_msg, a_msg)
+
+
+class Side:
+    """One peer's MovingChat in a thread, its stdin a pipe we write numbered lines to."""
+
+    def __init__(self, name: str, relay: socket.socket, channel: Channel,
+                 upgrades: Upgrades | None) -> None:
+        self.name = name
+        self.stdin_r, self.stdin_w = os.pipe()
+        self.out = io.StringIO()
+        self.events: list[str] = []
+        self.moved: list[float] = []
+        self.upgrades = upgrades
+        self.chat = MovingChat(relay, channel, [], self.stdin_r, self.out, self.events.append,
+                               upgrades, lambda: "relay gone", self.moved.append)
+        self.status: ExitStatus | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.status = self.chat.run()
+
+    def feed(self, count: int, every_s: float, move_at: int | None = None,
+             upgrade: Upgrade | None = None) -> None:
+        for i in range(count):
+            if i == move_at and upgrade is not None and self.upgrades is not None:
+                assert self.upgrades.offer(upgrade)
+            os.write(self.stdin_w, f"{self.name} {i}\n".encode())
+            time.sleep(every_s)
+        os.close(self.stdin_w)
+
+    def lines(self) -> list[str]:
+        return self.out.getvalue().splitlines()
+
+
+def run_pair(count: int, move_at_a: int | None, move_at_b: int | None,
+             every_s: float = 0.002) -> tuple[Side, Side]:
+    relay_a, relay_b = tcp_pair()
+    direct_a, direct_b = tcp_pair()
+    ra, rb = channels()
+    da, db = channels(bytes(32))
+    a = Side("A", relay_a, ra, Upgrades())
+    b = Side("B", relay_b, rb, Upgrades())
+    up_a = Upgrade(direct_a, da, [], "direct-a")
+    up_b = Upgrade(direct_b, db, [], "direct-b")
+    a.thread.start()
+    b.thread.start()
+    feeders = [threading.Thread(target=a.feed, args=(count, every_s, move_at_a, up_a)),
+               threading.Thread(target=b.feed, args=(count, every_s, move_at_b, up_b))]
+    for f in feeders:
+        f.start()
+    for f in feeders:
+        f.join(30)
+    for side in (a, b):
+        side.thread.join(30)
+        assert not side.thread.is_alive(), side.events
+        os.close(side.stdin_r)
+    return a, b
+
+
+@pytest.mark.parametrize("move_a, move_b", [(100, 100), (30, 170), (0, 199), (None, None)])
+def test_every_message_once_and_in_order_across_the_move(move_a: int | None,
+                                                         move_b: int | None) -> None:
+    count = 200
+    a, b = run_pair(count, move_a, move_b)
+    assert (a.status, b.status) == (ExitStatus.OK, ExitStatus.OK), (a.events, b.events)
+    assert a.lines() == [f"B {i}" for i in range(count)], a.events
+    assert b.lines() == [f"A {i}" for i in range(count)], b.events
+    for side, move in ((a, move_a), (b, move_b)):
+        assert bool(side.moved) == (move is not None), side.events
+        if move is not None:
+            # Offered before line ``move`` was written: the move comes at or after it.
+            said = [e for e in side.events if e.startswith("moved to the direct")]
+            assert len(said) == 1, side.events
+            at = int(said[0].split("from #")[1].split()[0])
+            assert move <= at <= count, side.events
+
+
+def test_the_move_after_input_ended_moves_nothing_of_ours() -> None:
+    """A's input ends before the direct connection comes: A's messages all went over the
+    relay; B's move still reaches A (A reads B's rest over the direct connection)."""
+    relay_a, relay_b = tcp_pair()
+    direct_a, direct_b = tcp_pair()
+    ra, rb = channels()
+    da, db = channels(bytes(32))
+    a = Side("A", relay_a, ra, Upgrades())
+    b = Side("B", relay_b, rb, Upgrades())
+    a.thread.start()
+    b.thread.start()
+    a.feed(5, 0.0)
+    time.sleep(0.2)
+    assert a.upgrades is not None and b.upgrades is not None
+    a.upgrades.offer(Upgrade(direct_a, da, [], "direct-a"))
+    b.feed(10, 0.01, move_at=3, upgrade=Upgrade(direct_b, db, [], "direct-b"))
+    for side in (a, b):
+        side.thread.join(30)
+        os.close(side.stdin_r)
+    assert (a.status, b.status) == (ExitStatus.OK, ExitStatus.OK), (a.events, b.events)
+    assert a.lines() == [f"B {i}" for i in range(10)]
+    assert b.lines() == [f"A {i}" for i in range(5)]
+    assert not a.moved and b.moved
+
+
+def _raw_peer(records: list[bytes]) -> tuple[Side, socket.socket]:
+    relay_a, relay_b = tcp_pair()
+    ra, rb = channels()
+    a = Side("A", relay_a, ra, None)
+    a.thread.start()
+    os.close(a.stdin_w)
+    relay_b.sendall(b"".join(rb.seal(NUMBERED, NUMBER.pack(n) + b"x") if kind == NUMBERED
+                             else rb.seal(kind, NUMBER.pack(n)) for kind, n in records))
+    return a, relay_b
+
+
+@pytest.mark.parametrize("records, status, said", [
+    ([(NUMBERED, 0), (NUMBERED, 2)], ExitStatus.TAMPERED, "#2 came when #1 was due"),
+    ([(NUMBERED, 0), (MOVE, 3)], ExitStatus.TAMPERED, "moved at message #3, #1 was due"),
+])
+def test_a_lost_or_misplaced_message_is_caught(records: list[tuple[int, int]],
+                                               status: ExitStatus, said: str) -> None:
+    a, peer = _raw_peer(records)
+    a.thread.join(10)
+    peer.close()
+    os.close(a.stdin_r)
+    assert a.status == status, a.events
+    assert any(said in e for e in a.events), a.events
+
+
+def test_a_repeated_message_is_dropped_and_said() -> None:
+    a, peer = _raw_peer([(NUMBERED, 0), (NUMBERED, 1), (NUMBERED, 1), (NUMBERED, 2)])
+    time.sleep(0.3)
+    peer.close()  # no END: truncated, but the duplicate was dropped first
+    a.thread.join(10)
+    os.close(a.stdin_r)
+    assert a.lines() == ["x", "x", "x"]
+    assert any("#1 came again: dropped" in e for e in a.events), a.events
+
+
+def test_a_move_to_a_direct_connection_that_never_comes_here_is_bounded(monkeypatch) -> None:
+    """A moved (it has the direct connection), B's end never comes up: B gives up after
+    DIRECT_WAIT_S with PEER_LOST, it does not hang."""
+    monkeypatch.setattr("simulsyn_core.moving.DIRECT_WAIT_S", 1.0)
+    relay_a, relay_b = tcp_pair()
+    direct_a, direct_b = tcp_pair()
+    ra, rb = channels()
+    da, _ = channels(bytes(32))
+    a = Side("A", relay_a, ra, Upgrades())
+    b = Side("B", relay_b, rb, Upgrades())
+    a.thread.start()
+    b.thread.start()
+    feeder = threading.Thread(target=a.feed, args=(3, 0.01, 1, Upgrade(direct_a, da, [], "d")))
+    feeder.start()
+    started = time.monotonic()
+    b.thread.join(10)
+    assert not b.thread.is_alive() and time.monotonic() - started < 5
+    assert b.status == ExitStatus.PEER_LOST, b.events
+    assert any("did not come up here" in e for e in b.events), b.events
+    os.close(b.stdin_w)
+    feeder.join(5)
+    a.thread.join(10)
+    direct_b.close()
+    for side in (a, b):
+        os.close(side.stdin_r)
