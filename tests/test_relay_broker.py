@@ -348,3 +348,88 @@ def test_broker_without_relay_says_relay_off() -> None:
     with broker() as bp:
         line = refused(relay(bp.port, "a" * 32))
         assert line.startswith(b"SSYN1 ERROR code=relay-off"), line
+
+
+def test_a_reader_that_stops_holds_the_sender_back_memory_bounded() -> None:
+    """B reads nothing: the broker stops reading A once ~1 MiB waits for B, so A's
+    sends block (its bytes stay in the kernels' buffers), and the broker's memory does
+    not grow with what A tries to send."""
+    from .test_broker_abuse import rss_kb
+
+    with relay_broker(rate=0, budget=0) as bp:
+        a, b = relayed_pair(bp.port, new_token(bp.port, "stuck"))
+        with a, b:
+            rss0 = rss_kb(bp.proc.pid)
+            a.settimeout(0.5)
+            sent = 0
+            chunk = b"z" * (1 << 20)
+            end = time.monotonic() + IO_TIMEOUT_S
+            with contextlib.suppress(TimeoutError):
+                while sent < 200 << 20 and time.monotonic() < end:
+                    sent += a.send(chunk)
+            grew_mb = (rss_kb(bp.proc.pid) - rss0) / 1024
+            # Loopback's socket buffers hold a few MB each (A's send, B's receive, and the
+            # broker's two): all of them, plus the relay's ~1.25 MiB, are far below 200 MB.
+            assert sent < 64 << 20, sent
+            assert grew_mb < 16, grew_mb
+            # Then B reads: everything A sent arrives, in order and whole.
+            a.shutdown(socket.SHUT_WR)
+            data, err = read_to_end(b)
+            assert err is None and data == b"z" * sent
+
+
+def test_broker_stop_resets_relayed_sessions() -> None:
+    with relay_broker() as bp:
+        token = new_token(bp.port, "stop")
+        a, b = relayed_pair(bp.port, token)
+        with a, b:
+            echo_check(a, b)
+            bp.proc.terminate()
+            assert bp.proc.wait(10) == 0
+            assert isinstance(read_to_end(a)[1], ConnectionResetError)
+            assert isinstance(read_to_end(b)[1], ConnectionResetError)
+    assert f"relay {token[:8]}: ended (shutdown: the broker stopped)" in bp.stderr()
+
+
+def test_relayed_connections_are_never_evicted_as_idle() -> None:
+    """At the broker's connection cap a newcomer evicts an idle connection of the
+    network holding the most; relayed ones (here all four of 127.0.5.0/24's) are not
+    idle, whatever their silence."""
+    cfg = {"relay": {}, "max_connections": 5}
+    with broker(argv=[sys.executable, "-c", _LAUNCHER, json.dumps(cfg)]) as bp:
+        port = bp.port
+        sessions = [relayed_pair(port, new_token(port, f"e{i}", srcs=("127.0.6.1",) * 2),
+                                 srcs=(f"127.0.5.{2 * i + 1}", f"127.0.5.{2 * i + 2}"))
+                    for i in range(2)]
+        newcomers = [connect(port, "127.0.9.1") for _ in range(3)]
+        try:
+            # One took the last slot; the others found nothing idle to evict.
+            closed = 0
+            for s in newcomers[1:]:
+                s.settimeout(2)
+                with contextlib.suppress(ConnectionResetError):
+                    closed += s.recv(1) == b""
+            assert closed == 2
+            for a, b in sessions:
+                echo_check(a, b)
+                echo_check(b, a)
+        finally:
+            for s in newcomers + [s for p in sessions for s in p]:
+                s.close()
+    assert "evicted" not in bp.stderr()
+
+
+def test_waiting_side_that_resets_frees_the_token() -> None:
+    with relay_broker() as bp:
+        token = new_token(bp.port, "reset")
+        w = relay(bp.port, token)
+        time.sleep(0.2)  # (w must be waiting: not a wait for a condition)
+        w.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        w.close()  # an RST
+        end = time.monotonic() + IO_TIMEOUT_S
+        while b"reason=unknown" not in (line := status(bp.port, token)):
+            assert time.monotonic() < end, line
+            time.sleep(0.05)
+        a, b = relayed_pair(bp.port, token)  # a new wait, then a pair
+        with a, b:
+            echo_check(a, b)
