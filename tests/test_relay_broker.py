@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .helpers import loopback_broker, read_line
+from .helpers import loopback_broker, read_line, wait_for_stderr
 from .test_broker_abuse import BrokerProc, broker
 
 # run_broker with RelayLimits built from cfg["relay"] (None: a broker without --relay).
@@ -131,7 +131,7 @@ def echo_check(a: socket.socket, b: socket.socket, data: bytes = b"ping") -> Non
 
 def test_peer_carries_one_token_to_both_only_when_both_offer_relay() -> None:
     # Through the CLI: --relay and its flags parse.
-    with loopback_broker("--relay", "--relay-rate", "0", "--relay-idle", "5") as (_, port):
+    with loopback_broker("--relay", "--relay-rate", "0", "--relay-idle", "5") as (proc, port):
         to_a, to_b = pair(port, "both", "sync,relay", "relay,sync")
         assert token_of(to_a) == token_of(to_b) and b"strategy=sync" in to_a
         assert to_a.startswith(b"SSYN1 PEER session=both") and b"role=first" in to_a
@@ -139,6 +139,9 @@ def test_peer_carries_one_token_to_both_only_when_both_offer_relay() -> None:
         assert token_of(again[0]) != token_of(to_a)  # a new token per pair
         one, other = pair(port, "one", "sync,relay", "sync")
         assert b"relay=" not in one + other and b"strategy=sync" in one
+        token = token_of(to_a)
+        log = wait_for_stderr(proc, f"relay={token[:8]}...", 5)
+        assert token not in log  # the log shows a token's first 8 characters only
     with broker() as bp:  # no --relay: no relay= at all, even when both offer it
         to_a, to_b = pair(bp.port, "both", "relay", "relay")
         assert b"relay=" not in to_a + to_b and to_a.startswith(b"SSYN1 PEER")

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import errno
 import ipaddress
+import re
 import resource
 import select
 import signal
@@ -553,7 +554,7 @@ class Broker:
         for pump in list(self._pumps.values()):
             pump.end(SHUTDOWN, "the broker stopped", rst=True)
         for token, side in list(self._relay_waiting.items()):
-            self._relay_wait_over(token, side, "the broker stopped")
+            self._relay_wait_over(token, side, None)  # reset, as the relayed sessions
         for c in list(self._clients.values()):
             self._close(c)
         # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
@@ -877,8 +878,8 @@ class Broker:
         return Side(c.conn, c.public, transport.get_extra_info("socket"), close, early)
 
     def _relay_wait_over(self, token: str, side: Side, why: str | None) -> None:
-        """The waiting side goes: timed out (``why``, told ERROR code=timeout), reset
-        (None), or the broker stops."""
+        """The waiting side goes: timed out (``why``, told ERROR code=timeout), or reset
+        (None: it reset, or the broker stops)."""
         if self._relay_waiting.get(token) is not side:
             return
         del self._relay_waiting[token]
@@ -1077,11 +1078,17 @@ class Broker:
             if verb == "PEER":
                 hold = self.sync_hold_s.pop(reply.conn, None)  # type: ignore[call-overload]
                 held = f" (held {hold * 1000:.1f} ms: sync)" if hold is not None else ""
-                self.log(f"session {session}: paired, told {reply.data.decode().strip()}{held}")
+                told = reply.data.decode().strip()
+                if " relay=" in told:  # the log shows a token's first 8 characters only
+                    told = _TOKEN_IN_LOG.sub(r" relay=\1...", told)
+                self.log(f"session {session}: paired, told {told}{held}")
             elif verb == "REGISTERED":
                 self.log(f"session {session}: {public} waits for its peer")
             else:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
+
+
+_TOKEN_IN_LOG = re.compile(r" relay=([0-9a-f]{8})[0-9a-f]{24}")
 
 
 def _known(value: str | None, allowed: tuple[str, ...]) -> str | None:
