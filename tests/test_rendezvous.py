@@ -219,3 +219,71 @@ def test_seed_list_answers_as_the_rule_says_whatever_the_visits() -> None:
             plain = [(e, t) for e, t in plain if now - t <= max_age_s and e != ep]
             plain = (plain + [(ep, now)])[-max_entries:]
             assert seeds.answer(ep, now) == encode_seed_list([e for e, _ in plain])
+
+
+def _relaying_table() -> SessionTable:
+    table = SessionTable()
+    tokens = iter(["a" * 32, "b" * 32])
+    table.relay_token = lambda: next(tokens)
+    return table
+
+
+def test_peer_carries_the_relay_token_only_when_both_offer_it() -> None:
+    table = _relaying_table()
+    table.register("a", "s", A, None, 0.0, frozenset({"relay", "prime"}))
+    to_a, to_b = _msgs(table.register("b", "s", B, None, 1.0, frozenset({"relay"})))
+    assert to_a[1].get("relay") == to_b[1].get("relay") == "a" * 32
+    assert to_a[1].get("strategy") is None  # the plan is unchanged: plain here
+    table.register("c", "t", A, None, 0.0, frozenset({"relay", "prime"}))
+    to_c, to_d = _msgs(table.register("d", "t", B, None, 1.0, frozenset({"prime"})))
+    assert to_c[1].get("relay") is None and to_d[1].get("relay") is None
+    # A broker without --relay (no relay_token) adds nothing.
+    plain = SessionTable()
+    plain.register("a", "s", A, None, 0.0, frozenset({"relay"}))
+    out = _msgs(plain.register("b", "s", B, None, 1.0, frozenset({"relay"})))
+    assert all(m.get("relay") is None for _, m, _ in out)
+
+
+def test_untraversable_pairs_get_strategy_relay_with_the_same_reason() -> None:
+    for facts in ({"mapping": "varies"}, {"reply_syn": "blocked"}):
+        refusing = SessionTable()
+        refusing.register("a", "s", A, None, 0.0, frozenset({"relay"}), **facts)
+        errors = _msgs(refusing.register("b", "s", B, None, 1.0, frozenset({"relay"}),
+                                         **facts))
+        table = _relaying_table()
+        table.register("a", "s", A, None, 0.0, frozenset({"relay"}), **facts)
+        out = _msgs(table.register("b", "s", B, None, 1.0, frozenset({"relay"}), **facts))
+        assert [(c, m.verb, close) for c, m, close in out] == [("a", "PEER", True),
+                                                               ("b", "PEER", True)]
+        for (_, err, _), (_, peer, _), role in zip(errors, out, ("first", "second"),
+                                                   strict=True):
+            assert err.get("code") == "untraversable"
+            assert peer.get("why") == err.get("message") and peer.get("strategy") == "relay"
+            assert peer.get("relay") == "a" * 32 and peer.get("role") == role
+        assert out[0][1].get("peer") == str(B) and out[1][1].get("peer") == str(A)
+
+
+def test_one_side_varies_each_side_gets_its_own_reason() -> None:
+    table = _relaying_table()
+    table.register("a", "s", A, None, 0.0, frozenset({"relay"}), "varies")
+    to_a, to_b = _msgs(table.register("b", "s", B, None, 1.0, frozenset({"relay"}), "same"))
+    assert (to_a[1].get("why") or "").startswith("your_NAT_maps")
+    assert (to_b[1].get("why") or "").startswith("the_peer's_NAT_maps")
+
+
+def test_longest_birthday_peer_with_a_relay_token_fits_a_line() -> None:
+    from simulsyn_core import birthday as bday
+    from simulsyn_core.wire import LINE_MAX
+
+    table = _relaying_table()
+    top = Endpoint("255.255.255.255", 65535)
+    every = frozenset({"prime", "order", "sync", "birthday", "relay"})
+    name = "x" * 64
+    table.register("a", name, top, Endpoint("255.255.255.254", 65535), 0.0, every,
+                   "varies", "reject", "pass", bday.Offer.parse(
+                       {"sockets": "9999", "port_range": "10000-65535",
+                        "port_hot": "32768-60999"}.get))
+    out = table.register("b", name, Endpoint("255.255.255.255", 65534),
+                         Endpoint("255.255.255.253", 65535), 0.0, every, "same", "reject",
+                         "pass", bday.Offer.parse({"guesses": "9999"}.get))
+    assert all(len(r.data) <= LINE_MAX and b" relay=" in r.data for r in out)

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import errno
 import ipaddress
+import re
 import resource
 import select
 import signal
@@ -30,6 +31,8 @@ from typing import Any
 from .birthday import Offer
 from .endpoint import Endpoint
 from .limits import LogThrottle, MaxCounter, TokenBuckets, prefix_of
+from .relay import SHUTDOWN, TOKEN_RE, Pair, Refuse, RelayLimits, RelayTable
+from .relay_pump import RelayPump, Side
 from .rendezvous import NAMEPLATE_RE, REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
 from .sockets import abort, enable_keepalive, tcp_rtt
 from .wire import (
@@ -69,7 +72,7 @@ FD_RESERVE = 128
 # 100.
 RATE_PER_IP = (10.0, 60.0)  # tokens a second, burst
 RATE_PER_PREFIX = (100.0, 400.0)
-RATE_LIMITED_VERBS = frozenset({"REGISTER", "WHOAMI"})
+RATE_LIMITED_VERBS = frozenset({"REGISTER", "WHOAMI", "RELAY", "RELAY_STATUS"})
 RATE_MAX_KEYS = 65536  # buckets kept at most (idle ones go first)
 LOG_EVERY_S = 10.0  # one log line per offender (and per kind of loop error) this often
 # The listen queue (the kernel caps it at net.core.somaxconn, 4096 by default): under a
@@ -178,7 +181,9 @@ stderr_log = _StderrWriter()
 
 # A connection's phase: silent so far (the list comes when its timer fires, or at its EOF);
 # a rendezvous client (its timer is the deadline of its next whole line); closed.
-_GRACE, _LINES, _CLOSED = 0, 1, 2
+# relaying (or waiting for its relay peer): out of line mode, its socket read by a
+# relay_pump.Side, never evicted as idle nor bound by the line deadlines.
+_GRACE, _LINES, _CLOSED, _RELAY = 0, 1, 2, 3
 
 
 class _Readers:
@@ -433,6 +438,10 @@ class Broker:
     _throttle: LogThrottle = field(default_factory=lambda: LogThrottle(LOG_EVERY_S))
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("refused", "evicted", "rate_limited", "loop_errors"), 0))
+    # --relay (docs/protocol.md, "Relay"): None, the broker relays nothing (relay-off).
+    relay: RelayTable | None = None
+    _relay_waiting: dict[str, Side] = field(default_factory=dict)  # token -> the first side
+    _pumps: dict[str, RelayPump] = field(default_factory=dict)  # token -> its live session
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
@@ -457,6 +466,9 @@ class Broker:
         self.log(f"open files: soft limit {raised} (hard {hard}): serving at most "
                  f"{self.max_connections} connections ({FD_RESERVE} descriptors kept back)")
         self._readers = _Readers(self._loop)
+        if self.relay is not None:
+            relay = self.relay
+            self.sessions.relay_token = lambda: relay.issue(time.monotonic())
         for ep in self.binds:
             family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
             sock = socket.create_server((ep.ip, ep.port), family=family, backlog=BACKLOG)
@@ -539,6 +551,10 @@ class Broker:
             self._grace_timer.cancel()
             self._grace_timer = None
         self._silent.clear()
+        for pump in list(self._pumps.values()):
+            pump.end(SHUTDOWN, "the broker stopped", rst=True)
+        for token, side in list(self._relay_waiting.items()):
+            self._relay_wait_over(token, side, None)  # reset, as the relayed sessions
         for c in list(self._clients.values()):
             self._close(c)
         # Let the handlers' tasks finish, then cancel what is left, so that asyncio.run()
@@ -750,6 +766,14 @@ class Broker:
         if msg.verb == "PRIMED" and self.sessions.priming(conn):
             self._carry_out(self.sessions.step(conn, msg.verb))
             return None
+        if msg.verb == "RELAY":
+            if self.sessions.holds(conn):
+                raise ProtocolError("RELAY on a connection that registered: open a new one")
+            self._relay_arrive(c, msg.require("token"))
+            return None
+        if msg.verb == "RELAY_STATUS":
+            self._relay_status(c, msg.require("token"))
+            return None
         if msg.verb == "WHOAMI":
             self._carry_out([self._youare(conn, public, msg.get("close") == "1")])
             # Until it registers, a connection keeps the short first-line bound.
@@ -798,6 +822,107 @@ class Broker:
         self._log_replies(c.public, session, replies)
         if self.sessions.holds(c.conn):
             self._not_idle(c.conn)
+
+    # --- the relay (docs/protocol.md, "Relay"; the decisions: relay.py) ----------------
+
+    def _relay_arrive(self, c: _Conn, token: str) -> None:
+        """SSYN1 RELAY token=...: wait for the peer, or pair with the one waiting, or
+        refuse (then close)."""
+        if self.relay is None:
+            self._relay_refuse(c, Refuse("relay-off", "this broker relays nothing (start it "
+                                                      "with --relay)"))
+            return
+        verdict = self.relay.arrive(token if TOKEN_RE.fullmatch(token) else "-", c.conn,
+                                    c.public.ip, time.monotonic())
+        if isinstance(verdict, Refuse):
+            self._relay_refuse(c, verdict)
+            return
+        side = self._relay_side(c)
+        if not isinstance(verdict, Pair):
+            self._relay_waiting[token] = side
+            side.wait(self._readers, lambda: self._relay_wait_over(token, side, None))
+            side.timer = self._loop.call_later(self.relay.limits.wait_s, self._relay_wait_over,
+                                               token, side, "the peer did not come within "
+                                               f"{self.relay.limits.wait_s:g} s")
+            return
+        first = self._relay_waiting.pop(token)
+        if first.timer is not None:
+            first.timer.cancel()
+        pump = RelayPump(self._loop, self._readers, verdict.session, first, side,
+                         self._relay_done)
+        self._pumps[token] = pump
+        self.log(f"relay {token[:8]}: {first.public} <-> {side.public}: relaying")
+        pump.start()
+
+    def _relay_side(self, c: _Conn) -> Side:
+        """Take ``c`` out of line mode: from here on its socket is read by the relay; the
+        bytes after its RELAY line are the first it relays."""
+        c.phase = _RELAY
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        c.messages = None
+        self._clients.pop(c.conn, None)
+        self._not_idle(c.conn)
+        c.transport.pause_reading()
+        early = bytes(c.decoder.buffer)
+        c.decoder.buffer.clear()
+        transport = c.transport
+
+        def close(rst: bool) -> None:
+            if rst:
+                transport.abort()
+            else:
+                transport.close()
+
+        return Side(c.conn, c.public, transport.get_extra_info("socket"), close, early)
+
+    def _relay_wait_over(self, token: str, side: Side, why: str | None) -> None:
+        """The waiting side goes: timed out (``why``, told ERROR code=timeout), or reset
+        (None: it reset, or the broker stops)."""
+        if self._relay_waiting.get(token) is not side:
+            return
+        del self._relay_waiting[token]
+        if side.timer is not None:
+            side.timer.cancel()
+        side.stop(self._readers)
+        if self.relay is not None:
+            self.relay.leave(token, side.conn)
+        c = self._conns.get(side.conn)
+        if c is None:
+            return
+        if why is None:
+            c.transport.abort()
+            return
+        self._log_offender(("relay-timeout", side.public.ip),
+                           f"relay {token[:8]}: {side.public}: timeout: {why}")
+        c.transport.write(encode_message("ERROR", code="timeout", message=why))
+        c.transport.close()
+
+    def _relay_done(self, pump: RelayPump, reason: str, message: str) -> None:
+        session = pump.session
+        self._pumps.pop(session.token, None)
+        if self.relay is not None:
+            self.relay.end(session.token, reason, message, time.monotonic())
+        first, second = pump.sides
+        self.log(f"relay {session.token[:8]}: ended ({reason}: {message}): "
+                 f"{session.sent[0]} bytes {first.public} -> {second.public}, "
+                 f"{session.sent[1]} back, {time.monotonic() - session.started:.1f} s")
+
+    def _relay_refuse(self, c: _Conn, refusal: Refuse) -> None:
+        self._log_offender(("relay", refusal.code, c.public.ip),
+                           f"relay refused to {c.public}: {refusal.code}: {refusal.message}")
+        self._carry_out([Reply(c.conn, encode_message(
+            "ERROR", code=refusal.code, message=refusal.message), close=True)])
+
+    def _relay_status(self, c: _Conn, token: str) -> None:
+        if self.relay is None:
+            self._relay_refuse(c, Refuse("relay-off", "this broker relays nothing (start it "
+                                                      "with --relay)"))
+            return
+        reason, message = self.relay.status(token, time.monotonic())
+        self._carry_out([Reply(c.conn, encode_message("RELAY_ENDED", reason=reason,
+                                                      message=message), close=True)])
 
     # --- limits (README "Broker limits") -------------------------------------------------
 
@@ -953,11 +1078,17 @@ class Broker:
             if verb == "PEER":
                 hold = self.sync_hold_s.pop(reply.conn, None)  # type: ignore[call-overload]
                 held = f" (held {hold * 1000:.1f} ms: sync)" if hold is not None else ""
-                self.log(f"session {session}: paired, told {reply.data.decode().strip()}{held}")
+                told = reply.data.decode().strip()
+                if " relay=" in told:  # the log shows a token's first 8 characters only
+                    told = _TOKEN_IN_LOG.sub(r" relay=\1...", told)
+                self.log(f"session {session}: paired, told {told}{held}")
             elif verb == "REGISTERED":
                 self.log(f"session {session}: {public} waits for its peer")
             else:
                 self.log(f"session {session}: {public}: {reply.data.decode().strip()}")
+
+
+_TOKEN_IN_LOG = re.compile(r" relay=([0-9a-f]{8})[0-9a-f]{24}")
 
 
 def _known(value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -1040,14 +1171,15 @@ def raise_nofile_limit() -> tuple[int, int, int]:
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,
                services: dict[str, Service] | None = None, syn_probe: bool = False,
-               **options: Any) -> int:
+               relay: RelayLimits | None = None, **options: Any) -> int:
     """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind.
     ``syn_probe``: learn what each registering client's NAT does to an unsolicited SYN
-    (``Broker.syn_probe``). ``options``: more fields of Broker (limits, for tests)."""
+    (``Broker.syn_probe``). ``relay``: relay with these limits (--relay). ``options``:
+    more fields of Broker (limits, for tests)."""
 
     async def main() -> int:
         broker = Broker(binds, log=log, services=dict(services or {}), syn_probe=syn_probe,
-                        **options)
+                        relay=RelayTable(relay) if relay is not None else None, **options)
         await broker.start()
         stop = asyncio.Event()
         got: list[int] = []

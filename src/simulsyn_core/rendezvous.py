@@ -10,12 +10,13 @@ import itertools
 import re
 import socket
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from . import birthday as bday
 from .endpoint import Endpoint
 from .limits import MaxCounter, prefix_of
+from .relay import STRATEGY_RELAY
 from .wire import SEED_ENTRY, SEED_MAX_ENTRIES, SESSION_RE, decode_seed_list, encode_message
 
 SEED_MAX_AGE_S = 60.0
@@ -278,6 +279,9 @@ class SessionTable:
         self.evictions = 0
         self._session_of: dict[Hashable, str] = {}
         self._priming: dict[Hashable, _Priming] = {}  # both conns of a pair -> the pair
+        # A broker that relays (--relay) sets this: a new token for a pair in which both
+        # offered "relay" (PEER's relay=, docs/protocol.md "Relay").
+        self.relay_token: Callable[[], str] | None = None
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -325,7 +329,16 @@ class SessionTable:
                                                          public=public), close=False)]
         self._pop_waiting(session)
         theirs = other.facts
+        relay = self.relay_token is not None and \
+            STRATEGY_RELAY in theirs.strategies and STRATEGY_RELAY in strategies
+        # A peer's own (LAN) address is of use only to a peer behind the same NAT (the
+        # same public IP); to anyone else it would only leak the victim's network.
+        if other.public.ip != public.ip:
+            local = other.local = None  # (other is out of the table already)
         if theirs.reply_syn == reply_syn == "blocked":
+            if relay:
+                return self._relayed(session, other, conn, public, local,
+                                     (UNTRAVERSABLE_REPLY_SYN, UNTRAVERSABLE_REPLY_SYN))
             return [_error(c, "untraversable", UNTRAVERSABLE_REPLY_SYN)
                     for c in (other.conn, conn)]
         plan = plan_pair(theirs, facts)
@@ -334,14 +347,15 @@ class SessionTable:
             # birthday punching, when one side's NAT keeps its port and both offered
             # it): both are told now, not after their whole --timeout.
             both = theirs.mapping == mapping
-            return [_error(c, "untraversable", UNTRAVERSABLE_BOTH if both
-                           else UNTRAVERSABLE[m == "varies"])
-                    for c, m in ((other.conn, theirs.mapping), (conn, mapping))]
+            texts = tuple(UNTRAVERSABLE_BOTH if both else UNTRAVERSABLE[m == "varies"]
+                          for m in (theirs.mapping, mapping))
+            if relay:
+                return self._relayed(session, other, conn, public, local,
+                                     (texts[0], texts[1]))
+            return [_error(c, "untraversable", text)
+                    for c, text in zip((other.conn, conn), texts, strict=True)]
         exchange = plan.strategy in EXCHANGED
-        # A peer's own (LAN) address is of use only to a peer behind the same NAT (the
-        # same public IP); to anyone else it would only leak the victim's network.
-        if other.public.ip != public.ip:
-            local = other.local = None  # (other is out of the table already)
+        token = self.relay_token() if relay and self.relay_token is not None else None
         first, second = (other.conn, conn) if plan.waiting_is_first else (conn, other.conn)
         if exchange:
             waits = frozenset({first, second} if plan.strategy == STRATEGY_PRIME else {second})
@@ -359,13 +373,31 @@ class SessionTable:
             Reply(other.conn, encode_message(
                 "PEER", **key_fields(session), public=other.public, peer=public,
                 peer_local=local, role="first" if other.conn == first else "second",
-                strategy=plan.strategy, why=why[other.conn], **extra[other.conn]),
+                strategy=plan.strategy, why=why[other.conn], **extra[other.conn], relay=token),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
             Reply(conn, encode_message(
                 "PEER", **key_fields(session), public=public, peer=other.public,
                 peer_local=other.local, role="first" if conn == first else "second",
-                strategy=plan.strategy, why=why[conn], **extra[conn]),
+                strategy=plan.strategy, why=why[conn], **extra[conn], relay=token),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
+        ]
+
+    def _relayed(self, session: str, other: _Waiting, conn: Hashable, public: Endpoint,
+                 local: Endpoint | None, whys: tuple[str, str]) -> list[Reply]:
+        """A pair no punch can join, both offering a relay to a broker that relays: PEER
+        with strategy=relay, why= (what ERROR untraversable would have said) and the
+        token, to both; both connections closed, as for a plain PEER."""
+        assert self.relay_token is not None
+        token = self.relay_token()
+        return [
+            Reply(other.conn, encode_message(
+                "PEER", **key_fields(session), public=other.public, peer=public,
+                peer_local=local, role="first", strategy=STRATEGY_RELAY, why=whys[0],
+                relay=token), close=True),
+            Reply(conn, encode_message(
+                "PEER", **key_fields(session), public=public, peer=other.public,
+                peer_local=other.local, role="second", strategy=STRATEGY_RELAY, why=whys[1],
+                relay=token), close=True),
         ]
 
     def worth_probing(self, conn: Hashable, session: str, strategies: frozenset[str],

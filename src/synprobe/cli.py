@@ -27,6 +27,7 @@ from simulsyn_core.punch import (
     RETRY_INTERVAL_S,
     STRATEGIES,
 )
+from simulsyn_core.relay import RelayLimits
 from simulsyn_core.wire import DEFAULT_BROKER_PORT
 
 from .cliutil import EPILOG, AsciiIntRange, EndpointType, FiniteFloatRange, Reporter
@@ -99,6 +100,9 @@ def cli(ctx: click.Context, traceback: bool) -> None:
     ctx.obj["traceback"] = traceback
 
 
+DEFAULT_RELAY = RelayLimits()
+
+
 @cli.command(epilog=EPILOG)
 @click.option("--bind", "binds", multiple=True,
               type=EndpointType(DEFAULT_BROKER_PORT, allow_zero_port=True),
@@ -116,7 +120,34 @@ def cli(ctx: click.Context, traceback: bool) -> None:
                    "to its public endpoint, no privilege) to learn whether its NAT drops it "
                    "or answers it (RST, ICMP): the pair's strategy is chosen from that "
                    "(docs/protocol.md). Delays REGISTERED by up to 1 s for a dropping NAT.")
-def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: bool) -> None:
+@click.option("--relay", "relay", is_flag=True,
+              help="Relay the pairs that offer it (punch --relay): their PEER lines carry a "
+                   "token, and a pair no punch can join gets strategy=relay instead of ERROR "
+                   "untraversable. The relay sees what the peers send: only ciphertext "
+                   "unless they use --plain (README: Relay).")
+@click.option("--relay-sessions", type=AsciiIntRange(min=1, max=1_000_000),
+              default=DEFAULT_RELAY.sessions, show_default=True, metavar="N",
+              help="Relayed sessions at once (a waiting side counts); more get "
+                   "ERROR code=relay-full.")
+@click.option("--relay-per-ip", type=AsciiIntRange(min=1, max=1_000_000),
+              default=DEFAULT_RELAY.per_ip, show_default=True, metavar="N",
+              help="Relayed sessions one address takes part in at once; more get "
+                   "ERROR code=relay-busy.")
+@click.option("--relay-rate", type=AsciiIntRange(min=0, max=10**12),
+              default=DEFAULT_RELAY.rate, show_default=True, metavar="BYTES",
+              help="Bytes a second per relayed session, both directions together (0: no "
+                   "limit). Over it the relay reads more slowly; it never drops.")
+@click.option("--relay-bytes", type=AsciiIntRange(min=0, max=10**15),
+              default=DEFAULT_RELAY.budget, show_default=True, metavar="BYTES",
+              help="Bytes per relayed session, both directions together (0: no limit); "
+                   "past it the session is cut (both connections reset).")
+@click.option("--relay-idle", type=FiniteFloatRange(min=0.1, max=86400.0),
+              default=DEFAULT_RELAY.idle_s, show_default=True, metavar="SECONDS",
+              help="A relayed session with no byte either way for this long is cut (both "
+                   "connections reset).")
+def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: bool,
+           relay: bool, relay_sessions: int, relay_per_ip: int, relay_rate: int,
+           relay_bytes: int, relay_idle: float) -> None:
     """Run the rendezvous broker.
 
     \b
@@ -133,12 +164,14 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
         if not quiet:
             stderr_log(line)
 
+    limits = RelayLimits(sessions=relay_sessions, per_ip=relay_per_ip, rate=relay_rate,
+                         budget=relay_bytes, idle_s=relay_idle) if relay else None
     if probe:
         from synprobe.natcheck.broker_side import run_probing_broker
 
         sys.exit(run_probing_broker(list(binds), log))
     try:
-        status = run_broker(list(binds), log=log, syn_probe=syn_probe)
+        status = run_broker(list(binds), log=log, syn_probe=syn_probe, relay=limits)
     except OSError as exc:
         raise ToolError(ExitStatus.ADDRESS_IN_USE,
                         f"cannot listen: {exc.strerror or exc}") from None

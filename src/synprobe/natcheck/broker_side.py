@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from simulsyn_core.broker import Log, run_broker
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core.relay import RelayLimits
 
 from . import protocol as P
 from .firewall import Firewall, FirewallError
@@ -45,8 +46,8 @@ def _cleanup_guard() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | None = None
-                       ) -> int:
+def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | None = None,
+                       relay: RelayLimits | None = None) -> int:
     """Without the privileges for raw probes, say which one line and serve the mapping
     probe (and the rendezvous) anyway: clients are told why raw probes are off."""
     firewall = firewall or Firewall()
@@ -64,7 +65,7 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
                   else contextlib.nullcontext())
             with fw:
                 return run_broker(probe_binds(binds), log=log, services=server.services(),
-                                  syn_probe=True)
+                                  syn_probe=True, relay=relay)
         except FirewallError as exc:
             raise ToolError(ExitStatus.ERROR, f"broker --probe: {exc}") from None
         except OSError as exc:
