@@ -45,7 +45,8 @@ class Side:
         self.moved: list[float] = []
         self.upgrades = upgrades
         self.chat = MovingChat(relay, channel, [], self.stdin_r, self.out, self.events.append,
-                               upgrades, lambda: "relay gone", self.moved.append)
+                               upgrades, lambda: "relay gone",
+                               lambda at, upgrade: self.moved.append(at))
         self.status: ExitStatus | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -125,13 +125,13 @@ class Upgrades:
 
 class MovingChat:
     """The chat loop of a relayed session (module docstring). ``relay_broke()`` says why
-    the relay connection was reset (the broker's RELAY_STATUS); ``on_moved(t)`` is called
-    with time.monotonic() when our sending side moved."""
+    the relay connection was reset (the broker's RELAY_STATUS); ``on_moved(t, upgrade)`` is
+    called with time.monotonic() when our sending side moved onto ``upgrade``."""
 
     def __init__(self, relay: socket.socket, channel: Channel, early: list[tuple[int, bytes]],
                  stdin_fd: int, out: TextIO, event: Callable[[str], None],
                  upgrades: Upgrades | None, relay_broke: Callable[[], str],
-                 on_moved: Callable[[float], None]) -> None:
+                 on_moved: Callable[[float, Upgrade], None]) -> None:
         self.relay = _Leg("relay", relay, channel)
         self.direct: _Leg | None = None
         self.out_leg = self.in_leg = self.relay
@@ -175,7 +175,7 @@ class MovingChat:
             self.relay.outbuf += self.relay.channel.seal(MOVE, NUMBER.pack(self.next_out))
             self.relay.shut_after = True
             self.out_leg = direct
-            self.on_moved(time.monotonic())
+            self.on_moved(time.monotonic(), upgrade)
             self.event(f"moved to the direct connection {upgrade.what}: our messages from "
                        f"#{self.next_out} on go over it ({self.next_out} went over the relay)")
         else:

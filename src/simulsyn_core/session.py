@@ -345,7 +345,12 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
                 event(broke())
             return status
     channel, records = _secure(cfg, rdv, sock, leftover, event, report)
-    event("the relay sees only sealed records: it cannot read or change the chat")
+    if mode == "session-name":
+        event("the relay forwards sealed records, but the broker knows the session name, "
+              "the only secret here: it could open them (use a code or --secret)")
+    else:
+        event("the relay sees only sealed records: without the code or secret it cannot "
+              "read or change the chat")
     if chat_mode == "hello":
         on_report(report)
         with sock:
@@ -358,7 +363,10 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
         threading.Thread(target=_upgrade_rounds, name="upgrade", daemon=True,
                          args=(cfg, token, port, password, upgrades, event)).start()
 
-    def moved(at: float) -> None:
+    def moved(at: float, upgrade: Upgrade) -> None:
+        with contextlib.suppress(OSError):
+            report.local = str(Endpoint.from_sockaddr(upgrade.sock.getsockname()))
+            report.peer = str(Endpoint.from_sockaddr(upgrade.sock.getpeername()))
         report.path = "direct"
         report.upgraded_after_s = round(at - relayed_at, 6)
         _phase(report, rdv.known_at, "upgraded")
