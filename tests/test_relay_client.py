@@ -95,3 +95,43 @@ def test_relay_status_without_a_broker_is_said_too() -> None:
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
     assert "cannot be asked why" in relay_status(Endpoint("127.0.0.1", port), TOKEN)
+
+
+def test_a_chat_over_its_relay_budget_ends_with_the_brokers_reason() -> None:
+    """Two `synprobe punch --relay only` on loopback, a broker whose relay allows 20 kB
+    per session: the side that sends 200 kB is cut, both exit 9 (peer-lost) and say the
+    broker's reason; the broker serves a new pair afterwards."""
+    import subprocess
+
+    from tests.helpers import SYNPROBE, loopback_broker
+
+    with loopback_broker("--relay", "--relay-bytes", "20000") as (broker, port):
+        def args(session: str) -> list[str]:
+            return [*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}", "--session", session,
+                    "--relay", "only", "-v", "--timeout", "15"]
+
+        procs = [subprocess.Popen(args("cut"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(2)]
+        big = b"".join(b"%05d " % i + b"x" * 94 + b"\n" for i in range(2000))
+        results = []
+        for proc, data in zip(procs, (big, b"hi\n"), strict=True):
+            try:
+                out, err = proc.communicate(data, timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            results.append((proc.returncode, out.decode(), err.decode()))
+        for rc, _, err in results:
+            assert rc == 9, results
+            assert "the relay ended the session: budget" in err and "20000 bytes" in err, err
+        # A new pair is served as before.
+        again = [subprocess.Popen([*args("again"), "--no-chat"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+        for proc in again:
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            assert proc.returncode == 0
