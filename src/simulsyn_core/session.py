@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import socket
 import sys
@@ -384,10 +385,13 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
 def _upgrade_rounds(cfg: PunchConfig, token: str, port: int, password: bytes,
                     upgrades: Upgrades, event: Callable[[str], None]) -> None:
     """In the background of a relayed chat: punch again, round after round, each a new
-    pairing at the broker (session ``<token>.<round>``, which only the two peers know),
+    pairing at the broker (session ``<sha256(token)[:32]>.<round>``: only the two peers
+    know the token),
     with the strategy it chooses; hand the first direct connection that passes the path
     check and the PAKE to the chat."""
     assert cfg.broker is not None
+    # Named after the token, not by it: the rounds' names show in -v output and logs.
+    base = hashlib.sha256(token.encode()).hexdigest()[:32]
     for number, pause in enumerate(UPGRADE_PAUSES_S, 1):
         if upgrades.stop.wait(pause):
             return
@@ -396,7 +400,7 @@ def _upgrade_rounds(cfg: PunchConfig, token: str, port: int, password: bytes,
             if not upgrades.stop.is_set():
                 event(f"upgrade {n}: {text}")
 
-        sub = replace(cfg, session=f"{token}.{number}", nameplate=None, relay="never")
+        sub = replace(cfg, session=f"{base}.{number}", nameplate=None, relay="never")
         scratch = PunchReport()
         deadline = time.monotonic() + UPGRADE_ROUND_S
         result: PunchResult | None = None
