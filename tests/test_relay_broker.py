@@ -308,9 +308,13 @@ def test_budget_cut_resets_both_while_others_keep_working() -> None:
         token = new_token(port, "big")
         a, b = relayed_pair(port, token)
         with a, b, other_a, other_b:
+            send_err: list[OSError] = []
+
             def send() -> None:
-                with contextlib.suppress(OSError):  # (reset midway: the cut)
+                try:
                     a.sendall(b"y" * 3_000_000)
+                except OSError as exc:  # reset midway: the cut
+                    send_err.append(exc)
 
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
@@ -318,7 +322,9 @@ def test_budget_cut_resets_both_while_others_keep_working() -> None:
             got_a, err_a = read_to_end(a)
             sender.join(IO_TIMEOUT_S)
             assert isinstance(err_b, ConnectionResetError), (len(got_b), err_b)
-            assert isinstance(err_a, ConnectionResetError), (len(got_a), err_a)
+            # A's reset is told once: to its reader, or to its sender (then EOF or EPIPE).
+            assert ConnectionResetError in {type(e) for e in [err_a, *send_err]}, (
+                len(got_a), err_a, send_err)
             assert len(got_b) <= 1_000_000
             line = status(port, token)
             assert line.startswith(b"SSYN1 RELAY_ENDED reason=budget message="), line
