@@ -379,6 +379,7 @@ def test_a_reader_that_stops_holds_the_sender_back_memory_bounded() -> None:
             grew_mb = (rss_kb(bp.proc.pid) - rss0) / 1024
             # Loopback's socket buffers hold a few MB each (A's send, B's receive, and the
             # broker's two): all of them, plus the relay's ~1.25 MiB, are far below 200 MB.
+            print(f"\n[back-pressure] sent {sent / 1e6:.1f} MB, broker RSS +{grew_mb:.1f} MB")
             assert sent < 64 << 20, sent
             assert grew_mb < 16, grew_mb
             # Then B reads: everything A sent arrives, in order and whole.
