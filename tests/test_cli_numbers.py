@@ -40,6 +40,10 @@ NUMERIC_OPTIONS = [
     for opt in ("--delay-a", "--delay-b", "--delay-broker", "--jitter")
 ] + [
     (["lab", "demo"], "--timeout", ["--a", "bogus"]),
+] + [
+    (["broker", "--relay"], opt, ["--bind", "not-an-address"])
+    for opt in ("--relay-sessions", "--relay-per-ip", "--relay-rate", "--relay-bytes",
+                "--relay-idle")
 ]
 
 ENDPOINT_OPTIONS = [

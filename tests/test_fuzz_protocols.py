@@ -41,8 +41,9 @@ from .helpers import read_line
 
 # Every ERROR code docs/protocol.md lists.
 DOCUMENTED_CODES = {"bad-request", "bad-session", "busy", "timeout", "peer-gone",
-                    "untraversable", "replaced", "rate-limited", "evicted"}
-BROKER_VERBS = {"REGISTERED", "PEER", "GO", "YOUARE", "ERROR"}
+                    "untraversable", "replaced", "rate-limited", "evicted",
+                    "unknown-token", "relay-off", "relay-full", "relay-busy"}
+BROKER_VERBS = {"REGISTERED", "PEER", "GO", "YOUARE", "ERROR", "RELAYED", "RELAY_ENDED"}
 
 FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -50,14 +51,16 @@ FAST = settings(max_examples=300, deadline=None,
 keys = st.from_regex(r"[a-z_]{1,32}", fullmatch=True)
 values = st.from_regex(r"[!-~]{0,40}", fullmatch=True)
 verbs = st.sampled_from(["REGISTER", "WHOAMI", "PRIMED", "OBSERVE", "NC_HELLO", "PEER",
-                         "GO", "X"]) | st.from_regex(r"[A-Z][A-Z_]{0,15}", fullmatch=True)
+                         "GO", "X", "RELAY", "RELAY_STATUS"]) | st.from_regex(
+    r"[A-Z][A-Z_]{0,15}", fullmatch=True)
 field_names = st.sampled_from(["session", "local", "strategies", "mapping", "unsolicited",
                                "reply_syn", "sockets", "guesses", "port_range", "port_hot",
-                               "close"]) | keys
+                               "close", "token"]) | keys
 field_values = st.sampled_from(["s", "a" * 64, "a" * 65, "bad name", "127.0.0.1:1", "::1",
                                 "1.2.3.4:99999", "prime,order,sync,birthday", "varies",
                                 "same", "drop", "reject", "blocked", "pass", "0", "-1",
-                                "1-65535", "65535-1", "1", "450", "99999999999"]) | values
+                                "1-65535", "65535-1", "1", "450", "99999999999",
+                                "relay", "prime,relay", "0" * 32, "A" * 32]) | values
 
 
 @st.composite
@@ -151,9 +154,11 @@ class ThreadBroker:
 
     def __init__(self) -> None:
         from simulsyn_core.broker import Broker
+        from simulsyn_core.relay import RelayLimits, RelayTable
 
         self.lines: list[str] = []
-        self.broker = Broker([Endpoint("127.0.0.1", 0)], log=self.lines.append)
+        self.broker = Broker([Endpoint("127.0.0.1", 0)], log=self.lines.append,
+                             relay=RelayTable(RelayLimits(wait_s=1.0)))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

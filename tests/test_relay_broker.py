@@ -308,9 +308,13 @@ def test_budget_cut_resets_both_while_others_keep_working() -> None:
         token = new_token(port, "big")
         a, b = relayed_pair(port, token)
         with a, b, other_a, other_b:
+            send_err: list[OSError] = []
+
             def send() -> None:
-                with contextlib.suppress(OSError):  # (reset midway: the cut)
+                try:
                     a.sendall(b"y" * 3_000_000)
+                except OSError as exc:  # reset midway: the cut
+                    send_err.append(exc)
 
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
@@ -318,7 +322,9 @@ def test_budget_cut_resets_both_while_others_keep_working() -> None:
             got_a, err_a = read_to_end(a)
             sender.join(IO_TIMEOUT_S)
             assert isinstance(err_b, ConnectionResetError), (len(got_b), err_b)
-            assert isinstance(err_a, ConnectionResetError), (len(got_a), err_a)
+            # A's reset is told once: to its reader, or to its sender (then EOF or EPIPE).
+            assert ConnectionResetError in {type(e) for e in [err_a, *send_err]}, (
+                len(got_a), err_a, send_err)
             assert len(got_b) <= 1_000_000
             line = status(port, token)
             assert line.startswith(b"SSYN1 RELAY_ENDED reason=budget message="), line
@@ -373,6 +379,7 @@ def test_a_reader_that_stops_holds_the_sender_back_memory_bounded() -> None:
             grew_mb = (rss_kb(bp.proc.pid) - rss0) / 1024
             # Loopback's socket buffers hold a few MB each (A's send, B's receive, and the
             # broker's two): all of them, plus the relay's ~1.25 MiB, are far below 200 MB.
+            print(f"\n[back-pressure] sent {sent / 1e6:.1f} MB, broker RSS +{grew_mb:.1f} MB")
             assert sent < 64 << 20, sent
             assert grew_mb < 16, grew_mb
             # Then B reads: everything A sent arrives, in order and whole.

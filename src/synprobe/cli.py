@@ -157,6 +157,10 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
     is paired with the other client of that session: both are told, at the same
     moment, their own public endpoint and the peer's, and nothing else
     (docs/protocol.md). Stops on SIGTERM (exit 0) or Ctrl-C (exit 130).
+
+    With --relay it also forwards the bytes of pairs that offered a relay (their
+    PEER lines carry a token; --relay-* set the limits; a session over its bytes
+    or idle is cut with a reset of both connections).
     """
     from simulsyn_core.broker import run_broker, stderr_log
 
