@@ -18,7 +18,13 @@ from . import birthday as bday
 from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
 from .rendezvous import EXCHANGED
-from .sockets import bound_socket, connect_nonblocking, describe_errno, recv_until_eof
+from .sockets import (
+    bound_socket,
+    connect_nonblocking,
+    describe_errno,
+    new_socket,
+    recv_until_eof,
+)
 from .wire import (
     LineDecoder,
     Message,
@@ -457,7 +463,7 @@ def relay_connect(broker: Endpoint, token: str, deadline: float) -> tuple[socket
     connection (raw bytes to and from the peer from then on) and what came after RELAYED.
     Raises ToolError(PUNCH_FAILED) when the broker refuses, BROKER_UNREACHABLE when it
     cannot be reached."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = new_socket()
     try:
         code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
                                                      deadline - time.monotonic()))
@@ -495,7 +501,7 @@ def relay_status(broker: Endpoint, token: str) -> str:
     """Why the broker ended our relayed session (RELAY_STATUS), as a sentence; best effort
     (a broker that cannot say gets "the relay connection broke")."""
     deadline = time.monotonic() + RELAY_STATUS_S
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = new_socket()
     try:
         if connect_nonblocking(sock, broker, RELAY_STATUS_S):
             return "the relay connection broke (the broker cannot be asked why)"

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from .endpoint import Endpoint
-from .sockets import bound_socket, tcp_state
+from .sockets import bound_socket, new_socket, tcp_state
 
 PROBE_MAX_TTL = 16  # UDP probes with TTL 1..16 towards the peer
 PROBE_WAIT_S = 0.5  # how long the probes' ICMP answers are collected at most
@@ -169,7 +169,7 @@ def measure_hops(peer_ip: str, wait_s: float = PROBE_WAIT_S) -> list[HopAnswer]:
     started = time.monotonic()
     try:
         for ttl in range(1, PROBE_MAX_TTL + 1):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe = new_socket(socket.SOCK_DGRAM)
             probes[probe.fileno()] = probe
             probe.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             probe.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)

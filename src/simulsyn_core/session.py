@@ -219,6 +219,57 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
                out: TextIO, on_local_port: Callable[[int], None] | None,
                on_broker_address: Callable[[Endpoint], None] | None = None,
                on_nameplate: Callable[[str], None] | None = None) -> ExitStatus:
+    est = establish(cfg, report, event, on_local_port, on_broker_address, on_nameplate)
+    if est.report.path == "relay":
+        return _relayed(cfg, est, event, on_report, chat_mode, stdin_fd, out)
+    on_report(report)
+    deadline = est.deadline
+    with est.sock as sock:
+        codec = SealedCodec(est.channel) if est.channel is not None else None
+        if chat_mode == "hello":
+            if codec is not None:  # authenticated: the PAKE was the hello
+                with contextlib.suppress(OSError):
+                    sock.sendall(codec.end())
+                return close_cleanly(sock)
+            if est.confirmed:  # the HELLO/ACK exchange was the hello
+                return close_cleanly(sock)
+            return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
+        initial = b"" if codec is not None else est.leftover
+        return chat(sock, stdin_fd, out, event, initial=initial, codec=codec,
+                    early=est.early)
+
+
+@dataclass
+class Established:
+    """A connected (and, unless plain, authenticated) session before anything of the
+    user's was sent: what ``establish`` hands to the chat, or to the library's
+    Connection."""
+
+    sock: socket.socket  # the punched connection, or the connection to the broker's relay
+    report: PunchReport  # established, path "direct" or "relay"
+    deadline: float  # the run's (--timeout)
+    channel: Channel | None = None  # the PAKE's sealing state; None: plain
+    records: list[tuple[int, bytes]] = field(default_factory=list)  # came with CONFIRM
+    leftover: bytes = b""  # plain: bytes that came after the path check (or RELAYED)
+    confirmed: bool = False  # direct: the HELLO/ACK path check ran
+    rdv: Rendezvous | None = None
+    port: int = 0
+    token: str | None = None  # relay: the pair's relay token
+    upgrade: bool = False  # relay: the punch failed; the CLI punches on in the background
+    relayed_at: float | None = None
+
+    @property
+    def early(self) -> list[bytes]:
+        """The DATA payloads that came with the peer's confirmation."""
+        return [p for kind, p in self.records if kind == DATA]
+
+
+def establish(cfg: PunchConfig, report: PunchReport, event: Callable[[str], None],
+              on_local_port: Callable[[int], None] | None = None,
+              on_broker_address: Callable[[Endpoint], None] | None = None,
+              on_nameplate: Callable[[str], None] | None = None) -> Established:
+    """Rendezvous, strategy, punch, relay fallback and PAKE: everything before the chat.
+    Raises ToolError; never returns a connection that is not up (and protected)."""
     deadline = time.monotonic() + cfg.timeout_s
     if protection(cfg, "0")[1] is not None:
         # The PAKE's and the cipher's modules (about 50 ms) now, not between connected and
@@ -250,8 +301,7 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
         report.strategy = STRATEGY_RELAY
         report.strategy_reason = rdv.why if rdv.strategy == STRATEGY_RELAY else "--relay only"
         event(f"relay: {report.strategy_reason}")
-        return _relayed(cfg, rdv, token, port, deadline, event, report, on_report, chat_mode,
-                        stdin_fd, out, upgrade=False)
+        return _join_relay(cfg, rdv, token, port, deadline, event, report, upgrade=False)
     direct_deadline = deadline if token is None else min(deadline,
                                                          time.monotonic() + RELAY_AFTER_S)
     result = _punch_direct(cfg, rdv, port, direct_deadline, event, report)
@@ -262,8 +312,7 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     if result.sock is None and token is not None:
         event(f"punch to {rdv.peer} failed ({result.error}); the chat goes through the "
               "broker's relay, and the punch goes on in the background")
-        return _relayed(cfg, rdv, token, port, deadline, event, report, on_report, chat_mode,
-                        stdin_fd, out, upgrade=True)
+        return _join_relay(cfg, rdv, token, port, deadline, event, report, upgrade=True)
     if result.sock is None:
         raise ToolError(ExitStatus.PUNCH_FAILED, f"punch to {rdv.peer} failed: {result.error}")
     report.path = "direct"
@@ -276,19 +325,13 @@ def _run_punch(cfg: PunchConfig, report: PunchReport, event: Callable[[str], Non
     report.established_at = rdv.known_wall + (result.established_at - rdv.known_at)
     event(f"connected: {result.local} <-> {result.peer or rdv.peer} after {report.attempts} "
           f"attempt(s), {report.elapsed_s * 1000:.1f} ms after the peer was known")
-    codec, early = _protect(cfg, rdv, result.sock, result.leftover, event, report)
-    on_report(report)
-    with result.sock as sock:
-        if chat_mode == "hello":
-            if codec is not None:  # authenticated: the PAKE was the hello
-                with contextlib.suppress(OSError):
-                    sock.sendall(codec.end())
-                return close_cleanly(sock)
-            if result.confirmed:  # the HELLO/ACK exchange was the hello
-                return close_cleanly(sock)
-            return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
-        initial = b"" if codec is not None else result.leftover
-        return chat(sock, stdin_fd, out, event, initial=initial, codec=codec, early=early)
+    try:
+        channel, records = _protect(cfg, rdv, result.sock, result.leftover, event, report)
+    except BaseException:
+        result.sock.close()
+        raise
+    return Established(result.sock, report, deadline, channel, records, result.leftover,
+                       result.confirmed, rdv, port)
 
 
 def _punch_direct(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
@@ -309,13 +352,10 @@ def _punch_direct(cfg: PunchConfig, rdv: Rendezvous, port: int, deadline: float,
     return result
 
 
-def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline: float,
-             event: Callable[[str], None], report: PunchReport,
-             on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
-             out: TextIO, upgrade: bool) -> ExitStatus:
-    """The session through the broker's relay (docs/protocol.md, "Relay"); with
-    ``upgrade``, the punch goes on in the background and the chat moves onto the first
-    direct connection that comes up (moving.py)."""
+def _join_relay(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline: float,
+                event: Callable[[str], None], report: PunchReport, upgrade: bool
+                ) -> Established:
+    """Join the broker's relay (docs/protocol.md, "Relay") and protect the session."""
     assert cfg.broker is not None
     sock, leftover = relay_connect(cfg.broker, token, max(deadline, time.monotonic()
                                                           + RELAY_JOIN_MIN_S))
@@ -329,29 +369,51 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
     event(f"relayed: connected to the peer through the broker's relay {cfg.broker}, "
           f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
 
-    def broke() -> str:
-        return relay_status(cfg.broker, token)  # type: ignore[arg-type]
-
-    mode, password = protection(cfg, rdv.nameplate)
+    try:
+        mode, password = protection(cfg, rdv.nameplate)
+        channel, records = _protect(cfg, rdv, sock, leftover, event, report)
+    except BaseException:
+        sock.close()
+        raise
     if password is None:
-        _protect(cfg, rdv, sock, leftover, event, report)
         event("the relay reads and could change this chat (not encrypted); no move to a "
               "direct connection without encryption")
-        on_report(report)
-        with sock:
-            if chat_mode == "hello":
-                return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
-            status = chat(sock, stdin_fd, out, event, initial=leftover)
-            if status == ExitStatus.PEER_LOST:
-                event(broke())
-            return status
-    channel, records = _secure(cfg, rdv, sock, leftover, event, report)
-    if mode == "session-name":
+    elif mode == "session-name":
         event("the relay forwards sealed records, but the broker knows the session name, "
               "the only secret here: it could open them (use a code or --secret)")
     else:
         event("the relay sees only sealed records: without the code or secret it cannot "
               "read or change the chat")
+    return Established(sock, report, deadline, channel, records, leftover, False, rdv, port,
+                       token, upgrade, relayed_at)
+
+
+def _relayed(cfg: PunchConfig, est: Established, event: Callable[[str], None],
+             on_report: Callable[[PunchReport], None], chat_mode: str, stdin_fd: int,
+             out: TextIO) -> ExitStatus:
+    """The chat through the broker's relay; when the punch failed first (``upgrade``), the
+    punch goes on in the background and the chat moves onto the first direct connection
+    that comes up (moving.py)."""
+    assert cfg.broker is not None and est.token is not None and est.rdv is not None
+    assert est.relayed_at is not None
+    sock, token, report, rdv = est.sock, est.token, est.report, est.rdv
+    relayed_at, deadline, channel, records = est.relayed_at, est.deadline, est.channel, \
+        est.records
+
+    def broke() -> str:
+        return relay_status(cfg.broker, token)  # type: ignore[arg-type]
+
+    if channel is None:
+        on_report(report)
+        with sock:
+            if chat_mode == "hello":
+                return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
+            status = chat(sock, stdin_fd, out, event, initial=est.leftover)
+            if status == ExitStatus.PEER_LOST:
+                event(broke())
+            return status
+    _, password = protection(cfg, rdv.nameplate)
+    assert password is not None
     if chat_mode == "hello":
         on_report(report)
         with sock:
@@ -359,10 +421,10 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
                 sock.sendall(channel.seal(END))
             return close_cleanly(sock)
     upgrades = None
-    if upgrade:
+    if est.upgrade:
         upgrades = Upgrades()
         threading.Thread(target=_upgrade_rounds, name="upgrade", daemon=True,
-                         args=(cfg, token, port, password, upgrades, event)).start()
+                         args=(cfg, token, est.port, password, upgrades, event)).start()
 
     def moved(at: float, upgrade: Upgrade) -> None:
         with contextlib.suppress(OSError):
@@ -451,9 +513,9 @@ def protection(cfg: PunchConfig, nameplate: str | None) -> tuple[str, bytes | No
 
 def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: bytes,
              event: Callable[[str], None], report: PunchReport
-             ) -> tuple[SealedCodec | None, list[bytes]]:
-    """The PAKE over the connection, when the session is protected: the chat's codec and
-    the messages that came with the peer's confirmation. Raises ToolError(AUTH_FAILED or
+             ) -> tuple[Channel | None, list[tuple[int, bytes]]]:
+    """The PAKE over the connection, when the session is protected: the channel and the
+    records that came with the peer's confirmation. Raises ToolError(AUTH_FAILED or
     TAMPERED): then nothing of stdin was sent, and the connection is reset."""
     mode, password = protection(cfg, rdv.nameplate)
     info: dict[str, Any] = {"mode": mode, "encrypted": False, "authenticated": False,
@@ -463,8 +525,7 @@ def _protect(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: b
         why = "--plain" if cfg.plain else "the original's peers speak only plain framing"
         event(f"the chat is NOT encrypted ({why}): anyone on the path can read and change it")
         return None, []
-    channel, records = _secure(cfg, rdv, sock, leftover, event, report)
-    return SealedCodec(channel), [p for kind, p in records if kind == DATA]
+    return _secure(cfg, rdv, sock, leftover, event, report)
 
 
 def _secure(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: bytes,

@@ -8,7 +8,9 @@ import os
 import selectors
 import socket
 import struct
+import threading
 import time
+from collections.abc import Iterator
 
 from .endpoint import Endpoint
 
@@ -33,13 +35,64 @@ def describe_errno(code: int) -> str:
     return f"{errno_name(code)} ({ERRNO_MEANING.get(code, os.strerror(code))})"
 
 
+class SocketTracker:
+    """Every socket this thread creates while the tracker is active (``tracking``), so that
+    a cancelled establish (aio.connect) can wake and close them all from outside."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+
+    def wake(self) -> None:
+        """Shut every open socket down (blocked reads and selects return); the owner
+        thread then fails fast and closes them itself."""
+        with self._lock:
+            for sock in self.sockets:
+                if sock.fileno() != -1:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def close_all(self, keep: socket.socket | None = None) -> None:
+        with self._lock:
+            for sock in self.sockets:
+                if sock is not keep:
+                    sock.close()
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def tracking(tracker: SocketTracker) -> Iterator[SocketTracker]:
+    """Register every socket ``new_socket`` makes in this thread with ``tracker``."""
+    previous = getattr(_local, "tracker", None)
+    _local.tracker = tracker
+    try:
+        yield tracker
+    finally:
+        _local.tracker = previous
+
+
+def new_socket(kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket, registered with this thread's tracker if there is one."""
+    sock = socket.socket(socket.AF_INET, kind)
+    tracker: SocketTracker | None = getattr(_local, "tracker", None)
+    if tracker is not None:
+        tracker.add(sock)
+    return sock
+
+
 def bound_socket(local_port: int, local_ip: str = "0.0.0.0") -> socket.socket:
     """A TCP socket bound to local_ip:local_port with SO_REUSEADDR, as the technique needs.
 
     SO_REUSEADDR lets every socket of the run share one local port (Linux allows it as
     long as no socket on the port listens), so the NAT sees one internal endpoint.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = new_socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((local_ip, local_port))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
 from .prime import FULL_TTL, IP_MINTTL, PRIME_MINTTL, TCP_SYN_RECV
-from .sockets import TCP_ESTABLISHED, abort, bound_socket, errno_name, tcp_state
+from .sockets import TCP_ESTABLISHED, abort, bound_socket, errno_name, new_socket, tcp_state
 
 TCP_INFO_TOTAL_RETRANS = 100  # struct tcp_info: tcpi_total_retrans (u32)
 FD_SPARE = 64  # descriptors kept free beside the pool's (broker, chat, capture, Python)
@@ -80,7 +80,7 @@ class Pool:
         time-exceeded it draws), then the socket gets a full TTL for what follows, unless
         ``hold_ttl``: then it keeps the limited TTL until ``open_up()``."""
         if local_port is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = new_socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
             sock = bound_socket(local_port)

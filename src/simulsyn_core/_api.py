@@ -1,0 +1,425 @@
+"""The public, blocking API (docs/api.md): ``connect`` hands back a ``Connection``; the
+exceptions, one per exit reason of ``synprobe punch``; an embeddable broker.
+
+Everything here is re-exported by ``simulsyn_core``; this module's own name is private.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from .exitcodes import ExitStatus, ToolError
+from .session import Established, PunchConfig, PunchReport, establish
+from .sockets import SocketTracker, abort, enable_keepalive, tracking
+
+RECV_CHUNK = 65536
+LINGER_S = 2.0  # close(): how long to wait for the peer's end after ours, at most
+STRATEGIES = ("auto", "plain", "prime", "order", "sync", "birthday")
+RELAYS = ("auto", "never", "only")
+EventCallback = Callable[[str], None]
+
+
+class SimulsynError(Exception):
+    """Why ``connect`` (or a Connection) failed. ``exit_code`` is the code ``synprobe
+    punch`` exits with for the same reason; ``report`` the run's report (its ``error`` and
+    ``exit_code`` set) when one was made."""
+
+    exit_code: ExitStatus = ExitStatus.ERROR
+
+    def __init__(self, message: str, report: PunchReport | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.report = report
+
+
+class BrokerUnreachable(SimulsynError):
+    """The broker refused, did not answer in time, or spoke an unexpected protocol."""
+
+    exit_code = ExitStatus.BROKER_UNREACHABLE
+
+
+class NoPeer(SimulsynError):
+    """No peer came to the session (or code) within ``timeout``."""
+
+    exit_code = ExitStatus.NO_PEER
+
+
+class PunchFailed(SimulsynError):
+    """The peer was known but no connection came up (nor a relayed one)."""
+
+    exit_code = ExitStatus.PUNCH_FAILED
+
+
+class AddressInUse(SimulsynError):
+    """``local_port`` cannot be bound."""
+
+    exit_code = ExitStatus.ADDRESS_IN_USE
+
+
+class AuthFailed(SimulsynError):
+    """The peer did not prove it holds the same code (or secret); nothing was sent."""
+
+    exit_code = ExitStatus.AUTH_FAILED
+
+
+class Tampered(SimulsynError):
+    """A sealed record was altered, replayed, reordered, or the stream was cut off: the
+    connection was reset."""
+
+    exit_code = ExitStatus.TAMPERED
+
+
+class PeerLost(SimulsynError):
+    """The connection to the peer broke (reset, or unacknowledged data timed out)."""
+
+    exit_code = ExitStatus.PEER_LOST
+
+
+_BY_STATUS: dict[ExitStatus, type[SimulsynError]] = {
+    cls.exit_code: cls for cls in (BrokerUnreachable, NoPeer, PunchFailed, AddressInUse,
+                                   AuthFailed, Tampered, PeerLost)}
+
+
+def error_for(exc: ToolError, report: PunchReport | None = None) -> SimulsynError:
+    """The public exception for a ToolError (SimulsynError itself for a status without a
+    class of its own)."""
+    cls = _BY_STATUS.get(exc.status, SimulsynError)
+    err = cls(exc.message, report)
+    if cls is SimulsynError:
+        err.exit_code = exc.status
+    return err
+
+
+class _Cancelled(BaseException):
+    """aio.connect was cancelled: unwinds the establish (not an Exception, so that no
+    handler inside takes it for a network error)."""
+
+
+class Connection:
+    """A connected session: ``sendall``/``recv``/``close`` carry bytes to and from the
+    peer, sealed (ChaCha20-Poly1305 records) unless ``plain``.
+
+    ``socket``: the underlying connected socket (the punched one, or the one to the
+    broker's relay when ``path == "relay"``); write to it directly only when ``encrypted``
+    is False. ``peer``: the peer's endpoint as seen from here (``"ip:port"``; through the
+    relay, the peer's public endpoint the broker reported). ``report``: what ``synprobe
+    punch --json`` prints (PunchReport).
+    """
+
+    def __init__(self, est: Established) -> None:
+        self.socket: socket.socket = est.sock
+        self.report: PunchReport = est.report
+        self.path: str = est.report.path or "direct"
+        self.peer: str = est.report.peer or ""
+        self._channel = est.channel
+        self._buffer = bytearray(est.leftover if est.channel is None else b"")
+        self._ended = False  # the peer's END (or EOF, plain) was read
+        self._write_shut = False
+        self._closed = False
+        for kind, payload in est.records:
+            self._take(kind, payload)
+        enable_keepalive(self.socket)
+        self.socket.setblocking(True)
+
+    @property
+    def encrypted(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def verifier(self) -> str | None:
+        """A short string both sides see alike when the PAKE ran (to compare aloud)."""
+        return self._channel.verifier if self._channel is not None else None
+
+    def fileno(self) -> int:
+        """The socket's descriptor: only for a plain connection (a sealed one's bytes on
+        the socket are records, not the data). Raises ValueError otherwise."""
+        if self._channel is not None:
+            raise ValueError("a sealed connection has no descriptor of its data: use "
+                             "recv/sendall (or aio.connect for streams)")
+        return self.socket.fileno()
+
+    def take_buffered(self) -> bytes:
+        """What was received but not read yet (for a transport that takes the socket
+        over)."""
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out
+
+    def settimeout(self, timeout_s: float | None) -> None:
+        """A bound on each later ``recv``/``sendall`` (``TimeoutError`` when it passes)."""
+        self.socket.settimeout(timeout_s)
+
+    def _take(self, kind: int, payload: bytes) -> None:
+        from .secure import DATA, END
+
+        if kind == DATA:
+            self._buffer += payload
+        elif kind == END:
+            self._ended = True
+
+    def sendall(self, data: bytes) -> None:
+        """Send all of ``data``. Raises PeerLost when the connection broke."""
+        from .secure import DATA, RECORD_MAX
+
+        if self._write_shut:
+            raise ValueError("sendall after shutdown_write/close")
+        view = memoryview(data)
+        try:
+            if self._channel is None:
+                self.socket.sendall(view)
+                return
+            for start in range(0, len(view), RECORD_MAX):
+                self.socket.sendall(self._channel.seal(DATA, bytes(view[start:start
+                                                                        + RECORD_MAX])))
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise PeerLost(f"connection to the peer lost: {exc}", self.report) from None
+
+    def recv(self, bufsize: int = RECV_CHUNK) -> bytes:
+        """Up to ``bufsize`` bytes from the peer; ``b""`` once the peer has finished
+        sending. Raises Tampered (a sealed stream altered or cut off: the connection is
+        reset), PeerLost."""
+        from .secure import Tampered as _SealTampered
+
+        while not self._buffer and not self._ended:
+            try:
+                data = self.socket.recv(RECV_CHUNK)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise PeerLost(f"connection to the peer lost: {exc}", self.report) from None
+            if self._channel is None:
+                if not data:
+                    self._ended = True
+                self._buffer += data
+                continue
+            try:
+                if not data:
+                    self._channel.check_end()
+                for kind, payload in self._channel.feed(data):
+                    self._take(kind, payload)
+            except _SealTampered as exc:
+                abort(self.socket)
+                self._closed = self._write_shut = True
+                raise Tampered(f"connection closed: a {exc} (not the peer's stream: "
+                               "tampered with on the way)", self.report) from None
+        out = bytes(self._buffer[:bufsize])
+        del self._buffer[:bufsize]
+        return out
+
+    def shutdown_write(self) -> None:
+        """We send nothing more: the END record (sealed), then a FIN. ``recv`` goes on."""
+        from .secure import END
+
+        if self._write_shut:
+            return
+        self._write_shut = True
+        with contextlib.suppress(OSError):
+            if self._channel is not None:
+                self.socket.sendall(self._channel.seal(END))
+            self.socket.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """End our side (``shutdown_write``), wait (``LINGER_S`` at most) for the peer to
+        end its side, reading away what it still sends, then close the socket: a peer
+        that reads everything sees a clean end, never a reset."""
+        if self._closed:
+            return
+        self.shutdown_write()
+        self._closed = True
+        with contextlib.suppress(OSError):
+            end = time.monotonic() + LINGER_S
+            while (left := end - time.monotonic()) > 0:
+                self.socket.settimeout(left)
+                if not self.socket.recv(RECV_CHUNK):
+                    break
+        self.socket.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None and not self._closed:  # an error: no clean end to wait for
+            self._closed = True
+            abort(self.socket)
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Connection {self.path} to {self.peer} "
+                f"{'sealed' if self.encrypted else 'plain'}>")
+
+
+def _config(broker: str, session: str | None, code: str | None, timeout: float,
+            strategy: str, relay: str, local_port: int | None, secret: str | None,
+            plain: bool) -> PunchConfig:
+    """The PunchConfig of a connect() call; raises ValueError for bad arguments."""
+    from .codes import make_words, parse_code
+    from .endpoint import Endpoint
+    from .wire import SESSION_RE
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: one of {', '.join(STRATEGIES)}")
+    if relay not in RELAYS:
+        raise ValueError(f"relay: one of {', '.join(RELAYS)}")
+    if timeout <= 0:
+        raise ValueError("timeout: a positive number of seconds")
+    if session is not None and code is not None:
+        raise ValueError("give session= or code=, not both")
+    if plain and session is None:
+        raise ValueError("plain=True needs session= (a code's words serve only the PAKE)")
+    if plain and secret is not None:
+        raise ValueError("plain=True turns authentication off: not with secret=")
+    if secret is not None and session is None:
+        raise ValueError("secret= goes with session= (a code carries its own words)")
+    if session is not None and not SESSION_RE.fullmatch(session):
+        raise ValueError("session: 1-64 of A-Z a-z 0-9 . _ -")
+    nameplate = words = None
+    if session is None:
+        nameplate, words = ("new", make_words()) if code is None else parse_code(code)
+    return PunchConfig(local_port=local_port or 0, broker=Endpoint.parse(broker),
+                       session=session, timeout_s=timeout, strategy=strategy,
+                       nameplate=nameplate, words=words, secret=secret, plain=plain,
+                       relay=relay)
+
+
+def establish_connection(broker: str, session: str | None = None, *, code: str | None = None,
+                         timeout: float = 30.0, strategy: str = "auto", relay: str = "auto",
+                         local_port: int | None = None, on_event: EventCallback | None = None,
+                         on_code: Callable[[str], None] | None = None,
+                         secret: str | None = None, plain: bool = False,
+                         cancel: threading.Event | None = None,
+                         tracker: SocketTracker | None = None) -> Connection:
+    """``connect``, with what aio.connect needs: a ``cancel`` flag (the establish unwinds
+    at its next step once set) and a ``tracker`` of every socket it makes."""
+    if session is None and code is None and on_code is None:
+        raise ValueError("give session=, code=, or on_code= (to be told a new code)")
+    cfg = _config(broker, session, code, timeout, strategy, relay, local_port, secret, plain)
+    report = PunchReport(mode=cfg.mode, session=cfg.session)
+
+    def event(text: str) -> None:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+        if on_event is not None:
+            on_event(text)
+
+    def told(number: str) -> None:
+        from .codes import make_code
+
+        if on_code is not None:
+            on_code(make_code(number, cfg.words or ""))
+
+    try:
+        with tracking(tracker or SocketTracker()):
+            est = establish(cfg, report, event,
+                            on_nameplate=told if cfg.nameplate == "new" else None)
+    except ToolError as exc:
+        report.error, report.exit_code = exc.message, int(exc.status)
+        raise error_for(exc, report) from None
+    try:
+        return Connection(est)
+    except BaseException:
+        est.sock.close()
+        raise
+
+
+def connect(broker: str, session: str | None = None, *, code: str | None = None,
+            timeout: float = 30.0, strategy: str = "auto", relay: str = "auto",
+            local_port: int | None = None, on_event: EventCallback | None = None,
+            on_code: Callable[[str], None] | None = None, secret: str | None = None,
+            plain: bool = False) -> Connection:
+    """Meet the peer at ``broker`` (``"ip:port"``) and connect to it: punched directly,
+    else through the broker's relay (``relay``). Blocks until connected, at most
+    ``timeout`` seconds (the relay may take a few more to join).
+
+    The peer: ``session=NAME`` (both use the same name; add ``secret=`` to authenticate),
+    ``code="7-word-word"`` (the code the other side was told), or neither with ``on_code``:
+    the broker hands out a new code, given to ``on_code`` to pass on to the peer.
+
+    Returns a Connection that is up and, unless ``plain``, authenticated and encrypted.
+    Raises BrokerUnreachable, NoPeer, PunchFailed, AddressInUse, AuthFailed, Tampered
+    (all SimulsynError); ValueError for bad arguments. ``on_event`` gets each step as a
+    line of text (what ``synprobe punch -v`` prints)."""
+    return establish_connection(broker, session, code=code, timeout=timeout,
+                                strategy=strategy, relay=relay, local_port=local_port,
+                                on_event=on_event, on_code=on_code, secret=secret,
+                                plain=plain)
+
+
+def _endpoints(binds: Sequence[str]) -> list[object]:
+    from .endpoint import Endpoint
+
+    if not binds:
+        raise ValueError("give at least one address to listen on (\"ip:port\")")
+    return [Endpoint.parse(b, allow_zero_port=True) for b in binds]
+
+
+class Broker:
+    """A broker to embed in an asyncio program::
+
+        async with Broker(["127.0.0.1:0"], relay=True) as broker:
+            print(broker.addresses)   # ["127.0.0.1:40123"]
+            await stop.wait()
+
+    ``relay``: relay pairs whose punch fails (``synprobe broker --relay``, default
+    limits). ``log``: each log line (default: none)."""
+
+    def __init__(self, binds: Sequence[str], *, relay: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        from .broker import Broker as _Broker
+        from .relay import RelayLimits, RelayTable
+
+        self._broker = _Broker(_endpoints(binds),  # type: ignore[arg-type]
+                               log=log or (lambda line: None),
+                               relay=RelayTable(RelayLimits()) if relay else None)
+        self._stop = asyncio.Event()
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen (raises OSError when an address cannot be bound)."""
+        loop = asyncio.get_running_loop()
+        handler = loop.get_exception_handler()
+        await self._broker.start()
+        loop.set_exception_handler(handler)  # the embedding program's, not the broker's
+        self._expiry = asyncio.ensure_future(self._broker.serve_forever(self._stop))
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where it listens, ``"ip:port"`` (the port the kernel chose for port 0)."""
+        return [str(ep) for ep in self._broker.listening]
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (relayed sessions are reset)."""
+        self._stop.set()
+        if self._expiry is not None:
+            await self._expiry
+            self._expiry = None
+        await self._broker.close()
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def serve_broker(binds: Sequence[str], *, relay: bool = False,
+                 log: Callable[[str], None] | None = None) -> int:
+    """Run a broker in this thread until SIGINT (returns 130) or SIGTERM (returns 0), as
+    ``synprobe broker`` does. ``log``: each log line (default: stderr). Raises OSError
+    when an address cannot be bound."""
+    from .broker import run_broker, stderr_log
+    from .relay import RelayLimits
+
+    return run_broker(_endpoints(binds), log=log or stderr_log,  # type: ignore[arg-type]
+                      relay=RelayLimits() if relay else None)
