@@ -1,0 +1,167 @@
+"""The public API between two NATed hosts of the lab (issue 15): examples/send_file.py
+moves 20 MB through ``simulsyn_core.connect`` and through ``simulsyn_core.aio.connect``;
+a cancelled ``aio.connect`` in the middle of its punch leaves no socket open (/proc)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from synprobe import lab as labmod
+from synprobe.lab.harness import BROKER_IPS, BROKER_PORT, SYNPROBE
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "send_file.py"
+BROKER = f"{BROKER_IPS[0]}:{BROKER_PORT}"
+SIZE = 20 * 1024 * 1024
+CODE_WAIT_S = 15.0
+RUN_LIMIT_S = 120.0
+
+
+def _read_code(proc: subprocess.Popen[bytes]) -> str:
+    """The code the sender prints on stdout (``code: N-word-word``), within CODE_WAIT_S."""
+    assert proc.stdout is not None
+    seen = b""
+    end = time.monotonic() + CODE_WAIT_S
+    while time.monotonic() < end:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            seen += chunk
+            m = re.search(rb"code: (\S+)\n", seen)
+            if m:
+                return m.group(1).decode()
+            if not chunk:
+                break
+    raise AssertionError(f"the sender printed no code: {seen!r}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("variant", ["blocking", "aio"])
+def test_the_example_sends_20_mb_between_two_nated_hosts(make_lab, tmp_path: Path,
+                                                         variant: str) -> None:
+    lab = make_lab("home", "home")
+    labmod.start_broker(lab)  # no --relay: the file must go over the punched connection
+    source = tmp_path / "payload.bin"
+    source.write_bytes(os.urandom(SIZE))
+    out = tmp_path / "received"
+    out.mkdir()
+    flags = ["--aio"] if variant == "aio" else []
+    sender = lab.popen("ha", [sys.executable, str(EXAMPLE), *flags, "send", "--broker",
+                              BROKER, str(source)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        code = _read_code(sender)
+        receiver = lab.popen("hb", [sys.executable, str(EXAMPLE), *flags, "receive",
+                                    "--broker", BROKER, "--code", code, "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rc_r, err_r = _finish(receiver)
+        rc_s, err_s = _finish(sender)
+    finally:
+        for proc in lab._procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc_r == 0, err_r
+    assert rc_s == 0, err_s
+    assert "connected (direct)" in err_s and "connected (direct)" in err_r
+    assert "sha256 matches" in err_r and "receiver says: ok" in err_s
+    assert "100.0%" in err_s and "100.0%" in err_r  # the progress bars
+    received = out / source.name
+    assert received.stat().st_size == SIZE
+    assert _sha256(received) == _sha256(source)
+
+
+CANCEL_SCRIPT = """
+import asyncio, json, os, sys, threading
+from simulsyn_core import aio
+
+def sockets():
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+async def main():
+    before = sockets()
+    punching = asyncio.Event()
+    events = []
+
+    def on_event(text):
+        events.append(text)
+        if "attempt" in text or text.startswith("connect"):
+            punching.set()
+
+    task = asyncio.create_task(aio.connect(sys.argv[1], "cancel-me", strategy="plain",
+                                           relay="never", timeout=40, on_event=on_event))
+    await asyncio.wait_for(punching.wait(), 30)
+    await asyncio.sleep(1.5)
+    during = sockets() - before
+    started = asyncio.get_running_loop().time()
+    task.cancel()
+    try:
+        await task
+        outcome = "returned"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+    except BaseException as exc:
+        outcome = repr(exc)
+    took = asyncio.get_running_loop().time() - started
+    print(json.dumps({"outcome": outcome, "took_s": took, "during": sorted(during),
+                      "after": sorted(sockets() - before), "events": events,
+                      "workers": [t.name for t in threading.enumerate()
+                                  if t.name == "simulsyn-connect"]}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_cancelling_aio_connect_mid_punch_leaves_no_socket(make_lab) -> None:
+    # Both NATs drop every inbound SYN: A's punch goes on until it is cancelled.
+    lab = make_lab("syn-drop-all", "syn-drop-all")
+    labmod.start_broker(lab)
+    peer = lab.popen("hb", [*SYNPROBE, "punch", "--broker", BROKER, "--session", "cancel-me",
+                            "--strategy", "plain", "--relay", "never", "--timeout", "40",
+                            "--no-chat"],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    try:
+        run = lab.run("ha", [sys.executable, "-c", CANCEL_SCRIPT, BROKER], timeout=RUN_LIMIT_S)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+        peer.wait(10)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "cancelled", json.dumps(result)
+    assert result["during"], f"no socket open mid-punch: not cancelled mid-punch {result}"
+    assert result["after"] == [], result
+    assert result["workers"] == [], result
+    assert result["took_s"] < 6.0, result
