@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import selectors
@@ -97,3 +98,12 @@ def read_line(s: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+def scapy_modules_after(statements: str) -> list[str]:
+    """The scapy modules a fresh interpreter has loaded after running ``statements``."""
+    code = (f"import json, sys; {statements}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'scapy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return [str(name) for name in json.loads(out)]

@@ -23,6 +23,7 @@ from simulsyn_core.codes import make_words
 from simulsyn_core.exitcodes import ExitStatus
 from simulsyn_core.secure import DATA, END, Channel
 from simulsyn_core.session import Established, PunchReport
+from tests.helpers import scapy_modules_after
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_LIMIT_S = 60.0
@@ -86,12 +87,8 @@ def test_public_names_resolve_and_are_typed() -> None:
 
 
 def test_importing_the_api_loads_no_scapy() -> None:
-    code = ("import sys, simulsyn_core; simulsyn_core.connect; simulsyn_core.Broker; "
-            "from simulsyn_core import aio; "
-            "print(sorted(m for m in sys.modules if m.startswith('scapy')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    assert out.strip() == "[]"
+    assert scapy_modules_after("import simulsyn_core; simulsyn_core.connect; "
+                               "simulsyn_core.Broker; from simulsyn_core import aio") == []
 
 
 def test_exceptions_carry_the_cli_exit_codes() -> None:

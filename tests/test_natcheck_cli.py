@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shlex
 import subprocess
-import sys
 
 from click.testing import CliRunner
 
@@ -15,6 +14,7 @@ from simulsyn_core.endpoint import Endpoint
 from synprobe.cli import cli
 from synprobe.natcheck import firewall as fw
 from synprobe.natcheck.server import ProbeServer
+from tests.helpers import scapy_modules_after
 
 
 def test_help_lists_every_key_and_exit_code() -> None:
@@ -40,12 +40,8 @@ def test_unreachable_broker_exits_3() -> None:
 
 
 def test_broker_side_and_nat_check_help_do_not_import_scapy() -> None:
-    code = ("import sys, synprobe.natcheck.broker_side, synprobe.natcheck.cli, "
-            "synprobe.natcheck.client; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scapy'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    assert out.strip() == "[]"
+    assert scapy_modules_after("import synprobe.natcheck.broker_side, synprobe.natcheck.cli, "
+                               "synprobe.natcheck.client") == []
 
 
 def test_broker_verbs_on_loopback() -> None:
