@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import subprocess
@@ -56,6 +57,26 @@ def broker() -> Iterator[LoopBroker]:
     b = LoopBroker(relay=True)
     yield b
     b.close()
+
+
+def open_sockets() -> set[str]:
+    """This process's sockets, as /proc/self/fd names them (``socket:[inode]``)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
+
+
+def assert_none_left(before: set[str], wait_s: float = 5.0) -> None:
+    """No socket beyond ``before`` (the in-process broker closes its side of each client
+    connection a moment after the client: polled, bounded)."""
+    end = time.monotonic() + wait_s
+    while (left := open_sockets() - before) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not left, f"sockets left open: {sorted(left)}"
 
 
 def both(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
@@ -126,10 +147,12 @@ def test_broker_unreachable() -> None:
 
 
 def test_no_peer(broker: LoopBroker) -> None:
+    before = open_sockets()
     started = time.monotonic()
     with pytest.raises(simulsyn_core.NoPeer):
         simulsyn_core.connect(broker.address, "alone", timeout=1.5)
     assert time.monotonic() - started < 10
+    assert_none_left(before)
 
 
 def test_address_in_use(broker: LoopBroker) -> None:
@@ -143,6 +166,7 @@ def test_address_in_use(broker: LoopBroker) -> None:
 
 def test_punch_failed_when_only_the_relay_may_carry_it() -> None:
     broker = LoopBroker(relay=False)
+    before = open_sockets()
 
     def side() -> Any:
         return simulsyn_core.connect(broker.address, "norelay", relay="only", timeout=10)
@@ -153,9 +177,11 @@ def test_punch_failed_when_only_the_relay_may_carry_it() -> None:
         broker.close()
     assert isinstance(a, simulsyn_core.PunchFailed), a
     assert isinstance(b, simulsyn_core.PunchFailed), b
+    assert_none_left(before)
 
 
 def test_auth_failed_with_a_wrong_code(broker: LoopBroker) -> None:
+    before = open_sockets()
     codes: list[str] = []
 
     def alice() -> Any:
@@ -172,6 +198,7 @@ def test_auth_failed_with_a_wrong_code(broker: LoopBroker) -> None:
     a, b = both(alice, bob)
     assert isinstance(a, simulsyn_core.AuthFailed), a
     assert isinstance(b, simulsyn_core.AuthFailed), b
+    assert_none_left(before)
 
 
 def test_a_code_connects_and_carries_bytes_both_ways(broker: LoopBroker) -> None:

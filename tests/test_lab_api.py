@@ -72,6 +72,7 @@ def test_the_example_sends_20_mb_between_two_nated_hosts(make_lab, tmp_path: Pat
     sender = lab.popen("ha", [sys.executable, str(EXAMPLE), *flags, "send", "--broker",
                               BROKER, str(source)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    receiver = None
     try:
         code = _read_code(sender)
         receiver = lab.popen("hb", [sys.executable, str(EXAMPLE), *flags, "receive",
@@ -80,9 +81,10 @@ def test_the_example_sends_20_mb_between_two_nated_hosts(make_lab, tmp_path: Pat
         rc_r, err_r = _finish(receiver)
         rc_s, err_s = _finish(sender)
     finally:
-        for proc in lab._procs:
-            if proc.poll() is None:
+        for proc in (sender, receiver):
+            if proc is not None and proc.poll() is None:
                 proc.kill()
+                proc.wait(10)
     assert rc_r == 0, err_r
     assert rc_s == 0, err_s
     assert "connected (direct)" in err_s and "connected (direct)" in err_r
