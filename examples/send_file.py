@@ -143,6 +143,7 @@ async def send_aio(broker: str, path: Path, timeout: float) -> int:
         verdict = await reader.read()
     finally:
         writer.close()
+        await writer.wait_closed()  # in the bridge: delivered before the program ends
     print(f"receiver says: {verdict.decode(errors='replace').strip()}", file=sys.stderr)
     return 0 if verdict.strip() == b"ok" else 1
 
@@ -166,6 +167,7 @@ async def receive_aio(broker: str, code: str, out: Path, timeout: float) -> int:
         await writer.drain()
     finally:
         writer.close()
+        await writer.wait_closed()  # in the bridge: delivered before the program ends
     print(f"{target}: {progress.done} bytes, sha256 "
           f"{'matches' if good else 'DIFFERS'}", file=sys.stderr)
     return 0 if good else 1

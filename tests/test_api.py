@@ -311,6 +311,39 @@ def test_aio_connect_carries_bytes(broker: LoopBroker) -> None:
         assert path in ("direct", "relay")
 
 
+EXIT_AFTER_WRITING = """
+import asyncio, sys
+from simulsyn_core import aio
+
+async def main():
+    reader, writer, report = await aio.connect(sys.argv[1], "exit-early", timeout=15)
+    writer.write(b"z" * 2_000_000)
+    writer.write_eof()
+    writer.close()
+    await writer.wait_closed()  # in the socketpair; the program ends: the bridge delivers it
+
+asyncio.run(main())
+"""
+
+
+def test_aio_data_written_before_exit_reaches_the_peer(broker: LoopBroker) -> None:
+    child = subprocess.Popen([sys.executable, "-c", EXIT_AFTER_WRITING, broker.address],
+                             stderr=subprocess.PIPE)
+    try:
+        with simulsyn_core.connect(broker.address, "exit-early", timeout=15) as conn:
+            conn.settimeout(20)
+            got = bytearray()
+            while chunk := conn.recv():
+                got += chunk
+        _, err = child.communicate(timeout=RUN_LIMIT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert child.returncode == 0, err
+    assert bytes(got) == b"z" * 2_000_000
+
+
 def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, re.S)
 

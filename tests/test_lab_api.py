@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "send_file.py"
 BROKER = f"{BROKER_IPS[0]}:{BROKER_PORT}"
 SIZE = 20 * 1024 * 1024
+RELAY_SIZE = 2 * 1024 * 1024
 CODE_WAIT_S = 15.0
 RUN_LIMIT_S = 120.0
 
@@ -64,11 +65,27 @@ def test_the_example_sends_20_mb_between_two_nated_hosts(make_lab, tmp_path: Pat
                                                          variant: str) -> None:
     lab = make_lab("home", "home")
     labmod.start_broker(lab)  # no --relay: the file must go over the punched connection
+    _send_file(lab, tmp_path, ["--aio"] if variant == "aio" else [], SIZE, "direct")
+
+
+@pytest.mark.lab
+def test_the_example_sends_through_the_relay_when_the_punch_fails(make_lab,
+                                                                  tmp_path: Path) -> None:
+    # Both NATs drop every inbound SYN: no punch connects; the broker relays (its default
+    # limits: 1 MB/s per session, hence a smaller file).
+    lab = make_lab("syn-drop-all", "syn-drop-all")
+    labmod.start_broker(lab, ["--relay"])
+    _send_file(lab, tmp_path, [], RELAY_SIZE, "relay")
+
+
+def _send_file(lab: labmod.Lab, tmp_path: Path, flags: list[str], size: int,
+               path: str) -> None:
+    """examples/send_file.py from host A to host B: both exit 0, over ``path``, and the
+    received file is the sent one."""
     source = tmp_path / "payload.bin"
-    source.write_bytes(os.urandom(SIZE))
+    source.write_bytes(os.urandom(size))
     out = tmp_path / "received"
     out.mkdir()
-    flags = ["--aio"] if variant == "aio" else []
     sender = lab.popen("ha", [sys.executable, str(EXAMPLE), *flags, "send", "--broker",
                               BROKER, str(source)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -87,11 +104,11 @@ def test_the_example_sends_20_mb_between_two_nated_hosts(make_lab, tmp_path: Pat
                 proc.wait(10)
     assert rc_r == 0, err_r
     assert rc_s == 0, err_s
-    assert "connected (direct)" in err_s and "connected (direct)" in err_r
+    assert f"connected ({path})" in err_s and f"connected ({path})" in err_r
     assert "sha256 matches" in err_r and "receiver says: ok" in err_s
     assert "100.0%" in err_s and "100.0%" in err_r  # the progress bars
     received = out / source.name
-    assert received.stat().st_size == SIZE
+    assert received.stat().st_size == size
     assert _sha256(received) == _sha256(source)
 
 

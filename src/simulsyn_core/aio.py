@@ -12,10 +12,12 @@ open the records.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,6 +28,22 @@ from .sockets import SocketTracker, abort
 __all__ = ["Streams", "connect"]
 
 CANCEL_WAIT_S = 5.0  # after a cancel, for the worker thread to unwind, at most
+# At interpreter exit, for the bridges to send what the program wrote before it closed
+# its writers (the bridge threads are daemons: a silent peer cannot hold the exit), at most.
+BRIDGE_EXIT_S = 10.0
+_outgoing: set[threading.Thread] = set()  # the bridges' app -> peer threads still running
+_outgoing_lock = threading.Lock()
+
+
+def _flush_bridges() -> None:
+    deadline = time.monotonic() + BRIDGE_EXIT_S
+    with _outgoing_lock:
+        threads = list(_outgoing)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_flush_bridges)
 
 
 class Streams(NamedTuple):
@@ -151,14 +169,20 @@ class _Bridge:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        for target in (self._inward, self._outward):
-            threading.Thread(target=self._run, args=(target,), name="simulsyn-bridge",
-                             daemon=True).start()
+        threading.Thread(target=self._run, args=(self._inward,), name="simulsyn-bridge-in",
+                         daemon=True).start()
+        outward = threading.Thread(target=self._run, args=(self._outward,),
+                                   name="simulsyn-bridge-out", daemon=True)
+        outward.start()
+        with _outgoing_lock:  # after start(): one that already ended is joined at once
+            _outgoing.add(outward)
 
     def _run(self, target: Callable[[], None]) -> None:
         try:
             target()
         finally:
+            with _outgoing_lock:
+                _outgoing.discard(threading.current_thread())
             with self._lock:
                 self._left -= 1
                 last = self._left == 0
