@@ -37,7 +37,7 @@ def test_help_lists_every_command_and_exit_code() -> None:
     (["punch", "--seed-broker", "127.0.0.1:1", "--secret", "x"],
      "--secret goes with --session or --peer"),
     (["punch", "--peer", "127.0.0.1:1"], "--peer needs --local-port"),
-    (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IPv4 address"),
+    (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IP address"),
     (["punch", "--broker", "127.0.0.1:1", "--session", "a b"], "1-64 of A-Z"),
     (["punch", "--broker", "127.0.0.1:1", "--session", "s", "--retries", "0"], "0"),
     (["nosuch"], "No such command"),

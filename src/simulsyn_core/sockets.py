@@ -33,16 +33,27 @@ def describe_errno(code: int) -> str:
     return f"{errno_name(code)} ({ERRNO_MEANING.get(code, os.strerror(code))})"
 
 
-def bound_socket(local_port: int, local_ip: str = "0.0.0.0") -> socket.socket:
+# IPv6: every socket of a punch sends with the largest hop limit, so that what reaches the
+# peer arrives with more than IPV6_MINHOPCOUNT (prime.py says why).
+FULL_HOPS_V6 = 255
+
+
+def bound_socket(local_port: int, local_ip: str | None = None,
+                 family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
     """A TCP socket bound to local_ip:local_port with SO_REUSEADDR, as the technique needs.
 
     SO_REUSEADDR lets every socket of the run share one local port (Linux allows it as
-    long as no socket on the port listens), so the NAT sees one internal endpoint.
+    long as no socket on the port listens), so the NAT sees one internal endpoint. An
+    IPv6 socket is IPv6 only, and sends with hop limit FULL_HOPS_V6.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((local_ip, local_port))
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, FULL_HOPS_V6)
+        sock.bind((local_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                   local_port))
     except BaseException:
         sock.close()
         raise
