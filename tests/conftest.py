@@ -127,9 +127,10 @@ def make_lab() -> Iterator[Callable[..., labmod.Lab]]:
     labs: list[labmod.Lab] = []
 
     def factory(profile_a: str = "home", profile_b: str = "home",
-                links: labmod.LinkDelays | None = None) -> labmod.Lab:
+                links: labmod.LinkDelays | None = None,
+                v6: tuple[str, str] | None = None) -> labmod.Lab:
         lab = labmod.Lab(profile_a, profile_b, lab_id=f"t{os.getpid() % 100000}x{next(_counter)}",
-                         links=links or labmod.LinkDelays())
+                         links=links or labmod.LinkDelays(), v6=v6)
         labs.append(lab)
         lab.up()
         return lab

@@ -114,6 +114,7 @@ READ_MAX = 65536
 # within one RTT; none within this long means the NAT dropped the SYN.
 SYN_PROBE_MIN_S = 0.1
 SYN_PROBE_MAX_S = 1.0
+SYN_PROBE_V6_S = 1.3  # IPv6: the SYN's retransmission (1 s) and its answer
 SYNC_MAX_DELAY_S = 1.0  # sync delivery holds the nearer peer's PEER back at most this long
 
 Log = Callable[[str], None]
@@ -1071,6 +1072,11 @@ class Broker:
         a few of its RTTs, None if we cannot tell. An ordinary connect(): no privilege."""
         rtt = (self.rtt(conn) or (0.0, 0.0))[0]
         wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 2 * rtt + 0.05))
+        if public.is_v6:
+            # A gateway's ICMPv6 rate limit holds back its first error towards a new
+            # destination (Linux: measured in the lab, admin-prohibited came only for the
+            # kernel's SYN retransmission, 1 s later): wait for that one too.
+            wait_s = max(wait_s, SYN_PROBE_V6_S)
         reached = self.local_endpoint(conn)
         result = await probe_unsolicited(public, reached.ip if reached else "0.0.0.0", wait_s)
         self.log(f"syn probe {public}: {result or 'unknown'} (waited at most "
@@ -1144,8 +1150,11 @@ async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> 
     except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
         return "drop"
     except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return "reject"  # an RST, or an ICMP unreachable (port, host, admin-prohibited)
+        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         errno.EACCES):
+            # An RST, or an ICMP unreachable (port, host, admin-prohibited; ICMPv6's
+            # admin-prohibited is EACCES)
+            return "reject"
         return None  # our own side failed (EPERM from a local firewall, EADDRNOTAVAIL...)
     else:
         return "reject"  # something there answered with a SYN+ACK: an early SYN is answered

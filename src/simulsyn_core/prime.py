@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from .endpoint import Endpoint
-from .sockets import FULL_HOPS_V6, bound_socket, tcp_state
+from .sockets import FULL_HOPS_V6, TCP_ESTABLISHED, bound_socket, tcp_state
 
 PROBE_MAX_TTL = 16  # UDP probes with TTL 1..16 towards the peer
 PROBE_WAIT_S = 0.5  # how long the probes' ICMP answers are collected at most
@@ -233,8 +233,11 @@ class Primed:
         return self.state == TCP_SYN_SENT
 
     def describe(self) -> str:
-        state = ("still in SYN-SENT" if self.alive
-                 else f"ended (TCP state {self.state}: an RST or another ICMP error?)")
+        now = self.state
+        state = ("still in SYN-SENT" if now == TCP_SYN_SENT
+                 else "connected already (the peer's SYN came before GO)"
+                 if now in (TCP_ESTABLISHED, TCP_SYN_RECV)
+                 else f"ended (TCP state {now}: an RST or another ICMP error?)")
         return (f"primed with TTL {self.ttl}: the SYN opened our NAT's hole and died on the "
                 f"way; the socket is {state}")
 

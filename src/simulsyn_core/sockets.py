@@ -18,6 +18,7 @@ ERRNO_MEANING = {
     errno.ETIMEDOUT: "nothing came back",
     errno.EHOSTUNREACH: "an ICMP host-unreachable or admin-prohibited came back",
     errno.ENETUNREACH: "an ICMP net-unreachable came back, or no route",
+    errno.EACCES: "an ICMPv6 administratively-prohibited came back",
     errno.EADDRINUSE: "the local port is taken for this destination",
     errno.EADDRNOTAVAIL: "the 4-tuple is still in use (TIME_WAIT?)",
     errno.ECONNRESET: "the connection was reset",

@@ -149,3 +149,92 @@ def side_addresses(side: str, profile: Profile) -> SideAddresses:
                              f"{wan_net}.2")
     return SideAddresses(f"{wan_net}.130", f"{wan_net}.129", f"{wan_net}.2", f"{wan_net}.1", 25,
                          f"{wan_net}.130")
+
+
+# --- IPv6: beside IPv4 in the same namespaces (2001:db8::/32, the documentation prefix).
+# No NAT but NPTv6: the obstacle is the home gateway's stateful firewall (RFC 6092).
+#   side A: LAN 2001:db8:a::/64 (host ::2, gateway ::1), WAN 2001:db8:1::/64 (gateway ::2,
+#   router ::1); side B: 2001:db8:b::/64 and 2001:db8:2::/64; broker 2001:db8:c::10, ::11.
+BROKER_IPS6 = ("2001:db8:c::10", "2001:db8:c::11")
+
+_FILTER6 = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p ipv6-icmp -j ACCEPT
+-A INPUT -i lan -j ACCEPT
+-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+{input_extra}-A FORWARD -o wan -j ACCEPT
+-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+{forward_extra}COMMIT
+"""
+
+
+def _gateway6(how: str = "") -> str:
+    """RFC 6092's home gateway: outbound and its replies (a reply-direction SYN included);
+    unsolicited inbound dropped, or rejected ``how`` (an ip6tables --reject-with)."""
+    if not how:
+        return _FILTER6.format(input_extra="", forward_extra="")
+    return _FILTER6.format(
+        input_extra=f"-A INPUT -i wan -p tcp -j REJECT --reject-with {how}\n",
+        forward_extra=f"-A FORWARD -i wan -p tcp -j REJECT --reject-with {how}\n")
+
+
+# NPTv6 (RFC 6296) maps the LAN's /64 to another /64 one to one, both ways; here as a
+# prefix map in the nat table (NETMAP out and in: conntrack sees the translation, where
+# stateless SNPT/DNPT in mangle would leave it blind to the replies), in front of the
+# RFC 6092 firewall. @LAN6@ and @MAPPED6@ are the side's two /64s.
+_NPT6 = """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i wan -d @MAPPED6@ -j NETMAP --to @LAN6@
+-A POSTROUTING -o wan -s @LAN6@ -j NETMAP --to @MAPPED6@
+COMMIT
+"""
+
+
+@dataclass(frozen=True)
+class Profile6:
+    name: str
+    description: str
+    ip6tables: str
+    npt: bool = False  # the host is seen at its mapped prefix (NPTv6)
+
+
+PROFILES6: dict[str, Profile6] = {p.name: p for p in [
+    Profile6("rfc6092", "home gateway per RFC 6092: outbound and replies only, unsolicited "
+                        "inbound dropped silently", _gateway6()),
+    Profile6("reject6-rst", "unsolicited inbound TCP rejected with a TCP reset",
+             _gateway6("tcp-reset")),
+    Profile6("reject6-admin", "unsolicited inbound TCP rejected with ICMPv6 "
+                              "administratively prohibited (type 1 code 1)",
+             _gateway6("icmp6-adm-prohibited")),
+    Profile6("nptv6", "NPTv6: the LAN's /64 mapped to another /64, behind the RFC 6092 "
+                      "firewall", _gateway6() + _NPT6, npt=True),
+    Profile6("open6", "no firewall: every inbound connection reaches the host",
+             _FILTER6.replace(":INPUT DROP", ":INPUT ACCEPT")
+             .replace(":FORWARD DROP", ":FORWARD ACCEPT")
+             .format(input_extra="", forward_extra="")),
+]}
+
+
+@dataclass(frozen=True)
+class SideAddresses6:
+    host: str
+    gateway_lan: str
+    gateway_wan: str
+    router: str
+    lan: str  # the LAN's /64
+    public: str  # what the world sees: the host's address, or its NPTv6 mapping
+    mapped: str  # the mapped /64 (NPTv6), else ""
+
+
+def side_addresses6(side: str, profile: Profile6) -> SideAddresses6:
+    n = {"a": "1", "b": "2"}[side]
+    lan = f"2001:db8:{side}::"
+    mapped = f"2001:db8:1{side}::" if profile.npt else ""
+    return SideAddresses6(f"{lan}2", f"{lan}1", f"2001:db8:{n}::2", f"2001:db8:{n}::1",
+                          f"{lan}/64", f"{mapped or lan}2", f"{mapped}/64" if mapped else "")
