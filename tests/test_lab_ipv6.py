@@ -89,3 +89,25 @@ def test_a_dual_stack_broker_pairs_an_ipv6_and_an_ipv4_pair_at_once(make_lab) ->
     assert set(results) == {"over6", "over4"}
     assert_chatted(lab, *results["over6"], family6=True)
     assert_chatted(lab, *results["over4"], family6=False)
+
+
+def test_punch_pcap_captures_ipv6(make_lab, tmp_path) -> None:
+    """--pcap over IPv6: the broker connection, the primed SYN that died on the way (its
+    ICMPv6 time-exceeded too) and the punched connection, all in the capture."""
+    from synprobe.analyze.command import analyze_file
+
+    lab = make_lab("home", "home", v6=("rfc6092", "rfc6092"))
+    labmod.start_broker(lab)
+    pcaps = {side: tmp_path / f"{side}.pcapng" for side in "ab"}
+    run_a, run_b = labmod.punch_pair(lab, "cap6", messages=MSGS, timeout_s=TIMEOUT_S,
+                                     broker=BROKER6, args=["-v"],
+                                     side_args={s: ["--pcap", str(p)] for s, p in pcaps.items()})
+    assert_chatted(lab, run_a, run_b)
+    for side, pcap in pcaps.items():
+        attempts = analyze_file(str(pcap)).attempts
+        host = lab.side6(side).host
+        broker, *punches = attempts
+        assert broker.endpoints[0].startswith(f"[{host}]:"), broker
+        assert broker.endpoints[1] == BROKER6 and broker.kind == "three-way", broker
+        assert punches and punches[-1].established, punches
+        assert punches[-1].endpoints[1].startswith("[2001:db8:"), punches[-1]
