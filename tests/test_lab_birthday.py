@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from simulsyn_core import birthday as bday
 from synprobe import lab as labmod
 
 pytestmark = pytest.mark.lab
@@ -164,4 +165,8 @@ def test_nat_check_gives_the_guessing_side_the_range_and_hot_band(make_lab, tmp_
     for run in (run_a, run_b):
         plan = (run.report or {})["birthday"]
         assert plan["range"] == [1024, 65535] and plan["hot_band"] == [1024, 2047], diag
-        assert plan["p_expected"] > 0.99 > plan["p_uniform"], diag
+        # The Linux model (the hot band guessed first), not the uniform formula; it is the
+        # larger chance.
+        model = bday.p_weighted(plan["sockets"], plan["guesses"], (1024, 65535))
+        assert plan["p_expected"] == pytest.approx(model, abs=1e-4), diag
+        assert plan["p_expected"] > plan["p_uniform"], diag
