@@ -11,6 +11,11 @@ from .port_range import PortRange
 
 if TYPE_CHECKING:
     from .evidence import Evidence
+    from .rfc5382 import Requirement
+
+# Every JSON object synprobe prints carries this (docs/schema/): keys are added, never
+# renamed or removed, within a major version.
+SCHEMA_VERSION = "1.0"
 
 
 class StrValue(str, Enum):
@@ -144,10 +149,12 @@ class NatCheckReport:
     exit_code: int = 0
     error: str | None = None
     evidence: Evidence | None = field(default=None, compare=False, repr=False)  # not in JSON
+    rfc5382: tuple[Requirement, ...] = ()  # RFC 5382, requirement by requirement
+    rfc5382_asked: bool = False  # --rfc5382: the slow probes ran
 
     def to_json(self) -> dict[str, Any]:
         f = self.findings
-        out: dict[str, Any] = {"server": self.server}
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "server": self.server}
         for key in KEYS:
             value = getattr(f, key)
             if isinstance(value, PortRange):
@@ -161,6 +168,10 @@ class NatCheckReport:
         out["duration_s"] = round(self.duration_s, 3)
         out["pcap"] = self.pcap
         out["probes"] = dict(self.probes)
+        out["rfc5382"] = {
+            "asked": self.rfc5382_asked,
+            "failed": [r.req for r in self.rfc5382 if r.status == "fail"],
+            "requirements": [r.to_json() for r in self.rfc5382]}
         out["exit_code"] = self.exit_code
         out["error"] = self.error
         return out
