@@ -27,13 +27,15 @@ from .profiles import (
     BROKER_PORT,
     NODES,
     PROFILES,
+    PUNCH_PROFILES,
     Profile,
     SideAddresses,
     side_addresses,
 )
 
 __all__ = [
-    "BROKER_IPS", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "SYNPROBE", "Lab", "LinkDelays",
+    "BROKER_IPS", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "PUNCH_PROFILES", "SYNPROBE",
+    "Lab", "LinkDelays",
     "PeerRun",
     "Profile", "SideAddresses", "check_lab_id", "lab_namespaces", "punch_pair",
     "require_root", "require_tools", "side_addresses", "start_broker", "sweep",

@@ -7,15 +7,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from ..schema import SCHEMA_VERSION
 from .port_range import PortRange
 
 if TYPE_CHECKING:
     from .evidence import Evidence
     from .rfc5382 import Requirement
-
-# Every JSON object synprobe prints carries this (docs/schema/): keys are added, never
-# renamed or removed, within a major version.
-SCHEMA_VERSION = "1.0"
 
 
 class StrValue(str, Enum):
@@ -168,6 +165,10 @@ class NatCheckReport:
         out["duration_s"] = round(self.duration_s, 3)
         out["pcap"] = self.pcap
         out["probes"] = dict(self.probes)
+        raw = self.evidence.raw if self.evidence is not None else None
+        # REQ-4's figure: how long after the server's SYN the NAT's answer came (null:
+        # no answer, or not measured)
+        out["unsolicited_syn_after_ms"] = raw.broker.unsolicited_ms if raw else None
         out["rfc5382"] = {
             "asked": self.rfc5382_asked,
             "failed": [r.req for r in self.rfc5382 if r.status == "fail"],
