@@ -1,0 +1,86 @@
+"""RFC 5382's requirements (natcheck/rfc5382.py) decided without a network: on the
+captures recorded in the lab (captures/natcheck/, made before --rfc5382: its slow probes
+are absent there), and on REQ-4's timing rules with the broker's answer varied."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from synprobe.natcheck import protocol as P
+from synprobe.natcheck.evidence import Evidence, decide
+from synprobe.natcheck.rfc5382 import FAIL, NOT_MEASURED, PASS, assess, summary
+from tests.natcheck_expected import RFC5382
+from tests.test_natcheck_classify import PROFILES, load
+
+# The rows the recordings can tell (no --rfc5382, no --timers, the hairpin SYN sent).
+RECORDED_ROWS = ("REQ-1", "REQ-2", "REQ-3", "REQ-7", "REQ-8", "REQ-8a", "REQ-9")
+
+
+def statuses(ev: Evidence) -> dict[str, str]:
+    return {r.req: str(r.status) for r in assess(ev, decide(ev).findings)}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_recorded_evidence_meets_the_hand_written_table(profile: str) -> None:
+    _, ev = load(profile)
+    got = statuses(ev)
+    assert {k: got[k] for k in RECORDED_ROWS} == {k: RFC5382[profile][k] for k in RECORDED_ROWS}
+    # without --rfc5382: REQ-10's probe did not run; REQ-4 fails only on an answer
+    assert got["REQ-10"] == NOT_MEASURED
+    expected_req4 = {"original": FAIL, "reject-rst": FAIL, "reject-icmp-port": FAIL,
+                     "reject-icmp-admin": FAIL, "dmz": PASS}.get(profile, NOT_MEASURED)
+    assert got["REQ-4"] == expected_req4
+
+
+def _req4(ev: Evidence, result: P.Result, followed_port: int | None = 40000) -> tuple[str, str]:
+    assert ev.raw is not None
+    ev = replace(ev, rfc5382_asked=True,
+                 raw=replace(ev.raw, broker=result, followed_port=followed_port))
+    row = next(r for r in assess(ev, decide(ev).findings) if r.req == "REQ-4")
+    return str(row.status), row.reason
+
+
+WATCHED = 7000
+
+
+@pytest.mark.parametrize("result, status, said", [
+    # dropped silently, and the one our SYN followed too: 4a
+    (P.Result("drop", 10, (), None, "drop", None, WATCHED), PASS, "dropped silently"),
+    # ICMP port-unreachable only after 6 s, the followed one dropped: what REQ-4 asks
+    (P.Result("icmp-port-unreachable", 10, (), 6200, "drop", None, WATCHED), PASS,
+     "ICMP port-unreachable, as REQ-4 recommends"),
+    # an RST after 6 s breaks no MUST, only the SHOULD
+    (P.Result("rst", 10, (), 6500, "drop", None, WATCHED), PASS, "a SHOULD"),
+    # ICMP at once: the timing is the violation
+    (P.Result("icmp-port-unreachable", 10, (), 3, "icmp-port-unreachable", 2, WATCHED), FAIL,
+     "after 3 ms"),
+    (P.Result("icmp-port-unreachable", 10, (), 5999, "drop", None, WATCHED), FAIL,
+     "after 5999 ms"),
+    # late ICMP, but the SYN our own SYN followed was answered too
+    (P.Result("icmp-port-unreachable", 10, (), 6100, "icmp-port-unreachable", 6100, WATCHED),
+     FAIL, "must be dropped silently"),
+    # no watch (an older broker, or no --rfc5382): a drop within 1 s proves nothing
+    (P.Result("drop", 10), NOT_MEASURED, "needs --rfc5382"),
+    # an answer without its time (an older broker) came within the short window: a fail
+    (P.Result("rst", 10), FAIL, "within the"),
+])
+def test_req4_timing_rules(result: P.Result, status: str, said: str) -> None:
+    _, ev = load("home")
+    got, reason = _req4(ev, result)
+    assert got == status and said in reason, reason
+
+
+def test_req4_followed_case_unknown_without_port_preservation() -> None:
+    _, ev = load("home")
+    got, reason = _req4(ev, P.Result("drop", 10, (), None, None, None, WATCHED), None)
+    assert got == PASS and "followed-SYN case not measured" in reason
+
+
+def test_verdict_sentence_names_the_failing_requirements() -> None:
+    _, ev = load("original")
+    rows = assess(ev, decide(ev).findings)
+    failing = [r.req for r in rows if r.status == FAIL]
+    assert failing == ["REQ-3", "REQ-4", "REQ-8"]
+    assert summary(rows).startswith("RFC 5382: fails REQ-3, REQ-4, REQ-8 (")
