@@ -74,7 +74,8 @@ def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
     endpoint-dependent mapping, --port-samples), recommendation, verdict, rfc5382 (RFC
     5382 requirement by requirement; the slow probes only with --rfc5382), schema_version
     (docs/schema/natcheck.schema.json); a value that could not be measured is null with
-    its reason in "reasons". With --rfc5382 the verdict names the failing REQs.
+    its reason in "reasons". With --rfc5382 the verdict names the failing REQs; a
+    failing requirement does not change the exit code (0: the check was done).
     The mapping probes need no privileges; the raw probes need CAP_NET_RAW and
     CAP_NET_ADMIN (without them: mapping only, then exit 6). While it runs it adds
     iptables rules dropping RSTs from its own probe ports, removed on every exit.

@@ -85,6 +85,13 @@ def _raw_reason(ev: Evidence) -> str:
     return f"not measured: {ev.raw_off}" if ev.raw_off else "the raw probes did not run"
 
 
+def _unmeasurable(ev: Evidence, f: Findings) -> str:
+    """Why a requirement that needs the raw probes cannot be told ("" when it can)."""
+    if f.behind_nat is False:
+        return NO_NAT
+    return _raw_reason(ev) if ev.raw is None else ""
+
+
 def assess(ev: Evidence, f: Findings) -> tuple[Requirement, ...]:
     """Every requirement's status, reason and evidence (pure)."""
     rows = [_req1(f), _req2(ev, f), _req3(f), _req4(ev, f), *_req5(ev, f), _req6(),
@@ -166,11 +173,10 @@ def _req3(f: Findings) -> Requirement:
 def _req4(ev: Evidence, f: Findings) -> Requirement:
     row = _row("REQ-4", "4.3", "MUST",
                "no answer to an unsolicited SYN for 6 s; dropped if an outbound SYN follows")
-    if f.behind_nat is False:
-        return row(NOT_MEASURED, NO_NAT)
+    why_not = _unmeasurable(ev, f)
+    if why_not or ev.raw is None:
+        return row(NOT_MEASURED, why_not)
     raw = ev.raw
-    if raw is None:
-        return row(NOT_MEASURED, _raw_reason(ev))
     result = raw.broker
     evidence: tuple[str, ...] = (
         f"the server's SYN to port {raw.unsolicited_port}: {result.unsolicited}"
@@ -275,11 +281,10 @@ def _req8(ev: Evidence, f: Findings) -> list[Requirement]:
     req8 = _row("REQ-8", "7.2", "MUST", "hairpinning")
     req8a = _row("REQ-8a", "7.2", "MUST", "hairpinning with the external source address "
                                          "and port")
-    if f.behind_nat is False:
-        return [req8(NOT_MEASURED, NO_NAT), req8a(NOT_MEASURED, NO_NAT)]
+    why_not = _unmeasurable(ev, f)
+    if why_not or ev.raw is None:
+        return [req8(NOT_MEASURED, why_not), req8a(NOT_MEASURED, why_not)]
     raw = ev.raw
-    if raw is None:
-        return [req8(NOT_MEASURED, _raw_reason(ev)), req8a(NOT_MEASURED, _raw_reason(ev))]
     if not raw.hairpin_sent:
         why = f"not measured: {hairpin.OFF_REASON}"
         return [req8(NOT_MEASURED, why), req8a(NOT_MEASURED, why)]
@@ -321,11 +326,10 @@ def _icmp_to(raw: RawEvidence, host_ip: str, local_port: int) -> Seen | None:
 
 def _req9(ev: Evidence, f: Findings) -> Requirement:
     row = _row("REQ-9", "7.3", "SHOULD", "ICMP destination-unreachable translated back")
-    if f.behind_nat is False:
-        return row(NOT_MEASURED, NO_NAT)
+    why_not = _unmeasurable(ev, f)
+    if why_not or ev.raw is None:
+        return row(NOT_MEASURED, why_not)
     raw = ev.raw
-    if raw is None:
-        return row(NOT_MEASURED, _raw_reason(ev))
     ports = [o.local_port for o in raw.stack if o.kind == "icmp"]
     if raw.icmp_keep_port is not None:
         ports.append(raw.icmp_keep_port)
@@ -353,11 +357,10 @@ def _keep_syn(raw: RawEvidence) -> Seen | None:
 
 def _req10(ev: Evidence, f: Findings) -> Requirement:
     row = _row("REQ-10", "7.3", "MUST", "an ICMP error does not end the mapping")
-    if f.behind_nat is False:
-        return row(NOT_MEASURED, NO_NAT)
+    why_not = _unmeasurable(ev, f)
+    if why_not or ev.raw is None:
+        return row(NOT_MEASURED, why_not)
     raw = ev.raw
-    if raw is None:
-        return row(NOT_MEASURED, _raw_reason(ev))
     if raw.icmp_keep_port is None:
         return row(NOT_MEASURED, "needs --rfc5382 (an ICMP error for our SYN, then a SYN "
                                  "on the same mapping)")
