@@ -61,8 +61,8 @@ WATCHED = 7000
     # late ICMP, but the SYN our own SYN followed was answered too
     (P.Result("icmp-port-unreachable", 10, (), 6100, "icmp-port-unreachable", 6100, WATCHED),
      FAIL, "must be dropped silently"),
-    # no watch (an older broker, or no --rfc5382): a drop within 1 s proves nothing
-    (P.Result("drop", 10), NOT_MEASURED, "needs --rfc5382"),
+    # no watch (an older broker): a drop within 1 s proves nothing
+    (P.Result("drop", 10), NOT_MEASURED, "an older synprobe broker"),
     # an answer without its time (an older broker) came within the short window: a fail
     (P.Result("rst", 10), FAIL, "within the"),
 ])
@@ -84,3 +84,23 @@ def test_verdict_sentence_names_the_failing_requirements() -> None:
     failing = [r.req for r in rows if r.status == FAIL]
     assert failing == ["REQ-3", "REQ-4", "REQ-8"]
     assert summary(rows).startswith("RFC 5382: fails REQ-3, REQ-4, REQ-8 (")
+
+
+def test_table_and_verbose_evidence_show_every_requirement() -> None:
+    from synprobe.natcheck.recommend import recommend, verdict
+    from synprobe.natcheck.render import evidence_lines, table
+    from synprobe.natcheck.report import NatCheckReport
+
+    _, ev = load("original")
+    f = decide(ev).findings
+    rows = assess(ev, f)
+    report = NatCheckReport("192.0.2.10:8086", f, recommend(f), verdict(f), 1.0,
+                            evidence=ev, rfc5382=rows, rfc5382_asked=True)
+    text = table(report)
+    assert "RFC 5382" in text and all(r.req in text for r in rows)
+    lines = evidence_lines(report)
+    # REQ-8's packets: our hairpin SYN out, the NAT's own RST back
+    assert any(line.startswith("  REQ-8 evidence: ") and " out SYN " in line for line in lines)
+    assert any(line.startswith("  REQ-8 evidence: ") and " in RST " in line for line in lines)
+    assert "RFC 5382" not in table(NatCheckReport("s", f, recommend(f), verdict(f), 1.0,
+                                                  evidence=ev, rfc5382=rows))

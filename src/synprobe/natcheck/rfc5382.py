@@ -204,8 +204,10 @@ def _req4(ev: Evidence, f: Findings) -> Requirement:
                              "REQ-4 forbids any answer for 6 s", evidence)
     watched = result.watched_ms or 0
     if answer == Outcome.DROP and watched < silence_ms:
+        how = ("the server did not watch for 6 s (an older synprobe broker)"
+               if ev.rfc5382_asked else "the 6 s watch needs --rfc5382")
         return row(NOT_MEASURED, f"no answer within the {raw.answer_window_s * 1000:.0f} ms "
-                                 "watched; the 6 s watch needs --rfc5382", evidence)
+                                 f"watched; {how}", evidence)
     followed = result.followed
     if followed is not None and followed != Outcome.DROP:
         return row(FAIL, f"a SYN that an outbound SYN followed was answered with {followed} "
