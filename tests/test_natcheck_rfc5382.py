@@ -104,3 +104,50 @@ def test_table_and_verbose_evidence_show_every_requirement() -> None:
     assert any(line.startswith("  REQ-8 evidence: ") and " in RST " in line for line in lines)
     assert "RFC 5382" not in table(NatCheckReport("s", f, recommend(f), verdict(f), 1.0,
                                                   evidence=ev, rfc5382=rows))
+
+
+# --- the late-icmp profile's helper (lab/holdsyn.py), without a socket --------------------
+
+def test_holdsyn_messages_and_parsing() -> None:
+    import socket
+    import struct
+
+    from synprobe.lab import holdsyn as H
+
+    bind, params = H.bind_messages(5382)
+    for msg in (bind, params):
+        length, kind, flags = struct.unpack_from("=IHH", msg)
+        assert length == len(msg) and length % 4 == 0
+        assert kind == (H.NFNL_SUBSYS_QUEUE << 8) | H.NFQNL_MSG_CONFIG
+        assert flags == H.NLM_F_REQUEST | H.NLM_F_ACK
+        assert struct.unpack_from("!H", msg, 18)[0] == 5382  # nfgenmsg res_id: the queue
+    assert H.attributes(bind[16:])[H.NFQA_CFG_CMD] == struct.pack("!BxH", 1, socket.AF_INET)
+    v = H.verdict(5382, 77, H.NF_REPEAT, 0x5382)
+    attrs = H.attributes(v[16:])
+    assert attrs[H.NFQA_VERDICT_HDR] == struct.pack("!II", H.NF_REPEAT, 77)
+    assert attrs[H.NFQA_MARK] == struct.pack("!I", 0x5382)
+    assert H.NFQA_MARK not in H.attributes(H.verdict(5382, 77, H.NF_DROP)[16:])
+    # a queued SYN as the kernel sends it: packet header, then the payload's first bytes
+    ip = bytes([0x45, 0, 0, 44, 0, 0, 0, 0, 64, 6, 0, 0]) + socket.inet_aton(
+        "192.0.2.10") + socket.inet_aton("198.51.100.2")
+    body = (struct.pack("!BBH", 0, 0, 5382)
+            + H._attr(H.NFQA_PACKET_HDR, struct.pack("!IHB", 9, 0x0800, 1))
+            + H._attr(H.NFQA_PAYLOAD, ip + struct.pack("!HH", 8088, 40001)))
+    datagram = struct.pack("=IHHII", 16 + len(body), H.NFNL_SUBSYS_QUEUE << 8, 0, 0, 0) + body
+    [(kind, got)] = list(H.split(datagram))
+    assert H.packet(got) == (9, ("192.0.2.10", 8088, "198.51.100.2", 40001))
+
+
+CONNTRACK_LINE = ("ipv4     2 tcp      6 117 SYN_SENT src=10.1.0.2 dst=192.0.2.10 "
+                  "sport=40001 dport=8088 [UNREPLIED] src=192.0.2.10 dst=198.51.100.2 "
+                  "sport=8088 dport=40001 mark=0 zone=0 use=2\n")
+
+
+def test_holdsyn_drops_a_syn_the_host_answered_meanwhile_else_rejects() -> None:
+    from synprobe.lab import holdsyn as H
+
+    held = H.Held(9, ("192.0.2.10", 8088, "198.51.100.2", 40001), 0.0)
+    assert H.decide(held, CONNTRACK_LINE, 0x5382) == (H.NF_DROP, None)  # REQ-4's 2nd case
+    other = H.Held(10, ("192.0.2.10", 8088, "198.51.100.2", 40002), 0.0)
+    assert H.decide(other, CONNTRACK_LINE, 0x5382) == (H.NF_REPEAT, 0x5382)
+    assert H.decide(held, "", 0x5382) == (H.NF_REPEAT, 0x5382)

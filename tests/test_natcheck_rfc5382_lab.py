@@ -22,6 +22,7 @@ from synprobe.packets.seen import seen_from_pcap
 from tests import schemas
 from tests.natcheck_expected import (
     ANSWERS_AT_ONCE,
+    ANSWERS_LATE,
     RFC5382,
     RFC5382_EXTRA,
     SERVER,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.lab
 CHECK_TIMEOUT_S = 40.0  # REQ-4's 7 s watch, syn-sent-5s's 8 s timers, a cold scapy import
 PAIRS = [("home", "original"), ("home-nft", "reject-rst"),
          ("reject-icmp-port", "reject-icmp-admin"), ("random", "syn-drop-all"),
-         ("syn-sent-5s", "firewall"), ("dmz", "carrier"), ("rfc5382", "rfc5382")]
+         ("syn-sent-5s", "firewall"), ("dmz", "carrier"), ("rfc5382", "late-icmp")]
 
 
 def test_every_profile_has_a_hand_written_table() -> None:
@@ -102,6 +103,11 @@ def _check_req4_timing(profile: str, report: dict[str, Any]) -> None:
         assert report["unsolicited_syn"] == ANSWERS_AT_ONCE[profile]
         assert after is not None and 0 <= after < P.REQ4_SILENCE_S * 1000, after
         assert f"after {after} ms" in req4["reason"], req4
+    elif profile in ANSWERS_LATE:
+        answer, hold_ms = ANSWERS_LATE[profile]
+        assert report["unsolicited_syn"] == answer  # seen in the 7 s watch
+        assert after is not None and hold_ms <= after < hold_ms + 700, after
+        assert "dropped silently" in req4["reason"], req4  # the followed SYN
     elif profile != "firewall":
         assert after is None, after  # dropped (or forwarded to the host): no answer
         assert "watched 7000 ms" in " ".join(req4["evidence"]), req4

@@ -75,6 +75,15 @@ COMMIT
 """
 
 
+# RFC 5382 REQ-4: an unsolicited SYN answered with ICMP port-unreachable only after 6 s.
+# INPUT queues it to the holdsyn helper, which re-runs the chain on it 6.2 s later with
+# the mark that the REJECT rule takes (or drops it if the host opened that connection).
+LATE_ICMP_QUEUE, LATE_ICMP_MARK, LATE_ICMP_HOLD_S = 5382, 0x5382, 6.2
+_LATE_ICMP_INPUT = (
+    f"-A INPUT -i wan -p tcp -m mark --mark {LATE_ICMP_MARK:#x} "
+    "-j REJECT --reject-with icmp-port-unreachable\n"
+    f"-A INPUT -i wan -p tcp --syn -j NFQUEUE --queue-num {LATE_ICMP_QUEUE}\n")
+
 # RFC 5382 REQ-5: a transitory (not established) connection's idle timeout at least 4 min.
 _TRANSITORY_300S = tuple((f"net.netfilter.nf_conntrack_tcp_timeout_{state}", "300")
                          for state in ("syn_sent", "syn_recv", "fin_wait", "close_wait",
@@ -93,6 +102,9 @@ class Profile:
     # Another profile this one punches exactly as (its differences touch no punch): it is
     # left out of the punch matrices, which would grow by 4 x (2n + 1) lab runs.
     punches_as: str = ""
+    # A helper process in the gateway's namespace (python -m ARGV...), started once the
+    # rules are in, ended with the lab.
+    helper: tuple[str, ...] = ()
 
 
 _NFT_HOME = """table inet ssyn_filter {
@@ -137,6 +149,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
                        "hairpin NAT from the public address and port, transitory conntrack "
                        "timeouts 300 s", _dmz("SNAT --to-source @PUBLIC@"),
             sysctls=_TRANSITORY_300S, punches_as="dmz"),
+    Profile("late-icmp", "home, but an unsolicited SYN is answered with ICMP port-unreachable "
+                         f"after {LATE_ICMP_HOLD_S:g} s (NFQUEUE and a helper hold it), or "
+                         "dropped if the host has opened that connection meanwhile "
+                         "(RFC 5382 REQ-4)", _home(input_extra=_LATE_ICMP_INPUT),
+            punches_as="home",
+            helper=("synprobe.lab.holdsyn", str(LATE_ICMP_QUEUE), repr(LATE_ICMP_HOLD_S),
+                    hex(LATE_ICMP_MARK))),
     Profile("carrier", "home router behind a carrier-grade NAT (two NATs, both as home; the "
                        "home router's wan in 100.64.0.0/10, RFC 6598)", _home(), carrier=True),
 ]}
