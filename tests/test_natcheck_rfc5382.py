@@ -151,3 +151,19 @@ def test_holdsyn_drops_a_syn_the_host_answered_meanwhile_else_rejects() -> None:
     other = H.Held(10, ("192.0.2.10", 8088, "198.51.100.2", 40002), 0.0)
     assert H.decide(other, CONNTRACK_LINE, 0x5382) == (H.NF_REPEAT, 0x5382)
     assert H.decide(held, "", 0x5382) == (H.NF_REPEAT, 0x5382)
+
+
+def test_evidence_of_the_rfc5382_probes_comes_back_from_its_json() -> None:
+    from synprobe.natcheck.evidence import probes_of
+
+    _, ev = load("home")
+    assert ev.raw is not None
+    ev = replace(ev, rfc5382_asked=True, raw=replace(
+        ev.raw, hairpin_sent=False, followed_port=40001, icmp_keep_port=40002,
+        broker=P.Result("drop", 10, (), None, "drop", None, WATCHED)))
+    again = Evidence.from_json(ev.to_json(), ev.raw.seen)
+    assert again == ev
+    assert again.to_json() == ev.to_json()
+    probes = probes_of(ev)
+    assert (probes["followed_port"], probes["icmp_keep_port"], probes["hairpin_port"]) == (
+        40001, 40002, None)
