@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from synprobe import lab as labmod
+from tests import schemas
 
 LAB_TOOLS = ("ip", "ss", "sysctl", "iptables-restore", "nft", "tcpdump", "tshark", "ethtool")
 REQUIRE_LAB_ENV = "SYNPROBE_REQUIRE_LAB"
@@ -117,6 +118,19 @@ def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ.pop("SYNPROBE_STATE_DIR", None)
         else:
             os.environ["SYNPROBE_STATE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _punch_reports_match_their_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every punch --json object a lab test reads through PeerRun.report is checked against
+    docs/schema/punch.schema.json."""
+    unchecked = labmod.PeerRun.report
+
+    def checked(run: labmod.PeerRun) -> dict[str, object] | None:
+        value = unchecked.fget(run)  # type: ignore[attr-defined]
+        return None if value is None else schemas.check("punch", value)
+
+    monkeypatch.setattr(labmod.PeerRun, "report", property(checked))
 
 
 @pytest.fixture

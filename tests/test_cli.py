@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 
 from simulsyn_core.exitcodes import ExitStatus
 from synprobe.cli import cli, main
+from tests import schemas
 
 from .helpers import SYNPROBE
 
@@ -62,7 +62,7 @@ def test_unreachable_broker_is_exit_3_with_json() -> None:
                            "s", "--json", "--timeout", "5"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == ExitStatus.BROKER_UNREACHABLE
-    report = json.loads(proc.stdout)
+    report = schemas.loads("punch", proc.stdout)
     assert report["established"] is False
     assert "ECONNREFUSED" in report["error"]
     assert proc.stderr.startswith("synprobe: broker 127.0.0.1:")
@@ -107,7 +107,7 @@ def test_taken_local_port_is_exit_8_with_json() -> None:
                                "--local-port", str(port), "--json"],
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == ExitStatus.ADDRESS_IN_USE, proc.stderr
-    report = json.loads(proc.stdout)
+    report = schemas.loads("punch", proc.stdout)
     assert report["exit_code"] == 8 and "cannot bind local port" in report["error"]
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
@@ -131,6 +131,6 @@ def test_sigterm_while_waiting_is_exit_130_with_json() -> None:
                 proc.wait(5)
         err += rest
     assert proc.returncode == ExitStatus.INTERRUPTED
-    report = json.loads(out)
+    report = schemas.loads("punch", out)
     assert (report["error"], report["exit_code"]) == ("interrupted", 130)
     assert "synprobe: interrupted" in err

@@ -53,7 +53,8 @@ def test_sequence_tags_do_not_overlap() -> None:
     used = {P.Seq.REPLY: 1, P.Seq.HOPS: 1 + P.MAX_REFLECT, P.Seq.TIMER: P.MAX_TIMERS,
             P.Seq.HAIRPIN: 1, P.Seq.UNSOLICITED: 1, P.Seq.FILTERING: 2,
             P.Seq.REPLY_ANSWER: 1, P.Seq.REFLECT: P.MAX_REFLECT,
-            P.Seq.TIMER_ANSWER: P.MAX_TIMERS}
+            P.Seq.TIMER_ANSWER: P.MAX_TIMERS, P.Seq.FOLLOW: 1, P.Seq.ICMP_KEEP: 1,
+            P.Seq.FOLLOWED: 1, P.Seq.ICMP_KEEP_ANSWER: 1}
     assert set(used) == set(P.Seq)
     ranges = sorted((int(tag), int(tag) + n) for tag, n in used.items())
     assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False))

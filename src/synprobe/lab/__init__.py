@@ -29,6 +29,7 @@ from .profiles import (
     NODES,
     PROFILES,
     PROFILES6,
+    PUNCH_PROFILES,
     Profile,
     Profile6,
     SideAddresses,
@@ -39,6 +40,7 @@ from .profiles import (
 
 __all__ = [
     "BROKER_IPS", "BROKER_IPS6", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "PROFILES6",
+    "PUNCH_PROFILES",
     "SYNPROBE", "Lab", "LinkDelays", "PeerRun", "Profile", "Profile6", "SideAddresses",
     "SideAddresses6", "side_addresses6", "check_lab_id", "lab_namespaces", "punch_pair",
     "require_root", "require_tools", "side_addresses", "start_broker", "sweep",

@@ -47,7 +47,7 @@ from .profiles import (
 PREFIX = "ssyn"
 COMMAND_TIMEOUT_S = 10.0
 KILL_GRACE_S = 2.0
-DELAY_READY_TIMEOUT_S = 10.0  # a delay element is a Python process: it imports first
+DELAY_READY_TIMEOUT_S = 10.0  # a delay element (a helper) is a Python process: it imports first
 DELAY_NODES = {"a": "da", "b": "db", "broker": "dr"}  # the namespace of each link's element
 
 
@@ -253,15 +253,20 @@ class Lab:
             # be in them, and no frame may be larger than the MTU.
             _run(["ip", "netns", "exec", self.ns(node), "ethtool", "-K", dev, "tx", "off",
                   "tso", "off", "gso", "off", "gro", "off"])
-        proc = self.popen(middle, [sys.executable, "-m", "synprobe.lab.delay", "in", "out",
-                                   repr(delay_s), repr(jitter_s)],
+        self._start_helper(middle, ["synprobe.lab.delay", "in", "out", repr(delay_s),
+                                    repr(jitter_s)], f"the delay element of link {link}")
+
+    def _start_helper(self, node: str, module_argv: Sequence[str], what: str) -> None:
+        """A Python helper (``python -m ...``) in node's namespace, once it says "ready";
+        it goes with the lab (down() kills it, and the namespace's processes)."""
+        proc = self.popen(node, [sys.executable, "-m", *module_argv],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL)  # `lab up | tee` must not wait for it
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], DELAY_READY_TIMEOUT_S)
         if not ready or proc.stdout.readline().strip() != b"ready":
-            raise ToolError(ExitStatus.ERROR, f"lab: the delay element of link {link} did "
-                                              f"not start within {DELAY_READY_TIMEOUT_S:.0f} s")
+            raise ToolError(ExitStatus.ERROR, f"lab: {what} did not start within "
+                                              f"{DELAY_READY_TIMEOUT_S:.0f} s")
 
     def up(self) -> Lab:
         require_root()
@@ -347,6 +352,8 @@ class Lab:
                      .replace("@PUBLIC@", addr.public)
                      .replace("@LAN@", f"{addr.host.rsplit('.', 1)[0]}.0/{addr.lan_prefix}"))
             _run(["ip", "netns", "exec", self.ns(g), "iptables-restore"], stdin=rules)
+        if profile.helper:
+            self._start_helper(g, profile.helper, f"the {profile.name} helper of side {side}")
 
     def _build_carrier_side(self, side: str, profile: Profile, addr: SideAddresses) -> None:
         """h --lan-- g (home NAT) --wan-- c (carrier NAT) --wan-- rt."""

@@ -55,22 +55,39 @@ def _reject(how: str) -> str:
                  forward_extra=f"-A FORWARD -i wan -p tcp -j REJECT --reject-with {how}\n")
 
 
-def _dmz() -> str:
+def _dmz(hairpin_source: str = "MASQUERADE") -> str:
     """A home router with a "DMZ host": every unsolicited inbound TCP goes to the host, and
     the host reaches its own public address (hairpin NAT). @HOST@, @PUBLIC@ and @LAN@
-    are filled in per side when the lab is built."""
+    are filled in per side when the lab is built. The hairpinned packet's source is the
+    router's lan address (MASQUERADE out of lan), or with ``SNAT --to-source @PUBLIC@``
+    the public address, the port kept (RFC 5382 REQ-8a)."""
     rules = _home(forward_extra="-A FORWARD -i wan -o lan -d @HOST@ -p tcp -j ACCEPT\n"
                                 "-A FORWARD -i lan -o lan -j ACCEPT\n", nat=False)
-    return rules + """*nat
+    return rules + f"""*nat
 :PREROUTING ACCEPT [0:0]
 :INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
 -A PREROUTING -d @PUBLIC@ -p tcp -j DNAT --to-destination @HOST@
 -A POSTROUTING -o wan -j MASQUERADE
--A POSTROUTING -o lan -s @LAN@ -d @HOST@ -j MASQUERADE
+-A POSTROUTING -o lan -s @LAN@ -d @HOST@ -j {hairpin_source}
 COMMIT
 """
+
+
+# RFC 5382 REQ-4: an unsolicited SYN answered with ICMP port-unreachable only after 6 s.
+# INPUT queues it to the holdsyn helper, which re-runs the chain on it 6.2 s later with
+# the mark that the REJECT rule takes (or drops it if the host opened that connection).
+LATE_ICMP_QUEUE, LATE_ICMP_MARK, LATE_ICMP_HOLD_S = 5382, 0x5382, 6.2
+_LATE_ICMP_INPUT = (
+    f"-A INPUT -i wan -p tcp -m mark --mark {LATE_ICMP_MARK:#x} "
+    "-j REJECT --reject-with icmp-port-unreachable\n"
+    f"-A INPUT -i wan -p tcp --syn -j NFQUEUE --queue-num {LATE_ICMP_QUEUE}\n")
+
+# RFC 5382 REQ-5: a transitory (not established) connection's idle timeout at least 4 min.
+_TRANSITORY_300S = tuple((f"net.netfilter.nf_conntrack_tcp_timeout_{state}", "300")
+                         for state in ("syn_sent", "syn_recv", "fin_wait", "close_wait",
+                                       "last_ack", "time_wait", "close"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,12 @@ class Profile:
     nat: bool = True  # False: the host has a public address behind a stateful firewall
     carrier: bool = False  # True: a second NAT (a carrier's, node c<side>) behind the first
     sysctls: tuple[tuple[str, str], ...] = ()
+    # Another profile this one punches exactly as (its differences touch no punch): it is
+    # left out of the punch matrices, which would grow by 4 x (2n + 1) lab runs.
+    punches_as: str = ""
+    # A helper process in the gateway's namespace (python -m ARGV...), started once the
+    # rules are in, ended with the lab.
+    helper: tuple[str, ...] = ()
 
 
 _NFT_HOME = """table inet ssyn_filter {
@@ -121,9 +144,25 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
                         "unsolicited inbound", _home(nat=False), nat=False),
     Profile("dmz", "home router with a DMZ host: every unsolicited inbound TCP is forwarded "
                    "to the host (endpoint-independent filtering), hairpin NAT on", _dmz()),
+    Profile("rfc5382", "meets RFC 5382 where one Linux NAT can: port-keeping MASQUERADE, "
+                       "every inbound TCP to the host (DMZ: the NAT answers no SYN itself), "
+                       "hairpin NAT from the public address and port, transitory conntrack "
+                       "timeouts 300 s", _dmz("SNAT --to-source @PUBLIC@"),
+            sysctls=_TRANSITORY_300S, punches_as="dmz"),
+    Profile("late-icmp", "home, but an unsolicited SYN is answered with ICMP port-unreachable "
+                         f"after {LATE_ICMP_HOLD_S:g} s (NFQUEUE and a helper hold it), or "
+                         "dropped if the host has opened that connection meanwhile "
+                         "(RFC 5382 REQ-4)", _home(input_extra=_LATE_ICMP_INPUT),
+            punches_as="home",
+            helper=("synprobe.lab.holdsyn", str(LATE_ICMP_QUEUE), repr(LATE_ICMP_HOLD_S),
+                    hex(LATE_ICMP_MARK))),
     Profile("carrier", "home router behind a carrier-grade NAT (two NATs, both as home; the "
                        "home router's wan in 100.64.0.0/10, RFC 6598)", _home(), carrier=True),
 ]}
+
+
+# The profiles the punch matrices pair (every profile that punches in its own way).
+PUNCH_PROFILES = tuple(name for name, p in PROFILES.items() if not p.punches_as)
 
 
 @dataclass(frozen=True)
