@@ -8,6 +8,7 @@ import time
 
 from simulsyn_core.wire import decode_seed_list
 from tests import schemas
+from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_stderr
 
@@ -93,9 +94,10 @@ def test_punch_chats_with_a_peer_that_listens() -> None:
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: one the kernel hands out (bind to 0) can be
+    taken meanwhile by a broker of a parallel test listening on 127.0.0.1:0, and the
+    punch's --local-port bind then fails (CI saw the accept here wait 10 s in vain)."""
+    return free_port()
 
 
 def test_lonely_punch_gives_up_with_no_peer() -> None:
