@@ -51,9 +51,11 @@ def test_usage_errors_exit_2_with_a_message(args: list[str], message: str,
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens on it once closed
+    """Nothing listens on it: below the ephemeral range, so no parallel test's broker on
+    127.0.0.1:0 takes it meanwhile."""
+    from tests.helpers import free_port
+
+    return free_port()
 
 
 def test_unreachable_broker_is_exit_3_with_json() -> None:
