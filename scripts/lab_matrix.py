@@ -49,7 +49,7 @@ SETTINGS = {
           labmod.LinkDelays(a=0.005, b=0.08, broker=0.02)),
 }
 LAB_PREFIX = f"mx{os.getpid() % 10000}"  # every lab of this run; swept on any exit
-PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
+PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PUNCH_PROFILES, repeat=2)
          for first in ("a", "b")]
 
 
@@ -150,7 +150,7 @@ def main() -> int:
 def print_markdown(results: list[dict[str, object]]) -> None:
     """Rows: A's profile; columns: B's; a cell: connected runs / runs (both orders), and
     the strategy that ran when it was the same in every run of the pair."""
-    names = list(labmod.PROFILES)
+    names = list(labmod.PUNCH_PROFILES)
     cells: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     ran: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
     for r in results:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from synprobe import lab as labmod
+from tests import schemas
 
 LAB_TOOLS = ("ip", "ss", "sysctl", "iptables-restore", "nft", "tcpdump", "tshark", "ethtool")
 REQUIRE_LAB_ENV = "SYNPROBE_REQUIRE_LAB"
@@ -119,6 +120,19 @@ def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ["SYNPROBE_STATE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _punch_reports_match_their_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every punch --json object a lab test reads through PeerRun.report is checked against
+    docs/schema/punch.schema.json."""
+    unchecked = labmod.PeerRun.report
+
+    def checked(run: labmod.PeerRun) -> dict[str, object] | None:
+        value = unchecked.fget(run)  # type: ignore[attr-defined]
+        return None if value is None else schemas.check("punch", value)
+
+    monkeypatch.setattr(labmod.PeerRun, "report", property(checked))
+
+
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., labmod.Lab]]:
     """make_lab(profile_a, profile_b[, links]) -> a Lab that is up; taken down after the test, and
@@ -127,9 +141,10 @@ def make_lab() -> Iterator[Callable[..., labmod.Lab]]:
     labs: list[labmod.Lab] = []
 
     def factory(profile_a: str = "home", profile_b: str = "home",
-                links: labmod.LinkDelays | None = None) -> labmod.Lab:
+                links: labmod.LinkDelays | None = None,
+                v6: tuple[str, str] | None = None) -> labmod.Lab:
         lab = labmod.Lab(profile_a, profile_b, lab_id=f"t{os.getpid() % 100000}x{next(_counter)}",
-                         links=links or labmod.LinkDelays())
+                         links=links or labmod.LinkDelays(), v6=v6)
         labs.append(lab)
         lab.up()
         return lab

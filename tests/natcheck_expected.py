@@ -76,3 +76,61 @@ def mismatches(profile: str, report: dict[str, Any]) -> list[str]:
     if advice != ADVICE.get(profile, DEFAULT_ADVICE):
         out.append(f"recommendation: {advice}, expected {ADVICE.get(profile, DEFAULT_ADVICE)}")
     return out
+
+
+# --- RFC 5382, requirement by requirement (nat-check --rfc5382) ----------------------------
+# Written from each profile's rules (synprobe/lab/profiles.py) and RFC 5382's text, never
+# from nat-check's output:
+# * REQ-1: MASQUERADE keeps one public port for every destination (pass); --random-fully
+#   gives each destination another (random fails).
+# * REQ-2: conntrack takes a SYN in the reply direction of our SYN's entry as ESTABLISHED,
+#   which every profile's FORWARD accepts but syn-drop-all's first rule drops.
+# * REQ-3: conntrack alone filters address-and-port-dependently (fails the recommendation);
+#   the DMZ profiles forward every inbound TCP to the host (endpoint-independent).
+# * REQ-4: INPUT ACCEPT (original) makes the NAT's own kernel RST at once, REJECT answers
+#   at once (a violation: under 6 s); DROP says nothing (4a); the DMZ profiles forward it.
+#   random: the followed SYN cannot be aimed (ports not kept), the rest is home's.
+#   late-icmp: INPUT queues it, its helper has it REJECTed (ICMP port-unreachable) after
+#   6.2 s, or dropped when the host's own SYN for it went out meanwhile: passes.
+# * REQ-5: transitory: syn-sent-5s's SYN_SENT timeout is 5 s (--timers --max-wait 8 finds
+#   it closed by 6 s); the others run without --timers; established: never measured.
+# * REQ-7: one host, ports kept or random: its ports never share a public endpoint.
+# * REQ-8: a SYN from the lan to the public address is the NAT's own INPUT (its kernel
+#   RSTs it) unless a DNAT rule hairpins it (dmz, rfc5382); 8a: dmz MASQUERADEs it out of
+#   lan (source 10.x.0.1), rfc5382 SNATs it to the public address, the port kept.
+# * REQ-9: every FORWARD accepts RELATED, and conntrack rewrites the quoted packet.
+# * REQ-10: Linux's conntrack keeps an entry an ICMP error is RELATED to (pass), except
+#   where reply SYNs never pass (syn-drop-all: nothing can show the mapping).
+# * firewall: no NAT, so none of them applies.
+REQS = ("REQ-1", "REQ-2", "REQ-3", "REQ-4", "REQ-5 transitory", "REQ-5 established", "REQ-6",
+        "REQ-7", "REQ-8", "REQ-8a", "REQ-9", "REQ-10")
+P, F, N = "pass", "fail", "not measured"
+_RFC_HOME = dict(zip(REQS, (P, P, F, P, N, N, N, P, F, N, P, P), strict=True))
+_RFC_DMZ = {**_RFC_HOME, "REQ-3": P, "REQ-8": P, "REQ-8a": F}
+RFC5382: dict[str, dict[str, str]] = {
+    "home": _RFC_HOME,
+    "home-nft": {**_RFC_HOME, "REQ-8": N},  # run with --no-hairpin
+    "original": {**_RFC_HOME, "REQ-4": F},
+    "reject-rst": {**_RFC_HOME, "REQ-4": F},
+    "reject-icmp-port": {**_RFC_HOME, "REQ-4": F},
+    "reject-icmp-admin": {**_RFC_HOME, "REQ-4": F},
+    "random": {**_RFC_HOME, "REQ-1": F},
+    "syn-drop-all": {**_RFC_HOME, "REQ-2": F, "REQ-10": N},
+    "syn-sent-5s": {**_RFC_HOME, "REQ-5 transitory": F},
+    "firewall": dict.fromkeys(REQS, N),
+    "dmz": _RFC_DMZ,
+    "rfc5382": {**_RFC_DMZ, "REQ-8a": P},
+    "carrier": _RFC_HOME,
+    "late-icmp": _RFC_HOME,  # ICMP after 6.2 s, the followed SYN dropped: REQ-4 passes
+}
+RFC5382_EXTRA: dict[str, list[str]] = {
+    "home-nft": ["--no-hairpin"],
+    "syn-sent-5s": ["--timers", "--max-wait", "8"],
+}
+# The NAT answers an unsolicited SYN only after 6 s: with this, and when (ms, from the
+# profile's hold).
+ANSWERS_LATE = {"late-icmp": ("icmp-port-unreachable", 6200)}
+# The NAT answers an unsolicited SYN at once (REQ-4 violated by the answer's timing).
+ANSWERS_AT_ONCE = {"original": "rst", "reject-rst": "rst",
+                   "reject-icmp-port": "icmp-port-unreachable",
+                   "reject-icmp-admin": "icmp-admin-prohibited"}

@@ -3,7 +3,6 @@ the replay on hand-made segments. No network, no root."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import subprocess
@@ -19,6 +18,7 @@ from synprobe.analyze.tcp import find_attempts
 from synprobe.cli import main
 from synprobe.packets.decode import ACK, FIN, PSH, RST, SYN, IcmpError, Segment
 from synprobe.packets.reader import CaptureContents, read_capture
+from tests import schemas
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 
@@ -182,7 +182,7 @@ def test_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> Non
     code, out, err = run_cli(capsys, "--json", str(CAPTURES / "simultaneous-open.pcap"),
                              str(CAPTURES / "three-way.pcap"))
     assert code == 0 and err == ""
-    doc = json.loads(out)
+    doc = schemas.loads("analyze", out)
     assert [c["kind"] for c in doc["connections"]] == ["simultaneous-open", "three-way"]
     first = doc["connections"][0]
     assert first["endpoints"] == ["10.1.0.2:40100", "203.0.113.2:40100"]
@@ -293,7 +293,7 @@ def test_damaged_inputs_exit_7_with_one_line(tmp_path: Path,
             assert message in err, (name, err)
             assert "Traceback" not in out + err
             if extra:
-                json.loads(out)  # still valid JSON on stdout
+                schemas.loads("analyze", out)  # still valid JSON on stdout
 
 
 def _pcapng_blocks(data: bytes) -> list[int]:
@@ -324,7 +324,7 @@ def test_damaged_pcapng_message_is_one_plain_line(tmp_path: Path,
         code, _out, err = run_cli(capsys, "--brief", str(path))
         assert (code, err) == (7, f"synprobe: {path}: {message}\n")
         code, out, _err = run_cli(capsys, "--json", str(path))
-        assert (code, json.loads(out)["files"][0]["error"]) == (7, message)
+        assert (code, schemas.loads("analyze", out)["files"][0]["error"]) == (7, message)
 
 
 def test_truncated_capture_still_shows_what_it_could_read(
@@ -350,7 +350,7 @@ def test_bad_file_among_good_ones_keeps_the_good_output(
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 100)
     code, out, err = run_cli(capsys, "--json", str(CAPTURES / "three-way.pcap"), str(junk))
-    assert code == 7 and len(json.loads(out)["connections"]) == 1
+    assert code == 7 and len(schemas.loads("analyze", out)["connections"]) == 1
     assert err.startswith(f"synprobe: {junk}: not a pcap")
 
 

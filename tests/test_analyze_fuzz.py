@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from synprobe.cli import main
+from tests import schemas
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 REFERENCE = sorted(CAPTURES.glob("*.pcap*"))
@@ -139,6 +140,8 @@ def test_thousands_of_mutants_exit_0_or_7_with_one_line(
             label = f"{reference.name}, {what}: exit {code}, stderr {err!r}"
             assert code in (0, 7), label
             assert "Traceback" not in out + err and "internal error" not in err, label
+            if n % 2:
+                schemas.loads("analyze", out)  # also for a damaged capture (exit 7)
             if code == 7:
                 assert err.startswith(f"synprobe: {path}: ") and err.count("\n") == 1, label
             else:

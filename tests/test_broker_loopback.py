@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
 
 from simulsyn_core.wire import decode_seed_list
+from tests import schemas
+from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_stderr
 
@@ -82,7 +83,7 @@ def test_punch_chats_with_a_peer_that_listens() -> None:
             received += chunk
     srv.close()
     assert proc.returncode == 0, err
-    report = json.loads(out.splitlines()[0])
+    report = schemas.loads("punch", out.splitlines()[0])
     assert report["established"] and report["mode"] == "direct"
     assert report["local"] == f"127.0.0.1:{local_port}" and report["attempts"] == 1
     assert out.splitlines()[1:] == ["hello", "x" * 45]
@@ -93,9 +94,10 @@ def test_punch_chats_with_a_peer_that_listens() -> None:
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: one the kernel hands out (bind to 0) can be
+    taken meanwhile by a broker of a parallel test listening on 127.0.0.1:0, and the
+    punch's --local-port bind then fails (CI saw the accept here wait 10 s in vain)."""
+    return free_port()
 
 
 def test_lonely_punch_gives_up_with_no_peer() -> None:
@@ -114,7 +116,7 @@ def test_lonely_punch_gives_up_with_no_peer() -> None:
                 proc.kill()
                 proc.wait(5)
     assert proc.returncode == 4
-    assert json.loads(out)["error"] == "no peer joined session 'alone' in time"
+    assert schemas.loads("punch", out)["error"] == "no peer joined session 'alone' in time"
     # bounded by --timeout 1 (measured from the run's first line, so the interpreter's
     # start-up on a loaded machine does not count), plus exiting
     assert took < 1.5, f"{took:.2f} s for --timeout 1"

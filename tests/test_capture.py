@@ -20,6 +20,7 @@ from synprobe.packets.decode import ACK, FIN, RST, SYN
 from synprobe.packets.reader import read_capture
 from synprobe.packets.writer import PcapNgWriter, cooked_header
 from synprobe.punch_pcap import Roles, RunPacket, packet_role
+from tests import schemas
 from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, wait_for_stderr
@@ -159,7 +160,7 @@ def test_pcap_on_loopback_has_the_whole_run_with_roles(tmp_path: Path) -> None:
     pcap = tmp_path / "run.pcapng"
     run = _punch_loopback(tmp_path, ["--pcap", str(pcap)])
     assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout.splitlines()[0])
+    report = schemas.loads("punch", run.stdout.splitlines()[0])
     (attempt,) = analyze_file(str(pcap)).attempts
     assert attempt.kind == "three-way" and attempt.established
     assert attempt.endpoints[0] == report["local"]
@@ -184,7 +185,7 @@ def test_without_cap_net_raw_the_punch_runs_and_says_the_capture_was_skipped(
     pcap = tmp_path / "run.pcapng"
     run = _punch_loopback(tmp_path, ["--pcap", str(pcap)], prefix)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.splitlines()[0])["established"] is True
+    assert schemas.loads("punch", run.stdout.splitlines()[0])["established"] is True
     skipped = [line for line in run.stderr.splitlines() if "capture skipped" in line]
     assert len(skipped) == 1 and "needs CAP_NET_RAW" in skipped[0]
     assert not pcap.exists() and not (tmp_path / "state" / "pcaps.jsonl").exists()

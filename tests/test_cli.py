@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 
 from simulsyn_core.exitcodes import ExitStatus
 from synprobe.cli import cli, main
+from tests import schemas
 
 from .helpers import SYNPROBE
 
@@ -37,7 +37,7 @@ def test_help_lists_every_command_and_exit_code() -> None:
     (["punch", "--seed-broker", "127.0.0.1:1", "--secret", "x"],
      "--secret goes with --session or --peer"),
     (["punch", "--peer", "127.0.0.1:1"], "--peer needs --local-port"),
-    (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IPv4 address"),
+    (["punch", "--peer", "1.2.3:4", "--local-port", "5"], "is not an IP address"),
     (["punch", "--broker", "127.0.0.1:1", "--session", "a b"], "1-64 of A-Z"),
     (["punch", "--broker", "127.0.0.1:1", "--session", "s", "--retries", "0"], "0"),
     (["nosuch"], "No such command"),
@@ -51,9 +51,11 @@ def test_usage_errors_exit_2_with_a_message(args: list[str], message: str,
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens on it once closed
+    """Nothing listens on it: below the ephemeral range, so no parallel test's broker on
+    127.0.0.1:0 takes it meanwhile."""
+    from tests.helpers import free_port
+
+    return free_port()
 
 
 def test_unreachable_broker_is_exit_3_with_json() -> None:
@@ -62,7 +64,7 @@ def test_unreachable_broker_is_exit_3_with_json() -> None:
                            "s", "--json", "--timeout", "5"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == ExitStatus.BROKER_UNREACHABLE
-    report = json.loads(proc.stdout)
+    report = schemas.loads("punch", proc.stdout)
     assert report["established"] is False
     assert "ECONNREFUSED" in report["error"]
     assert proc.stderr.startswith("synprobe: broker 127.0.0.1:")
@@ -107,7 +109,7 @@ def test_taken_local_port_is_exit_8_with_json() -> None:
                                "--local-port", str(port), "--json"],
                               capture_output=True, text=True, timeout=30)
     assert proc.returncode == ExitStatus.ADDRESS_IN_USE, proc.stderr
-    report = json.loads(proc.stdout)
+    report = schemas.loads("punch", proc.stdout)
     assert report["exit_code"] == 8 and "cannot bind local port" in report["error"]
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
@@ -131,6 +133,6 @@ def test_sigterm_while_waiting_is_exit_130_with_json() -> None:
                 proc.wait(5)
         err += rest
     assert proc.returncode == ExitStatus.INTERRUPTED
-    report = json.loads(out)
+    report = schemas.loads("punch", out)
     assert (report["error"], report["exit_code"]) == ("interrupted", 130)
     assert "synprobe: interrupted" in err

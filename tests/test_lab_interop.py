@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from synprobe import lab as labmod
+from tests import schemas
 
 ORIGINAL = [sys.executable, str(Path(__file__).with_name("original_example.py"))]
 BROKER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
@@ -52,6 +53,7 @@ def test_two_original_clients_meet_through_synprobe_broker(make_lab) -> None:
     b = _original_client(lab, "hb", "hi from original B")
     (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(a), _finish(b)
     assert (rc_a, rc_b) == (0, 0), (out_a, err_a, out_b, err_b)
+    # the original example client's own JSON (not synprobe's: no schema)
     assert json.loads(out_a.splitlines()[0])["peer"].startswith(lab.side("b").public + ":")
     assert out_a.splitlines()[1] == "hi from original B"
     assert out_b.splitlines()[1] == "hi from original A"
@@ -68,7 +70,7 @@ def test_seed_broker_mode_against_a_list_only_broker(make_lab) -> None:
     b = _seed_punch(lab, "hb", "from B\n")
     (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(a), _finish(b)
     assert (rc_a, rc_b) == (0, 0), (out_a, err_a, out_b, err_b)
-    rep_a, rep_b = json.loads(out_a.splitlines()[0]), json.loads(out_b.splitlines()[0])
+    rep_a, rep_b = (schemas.loads("punch", out.splitlines()[0]) for out in (out_a, out_b))
     assert rep_a["mode"] == "seed-broker" and rep_a["established"]
     assert rep_a["peer"] == rep_b["public"] and rep_b["peer"] == rep_a["public"]
     assert rep_b["public"].startswith(lab.side("b").host + ":")  # firewall: no NAT
@@ -108,7 +110,7 @@ def test_direct_mode_without_a_broker(make_lab) -> None:
         procs.append(proc)
     (rc_a, out_a, err_a), (rc_b, out_b, err_b) = _finish(procs[0]), _finish(procs[1])
     assert (rc_a, rc_b) == (0, 0), (out_a, err_a, out_b, err_b)
-    rep_a = json.loads(out_a.splitlines()[0])
+    rep_a = schemas.loads("punch", out_a.splitlines()[0])
     assert rep_a["mode"] == "direct" and rep_a["public"] is None
     assert rep_a["local"] == f"{lab.side('a').host}:41001"
     assert out_a.splitlines()[1:] == ["direct from B"]

@@ -45,7 +45,7 @@ def expectation(a: str, b: str) -> tuple[str, str]:
                        "(syn-drop-all: the other side's SYN+ACK, not a bare SYN, passes)")
 
 
-PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
+PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PUNCH_PROFILES, repeat=2)
          for first in ("a", "b")]
 # Link delay setting (b) of the adaptive-punch issue: the broker 50 +- 10 ms away, the
 # peers 0.5 ms from the router (a LAN, a campus): the RTT to the broker dwarfs the peers'.

@@ -8,7 +8,6 @@ NAT checks what crossed it in clear.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -21,6 +20,7 @@ import pytest
 
 from synprobe import lab as labmod
 from synprobe.lab.harness import BROKER_IPS, BROKER_PORT, SYNPROBE
+from tests import schemas
 from tests.make_captures import tcpdump
 
 BROKER = f"{BROKER_IPS[0]}:{BROKER_PORT}"
@@ -76,7 +76,7 @@ class Peer:
 
     @property
     def report(self) -> dict[str, object]:
-        value = json.loads(self.out.split("\n", 1)[0])
+        value = schemas.loads("punch", self.out.split("\n", 1)[0])
         assert isinstance(value, dict)
         return value
 

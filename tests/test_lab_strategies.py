@@ -9,7 +9,6 @@ rules (synprobe/lab/profiles.py), never from the code under test.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import time
@@ -17,6 +16,7 @@ import time
 import pytest
 
 from synprobe import lab as labmod
+from tests import schemas
 from tests.test_lab_punch import (
     ENDING_S,
     FAR_BROKER,
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.lab
 ANSWERS = {"original", "reject-rst", "reject-icmp-port", "reject-icmp-admin", "dmz"}
 # Every other profile drops it silently (home, home-nft, syn-sent-5s, firewall, carrier,
 # syn-drop-all, random).
-PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PROFILES, repeat=2)
+PAIRS = [(a, b, first) for a, b in itertools.product(labmod.PUNCH_PROFILES, repeat=2)
          for first in ("a", "b")]
 MSGS = ("hello from A\n", "hello from B\n")
 
@@ -157,7 +157,7 @@ def test_the_last_nat_check_informs_the_choice(make_lab, tmp_path, profile_a: st
         check = lab.run("h" + side, [*labmod.SYNPROBE, "nat-check", "--server", server,
                                      "--json"], timeout=60, env={**os.environ, **envs[side]})
         assert (tmp_path / side / "natcheck-last.json").is_file(), check.stderr
-        assert json.loads(check.stdout)["error"] is None, check.stdout
+        assert schemas.loads("nat-check", check.stdout)["error"] is None, check.stdout
     run_a, run_b = labmod.punch_pair(lab, "informed", messages=MSGS, timeout_s=TIMEOUT_S,
                                      stagger_s=0.2, args=["-v"], side_env=envs)
     diag = _diag(lab, run_a, run_b, "after nat-check")
@@ -224,7 +224,7 @@ def test_order_without_a_broker(make_lab, profile_a: str, profile_b: str,
     diag = f"{outs}\nconntrack A:\n{lab.conntrack('a')}\nconntrack B:\n{lab.conntrack('b')}"
     for (rc, out, _), peer_msg in zip(outs, (MSGS[1], MSGS[0]), strict=True):
         assert rc == 0, diag
-        report = json.loads(out.splitlines()[0])
+        report = schemas.loads("punch", out.splitlines()[0])
         assert report["mode"] == "direct" and report["established"], diag
         assert report["strategy"] == ("prime" if ttl else "order"), diag
         assert out.splitlines()[1:] == [peer_msg.strip()], diag

@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS: list[tuple[str, ...]] = [
     ("simulsyn_core",),
-    ("synprobe.packets", "synprobe.rawnet", "synprobe.state", "synprobe.cliutil", "=synprobe"),
+    ("synprobe.packets", "synprobe.rawnet", "synprobe.state", "synprobe.cliutil", "synprobe.schema",
+     "=synprobe"),
     ("synprobe.natcheck", "synprobe.analyze", "synprobe.punch_pcap", "synprobe.lab",
      "synprobe.report"),
     ("synprobe.cli", "synprobe.__main__"),

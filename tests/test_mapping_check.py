@@ -5,7 +5,6 @@ and a pair with such a NAT is refused at once, both told why."""
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import subprocess
 import threading
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.rendezvous import SessionTable
 from simulsyn_core.wire import encode_message, parse_line
+from tests import schemas
 
 from .helpers import SYNPROBE, loopback_broker, read_line
 
@@ -77,7 +77,7 @@ def test_a_punch_with_one_broker_address_skips_the_check() -> None:
                              capture_output=True, text=True, timeout=20)
     assert run.returncode == 4, run.stderr
     assert "mapping check skipped: the broker has one address" in run.stderr
-    assert json.loads(run.stdout.splitlines()[0])["error"].startswith("no peer joined")
+    assert schemas.loads("punch", run.stdout.splitlines()[0])["error"].startswith("no peer joined")
 
 
 class FakeBroker:

@@ -39,6 +39,7 @@ from synprobe.natcheck.report import (
 )
 from synprobe.packets.reader import read_pcap
 from synprobe.packets.seen import Seen, parse_frame, seen_from_pcap
+from tests import schemas
 from tests.natcheck_expected import EXPECTED, expected_path, mismatches
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures" / "natcheck"
@@ -66,7 +67,7 @@ def test_decide_on_the_recorded_evidence_meets_expected(profile: str) -> None:
     decision = decide(evidence)
     f = decision.findings
     report = NatCheckReport("", f, recommend(f), verdict(f), 0.0, path=decision.path)
-    data = json.loads(json.dumps(report.to_json()))  # as nat-check --json prints it
+    data = schemas.loads("nat-check", json.dumps(report.to_json()))  # as nat-check --json prints it
     assert mismatches(profile, data) == [], data["reasons"]
     for key, value in EXPECTED[profile].items():
         if value is None:

@@ -22,7 +22,8 @@ def test_help_lists_every_key_and_exit_code() -> None:
     assert result.exit_code == 0
     for word in ("--server", "--timers", "--max-wait", "--pcap", "--json", "--port-samples",
                  "port_range", "unsolicited_syn",
-                 "syn_sent_lifetime_s", "host_stack", "no-privilege", "broker-unreachable"):
+                 "syn_sent_lifetime_s", "host_stack", "no-privilege", "broker-unreachable",
+                 "--rfc5382", "--no-hairpin", "rfc5382", "schema_version"):
         assert word in result.output
 
 

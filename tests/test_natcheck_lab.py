@@ -7,7 +7,6 @@ sharing the CPU, not the check), each pair's lab taken down before the next.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from synprobe import lab as labmod
+from tests import schemas
 from tests.conftest import require_lab, take_down_and_check
 from tests.natcheck_expected import ADVICE, DEFAULT_ADVICE, EXPECTED, EXTRA, SERVER, VERDICT
 
@@ -72,7 +72,7 @@ def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
                     proc.kill()
                     out, err = proc.communicate(timeout=5)
                 results.setdefault(pair[i], {
-                    "json": json.loads(out) if out.strip() else None,
+                    "json": schemas.loads("nat-check", out) if out.strip() else None,
                     "rc": proc.returncode, "stderr": err.decode(errors="replace"),
                     "pcap": str(tmp / f"{pair[i]}-{side}.pcap"), "side": side,
                     "state_dir": state_dir,

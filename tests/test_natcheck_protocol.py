@@ -53,7 +53,8 @@ def test_sequence_tags_do_not_overlap() -> None:
     used = {P.Seq.REPLY: 1, P.Seq.HOPS: 1 + P.MAX_REFLECT, P.Seq.TIMER: P.MAX_TIMERS,
             P.Seq.HAIRPIN: 1, P.Seq.UNSOLICITED: 1, P.Seq.FILTERING: 2,
             P.Seq.REPLY_ANSWER: 1, P.Seq.REFLECT: P.MAX_REFLECT,
-            P.Seq.TIMER_ANSWER: P.MAX_TIMERS}
+            P.Seq.TIMER_ANSWER: P.MAX_TIMERS, P.Seq.FOLLOW: 1, P.Seq.ICMP_KEEP: 1,
+            P.Seq.FOLLOWED: 1, P.Seq.ICMP_KEEP_ANSWER: 1}
     assert set(used) == set(P.Seq)
     ranges = sorted((int(tag), int(tag) + n) for tag, n in used.items())
     assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False))
@@ -84,7 +85,7 @@ def test_sequence_tags_do_not_overlap() -> None:
     ("SSYN1 NC_TIMERS waits=300", "waits=: wait 300.0 outside (0, 280]"),
     ("SSYN1 NC_TIMERS_ARMED holes=two", "NC_TIMERS_ARMED holes=: bad number 'two'"),
     ("SSYN1 NC_RESULT sent=1 reply_seen=x:1",
-     "NC_RESULT reply_seen=: 'x:1': 'x' is not an IPv4 address"),
+     "NC_RESULT reply_seen=: 'x:1': 'x' is not an IP address"),
 ])
 def test_bad_input_raises_an_exact_value_error(line: str, error: str) -> None:
     with pytest.raises(ValueError) as info:

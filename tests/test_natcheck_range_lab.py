@@ -19,6 +19,7 @@ import pytest
 from synprobe import lab as labmod
 from synprobe import state
 from synprobe.natcheck import port_range
+from tests import schemas
 from tests.natcheck_expected import SERVER
 
 pytestmark = [pytest.mark.lab]
@@ -40,7 +41,7 @@ def _check(lab: labmod.Lab, side: str, extra: list[str]) -> dict[str, Any]:
         proc.kill()
         out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err.decode(errors="replace")
-    report: dict[str, Any] = json.loads(out)
+    report: dict[str, Any] = schemas.loads("nat-check", out)
     return report
 
 

@@ -3,7 +3,6 @@ clients, and missing privileges are told in one line."""
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
@@ -19,6 +18,7 @@ from simulsyn_core.wire import ProtocolError
 from synprobe import lab as labmod
 from synprobe.natcheck import protocol as P
 from synprobe.natcheck.server import Check, ProbeServer
+from tests import schemas
 
 SERVER = f"{labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT}"
 
@@ -202,7 +202,7 @@ def test_without_privileges_mapping_runs_and_one_line_names_the_capability(
     assert run.returncode == 6, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "CAP_NET_RAW" in lines[0] and "CAP_NET_ADMIN" in lines[0]
-    report = json.loads(run.stdout)
+    report = schemas.loads("nat-check", run.stdout)
     assert report["mapping"] == "endpoint-independent" and report["port_preservation"] is True
     assert report["filtering"] is None and "CAP_NET_RAW" in report["reasons"]["filtering"]
 
@@ -220,7 +220,7 @@ def test_broker_without_privileges_serves_mapping_and_says_why(
     run = lab.run("ha", [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json"],
                   timeout=30)
     assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+    report = schemas.loads("nat-check", run.stdout)
     assert report["mapping"] == "endpoint-independent"
     assert report["reply_syn"] is None
     assert "the broker needs CAP_NET_RAW" in report["reasons"]["reply_syn"]

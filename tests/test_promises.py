@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from simulsyn_core.exitcodes import ExitStatus
+from tests import schemas
 from tests.helpers import free_port
 
 from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_output
@@ -45,7 +46,7 @@ def _run(args: list[str], timeout_s: float = 60, **kwargs: Any
 
 def _report(proc: subprocess.CompletedProcess[str] | tuple[int, str, str]) -> dict[str, Any]:
     out = proc.stdout if isinstance(proc, subprocess.CompletedProcess) else proc[1]
-    return dict(json.loads(out.splitlines()[0]))
+    return dict(schemas.loads("punch", out.splitlines()[0]))
 
 
 @contextlib.contextmanager
@@ -153,7 +154,7 @@ def test_peer_reset_mid_chat_is_exit_9() -> None:
         conn.sendall(b"\x05hello")
         assert proc.stdout is not None
         seen = wait_for_output(proc.stdout, "hello\n", 20).splitlines()
-        assert json.loads(seen[0])["established"] is True
+        assert schemas.loads("punch", seen[0])["established"] is True
         assert seen[1:] == ["hello"]  # the chat runs; stdin is still open
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         conn.close()  # an RST, mid-chat
@@ -322,7 +323,7 @@ def test_path_check_unconfirmed_within_3s_is_aborted_with_rst() -> None:
     assert got, "the punch sent no HELLO"
     assert 2.8 <= aborted_after <= 4.5, aborted_after
     assert proc.returncode == ExitStatus.PUNCH_FAILED, err
-    report = json.loads(out.splitlines()[0])
+    report = schemas.loads("punch", out.splitlines()[0])
     (attempt,) = report["attempt_log"]
     assert attempt["outcome"] == "unconfirmed"
     assert 2.9 <= attempt["duration_s"] <= 4.5, attempt
@@ -539,7 +540,7 @@ def test_seed_broker_takes_the_newest_of_several_endpoints() -> None:
         broker.kill()
         broker.wait(5)
     assert proc.returncode == 0, err
-    report = json.loads(out.splitlines()[0])
+    report = schemas.loads("punch", out.splitlines()[0])
     assert report["mode"] == "seed-broker" and report["peer"] == f"127.0.0.1:{newest}"
     assert out.splitlines()[1:] == ["hi"]
 

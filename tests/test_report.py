@@ -13,6 +13,7 @@ import pytest
 
 from synprobe import state
 from synprobe.cli import main
+from tests import schemas
 
 from .test_capture import _tshark
 
@@ -60,7 +61,7 @@ def test_report_holds_what_it_lists_and_nothing_else(
         assert all(m.isfile() and m.uid == 0 and m.uname == "" and m.gname == ""
                    for m in members)
         data = {m.name: tar.extractfile(m).read() for m in members}  # type: ignore[union-attr]
-    manifest = json.loads(data["manifest.json"])
+    manifest = schemas.loads("report", data["manifest.json"])
     assert [m["name"] for m in manifest["members"]] == expected[:-1]
     for member in manifest["members"]:
         assert hashlib.sha256(data[member["name"]]).hexdigest() == member["sha256"]
@@ -86,7 +87,7 @@ def test_report_with_nothing_recorded(tmp_path: Path, state_dir: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     archive = tmp_path / "empty.tar.gz"
     assert main(["report", "--out", str(archive), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = schemas.loads("report", capsys.readouterr().out)
     assert doc["archive"] == str(archive)
     assert [m["name"] for m in doc["members"]] == ["versions.json", "commands.txt"]
     with tarfile.open(archive) as tar:

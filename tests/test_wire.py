@@ -105,7 +105,7 @@ def test_endpoint_parse(text: str, expected: Endpoint) -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("1.2.3.4", "expected IP:PORT"),
-    ("1.2.3:80", "is not an IPv4 address"),
+    ("1.2.3:80", "is not an IP address"),
     ("1.2.3.4:x", "is not a number"),
     ("1.2.3.4:0", "out of range"),
     ("1.2.3.4:70000", "out of range"),

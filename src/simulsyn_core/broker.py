@@ -33,7 +33,16 @@ from .endpoint import Endpoint
 from .limits import LogThrottle, MaxCounter, TokenBuckets, prefix_of
 from .relay import SHUTDOWN, TOKEN_RE, Pair, Refuse, RelayLimits, RelayTable
 from .relay_pump import RelayPump, Side
-from .rendezvous import NAMEPLATE_RE, REPLY_SYN, UNSOLICITED, Reply, SeedList, SessionTable
+from .rendezvous import (
+    NAMEPLATE_RE,
+    REPLY_SYN,
+    UNSOLICITED,
+    V6_KEY,
+    Reply,
+    SeedList,
+    SessionTable,
+    table_key,
+)
 from .sockets import abort, enable_keepalive, tcp_rtt
 from .wire import (
     LINE_MAX,
@@ -105,6 +114,7 @@ READ_MAX = 65536
 # within one RTT; none within this long means the NAT dropped the SYN.
 SYN_PROBE_MIN_S = 0.1
 SYN_PROBE_MAX_S = 1.0
+SYN_PROBE_V6_S = 1.3  # IPv6: the SYN's retransmission (1 s) and its answer
 SYNC_MAX_DELAY_S = 1.0  # sync delivery holds the nearer peer's PEER back at most this long
 
 Log = Callable[[str], None]
@@ -470,8 +480,10 @@ class Broker:
             relay = self.relay
             self.sessions.relay_token = lambda: relay.issue(time.monotonic())
         for ep in self.binds:
-            family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
-            sock = socket.create_server((ep.ip, ep.port), family=family, backlog=BACKLOG)
+            # [::] is both families (IPv4 clients arrive as ::ffff:a.b.c.d and are kept
+            # as IPv4); any other IPv6 address, IPv6 only.
+            sock = socket.create_server((ep.ip, ep.port), family=ep.family, backlog=BACKLOG,
+                                        dualstack_ipv6=ep.ip == "::")
             try:
                 # Every accepted connection inherits these (Linux): no syscalls per client.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -515,18 +527,15 @@ class Broker:
                     "message": "socket.accept() out of system resource"
                     if exc.errno == errno.EMFILE else "accept() failed", "exception": exc})
                 return
-            # The original protocol carries IPv4 only; others get nothing.
-            if sock.family != socket.AF_INET:
-                sock.close()
-                continue
-            prefix = prefix_of(peername[0])
-            if not self._admit(peername[0], prefix):
+            public = Endpoint.from_sockaddr(peername)  # (IPv4-mapped: as IPv4)
+            prefix = prefix_of(public.ip)
+            if not self._admit(public.ip, prefix):
                 sock.close()
                 continue
             sock.setblocking(False)
             conn = self._next_conn
             self._next_conn += 1
-            c = _Conn(self, conn, Endpoint.from_sockaddr(peername), prefix)
+            c = _Conn(self, conn, public, prefix)
             self._count_in(c)
             transport = _Transport(self._loop, self._readers, sock, c, peername)
             c.connection_made(transport)
@@ -654,6 +663,10 @@ class Broker:
                 return
 
     def _answer_list(self, c: _Conn) -> None:
+        if c.public.is_v6:  # the original's list carries IPv4 endpoints only
+            self.log(f"list {c.public}: an IPv6 client: the list protocol is IPv4 only")
+            self._close(c)
+            return
         answer = self.seeds.answer(c.public, time.monotonic())
         c.transport.write(answer)
         self.log(f"list {c.public}: {answer[0]} endpoint(s)")
@@ -786,9 +799,11 @@ class Broker:
                 not NAMEPLATE_RE.fullmatch(nameplate):
             raise ProtocolError("nameplate= is new or a number of 1-6 digits")
         session = msg.require("session") if nameplate is None else f"#{nameplate}"
-        if nameplate is None and session.startswith("#"):
-            # "#N" is how the table keeps a code's number: a session name never is one.
+        if nameplate is None and (session.startswith("#") or V6_KEY[0] in session):
+            # "#N" is how the table keeps a code's number, "@6" marks an IPv6 client's
+            # key: a session name never is or has one.
             session = "#"  # invalid: answered bad-session as any other bad name
+        session = table_key(session, c.public.is_v6)
         local = msg.endpoint("local") if msg.get("local") else None
         offered = frozenset(filter(None, (msg.get("strategies") or "").split(",")))
         unsolicited = _known(msg.get("unsolicited"), UNSOLICITED)
@@ -812,8 +827,8 @@ class Broker:
                   offered: frozenset[str], unsolicited: str | None) -> None:
         # A new code's number is chosen right before registering (after the probe's
         # wait): two new codes can never be given one number.
-        if session == "#new":
-            session = self.sessions.new_nameplate()
+        if session.removesuffix(V6_KEY) == "#new":
+            session = self.sessions.new_nameplate(c.public.is_v6)
         replies = self.sessions.register(
             c.conn, session, c.public, local, time.monotonic(), offered,
             msg.get("mapping"), unsolicited, _known(msg.get("reply_syn"), REPLY_SYN),
@@ -1057,6 +1072,11 @@ class Broker:
         a few of its RTTs, None if we cannot tell. An ordinary connect(): no privilege."""
         rtt = (self.rtt(conn) or (0.0, 0.0))[0]
         wait_s = min(SYN_PROBE_MAX_S, max(SYN_PROBE_MIN_S, 2 * rtt + 0.05))
+        if public.is_v6:
+            # A gateway's ICMPv6 rate limit holds back its first error towards a new
+            # destination (Linux: measured in the lab, admin-prohibited came only for the
+            # kernel's SYN retransmission, 1 s later): wait for that one too.
+            wait_s = max(wait_s, SYN_PROBE_V6_S)
         reached = self.local_endpoint(conn)
         result = await probe_unsolicited(public, reached.ip if reached else "0.0.0.0", wait_s)
         self.log(f"syn probe {public}: {result or 'unknown'} (waited at most "
@@ -1120,7 +1140,7 @@ async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> 
     """Send one SYN to ``target`` from ``source_ip`` (a fresh port): what comes back?"""
     loop = asyncio.get_running_loop()
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(target.family, socket.SOCK_STREAM)
     except OSError:  # out of descriptors: the client registers with this unknown
         return None
     try:
@@ -1130,8 +1150,11 @@ async def probe_unsolicited(target: Endpoint, source_ip: str, wait_s: float) -> 
     except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
         return "drop"
     except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return "reject"  # an RST, or an ICMP unreachable (port, host, admin-prohibited)
+        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         errno.EACCES):
+            # An RST, or an ICMP unreachable (port, host, admin-prohibited; ICMPv6's
+            # admin-prohibited is EACCES)
+            return "reject"
         return None  # our own side failed (EPERM from a local firewall, EADDRNOTAVAIL...)
     else:
         return "reject"  # something there answered with a SYN+ACK: an early SYN is answered
@@ -1143,10 +1166,11 @@ def _same_scope(alt: str, reached: str) -> bool:
     """Another address a client that reached ``reached`` can reach too: a different IP of
     the same kind (no loopback or private address offered to a client that came over a
     public one, no wildcard)."""
-    if alt in (reached, "0.0.0.0"):
+    if alt in (reached, "0.0.0.0", "::"):
         return False
     a, r = ipaddress.ip_address(alt), ipaddress.ip_address(reached)
-    return (a.is_loopback == r.is_loopback and a.is_private == r.is_private
+    return (a.version == r.version and a.is_loopback == r.is_loopback
+            and a.is_private == r.is_private
             and not a.is_link_local)
 
 

@@ -143,7 +143,7 @@ def _connect_broker(broker: Endpoint, local_port: int, deadline: float,
     busy_until = time.monotonic() + busy_s
     while True:
         try:
-            sock = bound_socket(local_port)
+            sock = bound_socket(local_port, family=broker.family)
         except OSError as exc:
             raise ToolError(ExitStatus.ADDRESS_IN_USE,
                             f"cannot bind local port {local_port}: {exc.strerror}") from None
@@ -463,7 +463,7 @@ def relay_connect(broker: Endpoint, token: str, deadline: float) -> tuple[socket
     connection (raw bytes to and from the peer from then on) and what came after RELAYED.
     Raises ToolError(PUNCH_FAILED) when the broker refuses, BROKER_UNREACHABLE when it
     cannot be reached."""
-    sock = new_socket()
+    sock = new_socket(family=broker.family)
     try:
         code = connect_nonblocking(sock, broker, min(BROKER_CONNECT_TIMEOUT_S,
                                                      deadline - time.monotonic()))
@@ -501,7 +501,7 @@ def relay_status(broker: Endpoint, token: str) -> str:
     """Why the broker ended our relayed session (RELAY_STATUS), as a sentence; best effort
     (a broker that cannot say gets "the relay connection broke")."""
     deadline = time.monotonic() + RELAY_STATUS_S
-    sock = new_socket()
+    sock = new_socket(family=broker.family)
     try:
         if connect_nonblocking(sock, broker, RELAY_STATUS_S):
             return "the relay connection broke (the broker cannot be asked why)"

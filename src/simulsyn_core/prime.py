@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from .endpoint import Endpoint
-from .sockets import bound_socket, new_socket, tcp_state
+from .sockets import FULL_HOPS_V6, TCP_ESTABLISHED, bound_socket, new_socket, tcp_state
 
 PROBE_MAX_TTL = 16  # UDP probes with TTL 1..16 towards the peer
 PROBE_WAIT_S = 0.5  # how long the probes' ICMP answers are collected at most
@@ -49,6 +49,15 @@ PROBE_PORT = 33434  # traceroute's base port: an unused UDP port, so a host answ
 IP_MINTTL = 21  # linux/in.h: drop what arrives with a lower TTL (RFC 5082), ICMP included
 PRIME_MINTTL = 2  # above a time-exceeded's quoted TTL (1 or 0), below any real segment's
 FULL_TTL = 64  # Linux's default
+# IPv6: tcp_v6_err compares the *outer* hop limit of an ICMPv6 error with the socket's
+# IPV6_MINHOPCOUNT (tcp_v4_err, the quoted TTL), and in SYN-SENT any ICMPv6 error, a
+# time-exceeded included, ends the socket. A router sends its ICMPv6 errors with hop
+# limit 64 (Linux's default; many routers' too), so they arrive with at most 64; every
+# segment of a v6 punch leaves with 255 (sockets.FULL_HOPS_V6) and arrives with more than
+# 128 from a peer fewer than 127 hops away. So a minimum of 128 drops the errors and keeps
+# the peer's segments. (A router that sends its errors with 255 would defeat it.)
+IPV6_MINHOPCOUNT = 73  # linux/in6.h
+PRIME_MINHOPS_V6 = 128
 TCP_SYN_SENT, TCP_SYN_RECV, TCP_CLOSE = 2, 3, 7  # include/net/tcp_states.h
 DEFAULT_TTL = 2  # a home NAT and one router: used when no hop answered the measure
 IP_RECVERR = 11  # linux/in.h (the socket module does not name it)
@@ -224,23 +233,44 @@ class Primed:
         return self.state == TCP_SYN_SENT
 
     def describe(self) -> str:
-        state = ("still in SYN-SENT" if self.alive
-                 else f"ended (TCP state {self.state}: an RST or another ICMP error?)")
+        now = self.state
+        state = ("still in SYN-SENT" if now == TCP_SYN_SENT
+                 else "connected already (the peer's SYN came before GO)"
+                 if now in (TCP_ESTABLISHED, TCP_SYN_RECV)
+                 else f"ended (TCP state {now}: an RST or another ICMP error?)")
         return (f"primed with TTL {self.ttl}: the SYN opened our NAT's hole and died on the "
                 f"way; the socket is {state}")
 
     def open_up(self) -> None:
         """A full TTL, for the SYN+ACK it will answer the peer's SYN with."""
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+        set_ttl(self.sock, None)
+
+
+def set_ttl(sock: socket.socket, ttl: int | None) -> None:
+    """The TTL (IPv6: the hop limit) of what ``sock`` sends; None: the full one."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS,
+                        FULL_HOPS_V6 if ttl is None else ttl)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL if ttl is None else ttl)
+
+
+def set_min_ttl(sock: socket.socket, on: bool) -> None:
+    """Drop the ICMP errors a TTL-limited SYN draws (IP_MINTTL 2; IPv6: a minimum hop
+    limit of 128, see PRIME_MINHOPS_V6), or stop dropping (``on`` False)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT, PRIME_MINHOPS_V6 if on else 0)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, PRIME_MINTTL if on else 0)
 
 
 def prime(local_port: int, peer: Endpoint, ttl: int) -> Primed:
     """Send one SYN to ``peer`` from our port with IP_TTL=ttl and IP_MINTTL 2, so that the
     ICMP time-exceeded it draws is dropped instead of ending the socket (module doc)."""
-    sock = bound_socket(local_port)
+    sock = bound_socket(local_port, family=peer.family)
     try:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, PRIME_MINTTL)
+        set_ttl(sock, ttl)
+        set_min_ttl(sock, True)
         sock.setblocking(False)
         code = sock.connect_ex(peer.sockaddr)
         if code not in (0, errno.EINPROGRESS):
@@ -254,4 +284,4 @@ def prime(local_port: int, peer: Endpoint, ttl: int) -> Primed:
 def clear_minttl(sock: socket.socket) -> None:
     """Once connected: no minimum TTL any more (a PMTU ICMP may quote a low TTL)."""
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, 0)
+        set_min_ttl(sock, False)

@@ -173,7 +173,7 @@ def punch(local_port: int, peer: Endpoint, schedule: PunchSchedule, deadline: fl
             code = wait_connected(sock, step.timeout_s)
         else:
             try:
-                sock = bound_socket(local_port)
+                sock = bound_socket(local_port, family=peer.family)
             except OSError as exc:
                 # The port can be taken by another program between attempts: go on.
                 outcome = errno_name(exc.errno or 0)

@@ -48,13 +48,25 @@ NAMEPLATE_RE = re.compile(r"[1-9][0-9]{0,5}", re.ASCII)
 _NAMEPLATE_KEY_RE = re.compile(r"#[1-9][0-9]{0,5}", re.ASCII)
 
 
+# Clients that reach the broker over IPv6 pair only with each other: their table keys end
+# in V6_KEY ("@" is in no session name), so that an IPv4 client is never given an IPv6
+# peer, nor the other way round.
+V6_KEY = "@6"
+
+
+def table_key(session: str, v6: bool) -> str:
+    return session + V6_KEY if v6 else session
+
+
 def valid_key(session: str) -> bool:
     """A session name, or a code's number as the table keeps it."""
+    session = session.removesuffix(V6_KEY)
     return bool(SESSION_RE.fullmatch(session) or _NAMEPLATE_KEY_RE.fullmatch(session))
 
 
 def key_fields(session: str) -> dict[str, str]:
     """How the messages name a table key: ``nameplate=N`` or ``session=NAME``."""
+    session = session.removesuffix(V6_KEY)
     return {"nameplate": session[1:]} if session.startswith("#") else {"session": session}
 
 
@@ -419,13 +431,13 @@ class SessionTable:
         return birthday and STRATEGY_BIRTHDAY in other.facts.strategies and \
             other.facts.mapping != mapping
 
-    def new_nameplate(self) -> str:
-        """The smallest code number no waiting client holds (short codes, as
-        magic-wormhole's), as a table key."""
+    def new_nameplate(self, v6: bool = False) -> str:
+        """The smallest code number no waiting client (of the same address family) holds
+        (short codes, as magic-wormhole's), as a table key."""
         n = 1
-        while f"#{n}" in self._waiting:
+        while table_key(f"#{n}", v6) in self._waiting:
             n += 1
-        return f"#{n}"
+        return table_key(f"#{n}", v6)
 
     def priming(self, conn: Hashable) -> bool:
         """True while ``conn`` is in an ordering exchange (prime, order)."""

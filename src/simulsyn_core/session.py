@@ -40,6 +40,7 @@ from .prime import (
     FULL_TTL,
     ICMP_TIME_EXCEEDED,
     NO_ANSWER,
+    PRIME_MINHOPS_V6,
     TCP_CLOSE,
     TCP_SYN_SENT,
     choose_ttl,
@@ -832,6 +833,13 @@ def _priming_ttl(cfg: PunchConfig, rdv: Rendezvous, event: Callable[[str], None]
         facts = None
     if cfg.ttl is not None:
         ttl, report.ttl_source = cfg.ttl, "--ttl"
+    elif rdv.peer.is_v6:
+        # No NAT to find past: the firewall is the first hop (a home gateway), and the
+        # next router is not the peer's.
+        ttl, report.ttl_source = DEFAULT_TTL, "default"
+        event(f"prime: IPv6: hop limit {ttl} (past our gateway's firewall at hop 1, dead at "
+              "the next router); ICMPv6 errors are dropped by a minimum hop limit of "
+              f"{PRIME_MINHOPS_V6}, and every SYN of the punch leaves with hop limit 255")
     else:
         answers = measure_hops(rdv.peer.ip)
         found, why = choose_ttl(answers, rdv.peer.ip)

@@ -20,6 +20,7 @@ ERRNO_MEANING = {
     errno.ETIMEDOUT: "nothing came back",
     errno.EHOSTUNREACH: "an ICMP host-unreachable or admin-prohibited came back",
     errno.ENETUNREACH: "an ICMP net-unreachable came back, or no route",
+    errno.EACCES: "an ICMPv6 administratively-prohibited came back",
     errno.EADDRINUSE: "the local port is taken for this destination",
     errno.EADDRNOTAVAIL: "the 4-tuple is still in use (TIME_WAIT?)",
     errno.ECONNRESET: "the connection was reset",
@@ -33,6 +34,11 @@ def errno_name(code: int) -> str:
 
 def describe_errno(code: int) -> str:
     return f"{errno_name(code)} ({ERRNO_MEANING.get(code, os.strerror(code))})"
+
+
+# IPv6: every socket of a punch sends with the largest hop limit, so that what reaches the
+# peer arrives with more than IPV6_MINHOPCOUNT (prime.py says why).
+FULL_HOPS_V6 = 255
 
 
 class SocketTracker:
@@ -77,25 +83,32 @@ def tracking(tracker: SocketTracker) -> Iterator[SocketTracker]:
         _local.tracker = previous
 
 
-def new_socket(kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """An IPv4 socket, registered with this thread's tracker if there is one."""
-    sock = socket.socket(socket.AF_INET, kind)
+def new_socket(kind: int = socket.SOCK_STREAM,
+               family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    """A socket, registered with this thread's tracker if there is one."""
+    sock = socket.socket(family, kind)
     tracker: SocketTracker | None = getattr(_local, "tracker", None)
     if tracker is not None:
         tracker.add(sock)
     return sock
 
 
-def bound_socket(local_port: int, local_ip: str = "0.0.0.0") -> socket.socket:
+def bound_socket(local_port: int, local_ip: str | None = None,
+                 family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
     """A TCP socket bound to local_ip:local_port with SO_REUSEADDR, as the technique needs.
 
     SO_REUSEADDR lets every socket of the run share one local port (Linux allows it as
-    long as no socket on the port listens), so the NAT sees one internal endpoint.
+    long as no socket on the port listens), so the NAT sees one internal endpoint. An
+    IPv6 socket is IPv6 only, and sends with hop limit FULL_HOPS_V6.
     """
-    sock = new_socket()
+    sock = new_socket(family=family)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((local_ip, local_port))
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, FULL_HOPS_V6)
+        sock.bind((local_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                   local_port))
     except BaseException:
         sock.close()
         raise

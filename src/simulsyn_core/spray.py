@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .endpoint import Endpoint
-from .prime import FULL_TTL, IP_MINTTL, PRIME_MINTTL, TCP_SYN_RECV
-from .sockets import TCP_ESTABLISHED, abort, bound_socket, errno_name, new_socket, tcp_state
+from .prime import TCP_SYN_RECV, set_min_ttl, set_ttl
+from .sockets import TCP_ESTABLISHED, abort, bound_socket, errno_name, tcp_state
 
 TCP_INFO_TOTAL_RETRANS = 100  # struct tcp_info: tcpi_total_retrans (u32)
 FD_SPARE = 64  # descriptors kept free beside the pool's (broker, chat, capture, Python)
@@ -79,19 +79,19 @@ class Pool:
         kernel picks). ``ttl``: its SYN leaves with that TTL (and IP_MINTTL drops the
         time-exceeded it draws), then the socket gets a full TTL for what follows, unless
         ``hold_ttl``: then it keeps the limited TTL until ``open_up()``."""
-        if local_port is None:
-            sock = new_socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        else:
-            sock = bound_socket(local_port)
+        try:
+            sock = bound_socket(local_port or 0, family=target.family)
+        except OSError as exc:
+            self.failed[errno_name(exc.errno or 0)] += 1
+            return
         try:
             if ttl is not None:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-                sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, PRIME_MINTTL)
+                set_ttl(sock, ttl)
+                set_min_ttl(sock, True)
             sock.setblocking(False)
             code = sock.connect_ex(target.sockaddr)
             if ttl is not None and not hold_ttl:  # the SYN is out: what follows in full
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+                set_ttl(sock, None)
         except OSError as exc:
             sock.close()
             self.failed[errno_name(exc.errno or 0)] += 1
@@ -140,7 +140,7 @@ class Pool:
                 continue
             with contextlib.suppress(OSError):
                 if tcp_state(sock) == TCP_SYN_RECV:
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+                    set_ttl(sock, None)
                     self._opened_up.add(fd)
                     count += 1
         return count
@@ -149,7 +149,7 @@ class Pool:
         """A full TTL for every open socket (held ones: what they send from now on)."""
         for sock, _ in [*self.pending.values(), *self.connected]:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, FULL_TTL)
+                set_ttl(sock, None)
 
     def burst(self, targets: Sequence[Endpoint], start: int, local_port: int | None,
               rate: float, ttl: int | None, deadline: float, stop_on_connect: bool,

@@ -388,7 +388,9 @@ def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
         if as_json:
             import json
 
-            click.echo(json.dumps(report.to_json()))
+            from .schema import SCHEMA_VERSION
+
+            click.echo(json.dumps({"schema_version": SCHEMA_VERSION, **report.to_json()}))
             sys.stdout.flush()
 
     capture = None

@@ -27,14 +27,16 @@ EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
 def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
-    """HOST[:PORT] where HOST is an IPv4 address or a name that resolves to one."""
+    """HOST[:PORT] where HOST is an IPv4 address, [an IPv6 address], or a name (its IPv4
+    address if it has one, else its IPv6 address)."""
     import socket
 
-    from simulsyn_core.endpoint import Endpoint
+    from simulsyn_core.endpoint import Endpoint, split_host_port
 
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = text, str(default_port)
+    try:
+        host, port_text = split_host_port(text, default_port)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     try:
         port = parse_port(port_text)
     except ValueError:
@@ -42,15 +44,18 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint
     if has_foreign_digits(host):  # the resolver would read "１２７.0.0.1" as 127.0.0.1
         raise click.BadParameter(f"{text!r}: digits other than ASCII 0-9 in the host")
     try:
-        return Endpoint.parse(f"{host}:{port}")
+        return Endpoint.parse(str(Endpoint(host, port)))
     except ValueError:
         pass
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-    except (ValueError, OSError):
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT with an IPv4 host") from None
-    ip, resolved_port = infos[0][4][:2]
-    return Endpoint(str(ip), int(resolved_port))
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        except (ValueError, OSError, UnicodeError):
+            continue
+        ip, resolved_port = infos[0][4][:2]
+        return Endpoint.from_sockaddr((str(ip), int(resolved_port)))
+    raise click.BadParameter(f"{text!r}: expected HOST:PORT (an IPv4 address, [an IPv6 "
+                             "address], or a name that resolves)")
 
 
 class EndpointType(click.ParamType):

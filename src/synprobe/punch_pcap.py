@@ -100,12 +100,15 @@ def packet_for_port(record: Segment | IcmpError | None, port: int, outgoing: boo
         if int(record.dst.rsplit(":", 1)[1]) == port:
             return RunPacket(False, record.src, record.flags, record.payload)
         return None
-    if isinstance(record, IcmpError) and record.icmp_type in (ICMP_DEST_UNREACH,
-                                                              ICMP_TIME_EXCEEDED):
+    if isinstance(record, IcmpError) and record.icmp_type in (
+            ICMP6_ERRORS if record.v6 else (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED)):
         # time-exceeded: the prime strategy's TTL-limited SYN died on the way, by design
         if int(record.quoted_src.rsplit(":", 1)[1]) == port:
             return RunPacket(False, record.quoted_dst, icmp=record.name, reporter=record.reporter)
     return None
+
+
+ICMP6_ERRORS = (1, 3)  # ICMPv6 destination unreachable, time exceeded (RFC 4443)
 
 
 class PunchCapture:

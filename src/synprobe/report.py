@@ -29,6 +29,7 @@ from simulsyn_core.exitcodes import ExitStatus, ToolError
 
 from . import state
 from .cliutil import EPILOG
+from .schema import SCHEMA_VERSION
 
 UTC = datetime.timezone.utc  # noqa: UP017 (datetime.UTC needs Python 3.11)
 MANIFEST = "manifest.json"
@@ -85,7 +86,7 @@ def collect() -> list[Member]:
         commands.append(f"{_stamp(pcap.time)}  {shlex.join(pcap.command)}  # -> {name}")
     members.append(Member("commands.txt", "".join(c + "\n" for c in commands).encode(),
                           f"the {len(commands)} command line(s) that produced the above"))
-    manifest = {"created": _stamp(time.time()), "members": [
+    manifest = {"schema_version": SCHEMA_VERSION, "created": _stamp(time.time()), "members": [
         {"name": m.name, "bytes": len(m.data), "sha256": hashlib.sha256(m.data).hexdigest(),
          "what": m.what} for m in members]}
     members.append(Member(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),

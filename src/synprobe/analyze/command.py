@@ -17,6 +17,7 @@ from simulsyn_core.exitcodes import ExitStatus, ToolError
 
 from ..cliutil import EPILOG
 from ..packets.reader import CaptureContents, Source, read_capture
+from ..schema import SCHEMA_VERSION
 from .ladder import draw
 from .tcp import Attempt, Opening, attempt_of, find_openings
 
@@ -187,7 +188,7 @@ def json_chunks(results: Iterable[FileAnalysis]) -> Iterator[str]:
             for number, attempt in enumerate(result.attempts, 1):
                 yield attempt_json(attempt, result.path, number)
 
-    yield "{\n"
+    yield f'{{\n  "schema_version": "{SCHEMA_VERSION}",\n'
     yield from _json_list("connections", connections())
     yield ",\n"
     yield from _json_list("files", files)

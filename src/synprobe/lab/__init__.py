@@ -24,18 +24,25 @@ from .netns import (
 )
 from .profiles import (
     BROKER_IPS,
+    BROKER_IPS6,
     BROKER_PORT,
     NODES,
     PROFILES,
+    PROFILES6,
+    PUNCH_PROFILES,
     Profile,
+    Profile6,
     SideAddresses,
+    SideAddresses6,
     side_addresses,
+    side_addresses6,
 )
 
 __all__ = [
-    "BROKER_IPS", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "SYNPROBE", "Lab", "LinkDelays",
-    "PeerRun",
-    "Profile", "SideAddresses", "check_lab_id", "lab_namespaces", "punch_pair",
+    "BROKER_IPS", "BROKER_IPS6", "BROKER_PORT", "NODES", "PREFIX", "PROFILES", "PROFILES6",
+    "PUNCH_PROFILES",
+    "SYNPROBE", "Lab", "LinkDelays", "PeerRun", "Profile", "Profile6", "SideAddresses",
+    "SideAddresses6", "side_addresses6", "check_lab_id", "lab_namespaces", "punch_pair",
     "require_root", "require_tools", "side_addresses", "start_broker", "sweep",
     "wait_for_listen",
 ]

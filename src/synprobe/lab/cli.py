@@ -62,6 +62,11 @@ def profiles() -> None:
             for p in labmod.PROFILES.values()]
     click.echo(tabulate(rows, headers=["profile", "NAT", "rules", "what it does"],
                         maxcolwidths=[None, None, None, 60]))
+    click.echo("\nIPv6 (lab up --a6/--b6):")
+    rows = [(p.name, "NPTv6" if p.npt else "no", "ip6tables", p.description)
+            for p in labmod.PROFILES6.values()]
+    click.echo(tabulate(rows, headers=["profile", "NAT", "rules", "what it does"],
+                        maxcolwidths=[None, None, None, 60]))
 
 
 @lab.command("up", epilog=EPILOG)
@@ -69,11 +74,16 @@ def profiles() -> None:
               help="Profile of host A's NAT.")
 @click.option("--b", "profile_b", type=PROFILE_CHOICE, default="home", show_default=True,
               help="Profile of host B's NAT.")
+@click.option("--a6", "v6_a", type=click.Choice(list(labmod.PROFILES6)), default=None,
+              help="IPv6 beside IPv4 (2001:db8::/32): the IPv6 profile of A's gateway "
+                   "(`synprobe lab profiles`). With --b6; not with a carrier profile.")
+@click.option("--b6", "v6_b", type=click.Choice(list(labmod.PROFILES6)), default=None,
+              help="The IPv6 profile of B's gateway.")
 @click.option("--id", "lab_id", default="dev", show_default=True, callback=_lab_id,
               help="Lab id (a-z 0-9): namespaces are ssyn-ID-ha, -ga, -rt, -gb, -hb, -br.")
 @delay_options
-def up(profile_a: str, profile_b: str, lab_id: str, delay_a: float, delay_b: float,
-       delay_broker: float, jitter: float) -> None:
+def up(profile_a: str, profile_b: str, v6_a: str | None, v6_b: str | None, lab_id: str,
+       delay_a: float, delay_b: float, delay_broker: float, jitter: float) -> None:
     """Bring a lab up and leave it up (take it down with `synprobe lab down`).
 
     \b
@@ -84,7 +94,13 @@ def up(profile_a: str, profile_b: str, lab_id: str, delay_a: float, delay_b: flo
     labmod.require_root()
     labmod.sweep(lab_id)
     links = LinkDelays(delay_a, delay_b, delay_broker, jitter)
-    the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id, links=links)
+    if (v6_a is None) != (v6_b is None):
+        raise click.UsageError("--a6 and --b6 go together")
+    v6 = (v6_a, v6_b) if v6_a is not None and v6_b is not None else None
+    try:
+        the_lab = labmod.Lab(profile_a, profile_b, lab_id=lab_id, links=links, v6=v6)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     with sigterm_as_interrupt():
         the_lab.up()
     a, b = the_lab.side("a"), the_lab.side("b")
@@ -94,17 +110,25 @@ def up(profile_a: str, profile_b: str, lab_id: str, delay_a: float, delay_b: flo
     click.echo(f"  host B  {b.host:<15} ns {the_lab.ns('hb')}  behind {profile_b} "
                f"(public {b.public}, ns {the_lab.ns('gb')})")
     click.echo(f"  broker  {' and '.join(labmod.BROKER_IPS):<15} ns {the_lab.ns('br')}")
+    if v6 is not None:
+        for side, name in (("a", v6[0]), ("b", v6[1])):
+            a6 = the_lab.side6(side)
+            click.echo(f"  IPv6    host {side.upper()} {a6.host} behind {name} "
+                       f"(seen as {a6.public})")
+        click.echo(f"  IPv6    broker {' and '.join(labmod.BROKER_IPS6)}")
     for link in links.delayed():
         delay_s, jitter_s = links.of(link)
         click.echo(f"  delay   {link} link to the router: {delay_s * 1000:g} ms each way"
                    + (f" ± {jitter_s * 1000:g} ms" if jitter_s else "")
                    + f" (ns {the_lab.ns(DELAY_NODES[link])})")
     click.echo("try:")
+    binds = [f"{ip}:{labmod.BROKER_PORT}" for ip in labmod.BROKER_IPS[:1]] + (
+        [f"[{labmod.BROKER_IPS6[0]}]:{labmod.BROKER_PORT}"] if v6 else [])
     click.echo(f"  ip netns exec {the_lab.ns('br')} synprobe broker "
-               f"--bind {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} &")
+               + " ".join(f"--bind {b}" for b in binds) + " &")
     for node in ("ha", "hb"):
         click.echo(f"  ip netns exec {the_lab.ns(node)} synprobe punch "
-                   f"--broker {labmod.BROKER_IPS[0]}:{labmod.BROKER_PORT} --session s1 -v")
+                   f"--broker {binds[-1]} --session s1 -v")
     click.echo(f"and at the end: synprobe lab down --id {lab_id}")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from simulsyn_core.exitcodes import ExitStatus, ToolError
 
 from .netns import Lab
-from .profiles import BROKER_IPS, BROKER_PORT
+from .profiles import BROKER_IPS, BROKER_IPS6, BROKER_PORT
 
 SYNPROBE = [sys.executable, "-m", "synprobe"]
 # A broker with --probe imports scapy first (over a second alone, several on a loaded
@@ -48,9 +48,13 @@ def start_broker(lab: Lab, extra: Sequence[str] = (), port: int = BROKER_PORT,
     binds: list[str] = []
     for ip in BROKER_IPS:
         binds += ["--bind", f"{ip}:{port}"]
+    for ip in BROKER_IPS6 if lab.v6 else ():  # and its IPv6 addresses in an IPv6 lab
+        binds += ["--bind", f"[{ip}]:{port}"]
     proc = lab.popen("br", [*SYNPROBE, "broker", *binds, *extra], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=stderr)
     wait_for_listen(lab, "br", BROKER_IPS[0], port, BROKER_READY_TIMEOUT_S, proc)
+    if lab.v6:
+        wait_for_listen(lab, "br", f"[{BROKER_IPS6[0]}]", port, BROKER_READY_TIMEOUT_S, proc)
     return proc
 
 

@@ -31,12 +31,23 @@ from dataclasses import dataclass, field
 
 from simulsyn_core.exitcodes import ExitStatus, ToolError
 
-from .profiles import BROKER_IPS, NODES, PROFILES, Profile, SideAddresses, side_addresses
+from .profiles import (
+    BROKER_IPS,
+    BROKER_IPS6,
+    NODES,
+    PROFILES,
+    PROFILES6,
+    Profile,
+    SideAddresses,
+    SideAddresses6,
+    side_addresses,
+    side_addresses6,
+)
 
 PREFIX = "ssyn"
 COMMAND_TIMEOUT_S = 10.0
 KILL_GRACE_S = 2.0
-DELAY_READY_TIMEOUT_S = 10.0  # a delay element is a Python process: it imports first
+DELAY_READY_TIMEOUT_S = 10.0  # a delay element (a helper) is a Python process: it imports first
 DELAY_NODES = {"a": "da", "b": "db", "broker": "dr"}  # the namespace of each link's element
 
 
@@ -168,6 +179,9 @@ class Lab:
     lab_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     prefix: str = PREFIX
     links: LinkDelays = field(default_factory=lambda: LinkDelays())
+    # IPv6 beside IPv4: the IPv6 profile (profiles.PROFILES6) of A's and B's gateways;
+    # None: an IPv4-only lab.
+    v6: tuple[str, str] | None = None
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -175,6 +189,11 @@ class Lab:
         for p in (self.profile_a, self.profile_b):
             if p not in PROFILES:
                 raise ValueError(f"unknown profile {p!r}; known: {', '.join(PROFILES)}")
+        for p in self.v6 or ():
+            if p not in PROFILES6:
+                raise ValueError(f"unknown IPv6 profile {p!r}; known: {', '.join(PROFILES6)}")
+        if self.v6 and any(PROFILES[p].carrier for p in (self.profile_a, self.profile_b)):
+            raise ValueError("IPv6 beside a carrier profile is not built (no CGN in IPv6)")
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}-{self.lab_id}-{node}"
@@ -193,6 +212,10 @@ class Lab:
 
     def side(self, side: str) -> SideAddresses:
         return side_addresses(side, PROFILES[self.profile_a if side == "a" else self.profile_b])
+
+    def side6(self, side: str) -> SideAddresses6:
+        assert self.v6 is not None, "an IPv4-only lab"
+        return side_addresses6(side, PROFILES6[self.v6[0 if side == "a" else 1]])
 
     def __enter__(self) -> Lab:
         self.up()
@@ -230,19 +253,25 @@ class Lab:
             # be in them, and no frame may be larger than the MTU.
             _run(["ip", "netns", "exec", self.ns(node), "ethtool", "-K", dev, "tx", "off",
                   "tso", "off", "gso", "off", "gro", "off"])
-        proc = self.popen(middle, [sys.executable, "-m", "synprobe.lab.delay", "in", "out",
-                                   repr(delay_s), repr(jitter_s)],
+        self._start_helper(middle, ["synprobe.lab.delay", "in", "out", repr(delay_s),
+                                    repr(jitter_s)], f"the delay element of link {link}")
+
+    def _start_helper(self, node: str, module_argv: Sequence[str], what: str) -> None:
+        """A Python helper (``python -m ...``) in node's namespace, once it says "ready";
+        it goes with the lab (down() kills it, and the namespace's processes)."""
+        proc = self.popen(node, [sys.executable, "-m", *module_argv],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL)  # `lab up | tee` must not wait for it
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], DELAY_READY_TIMEOUT_S)
         if not ready or proc.stdout.readline().strip() != b"ready":
-            raise ToolError(ExitStatus.ERROR, f"lab: the delay element of link {link} did "
-                                              f"not start within {DELAY_READY_TIMEOUT_S:.0f} s")
+            raise ToolError(ExitStatus.ERROR, f"lab: {what} did not start within "
+                                              f"{DELAY_READY_TIMEOUT_S:.0f} s")
 
     def up(self) -> Lab:
         require_root()
-        tools = ["ip", "sysctl"] + (["ethtool"] if self.links.delayed() else [])
+        tools = ["ip", "sysctl"] + (["ethtool"] if self.links.delayed() else []) + (
+            ["ip6tables-restore"] if self.v6 else [])
         for name in (self.profile_a, self.profile_b):
             tools.append("nft" if PROFILES[name].nft else "iptables-restore")
         require_tools(*tools)
@@ -256,16 +285,45 @@ class Lab:
     def _build(self) -> None:
         for node in self.nodes:
             _run(["ip", "netns", "add", self.ns(node)])
+            if self.v6:  # addresses usable at once (no duplicate address detection)
+                self._sysctl(node, "net.ipv6.conf.default.accept_dad", "0")
+                self._sysctl(node, "net.ipv6.conf.all.accept_dad", "0")
             self._ip(node, "link", "set", "dev", "lo", "up")
         for node in ("ga", "gb", "rt"):
             self._sysctl(node, "net.ipv4.ip_forward", "1")
+            if self.v6:
+                self._sysctl(node, "net.ipv6.conf.all.forwarding", "1")
         self._wire("broker", "rt", "brk", "br", "eth0")
         self._ip("rt", "addr", "add", "192.0.2.1/24", "dev", "brk")
         for ip in BROKER_IPS:
             self._ip("br", "addr", "add", f"{ip}/24", "dev", "eth0")
         self._ip("br", "route", "add", "default", "via", "192.0.2.1", "src", BROKER_IPS[0])
+        if self.v6:
+            self._ip("rt", "-6", "addr", "add", "2001:db8:c::1/64", "dev", "brk", "nodad")
+            for ip in BROKER_IPS6:
+                self._ip("br", "-6", "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
+            self._ip("br", "-6", "route", "add", "default", "via", "2001:db8:c::1")
         for side, profile_name in (("a", self.profile_a), ("b", self.profile_b)):
             self._build_side(side, PROFILES[profile_name])
+            if self.v6:
+                self._build_side6(side)
+
+    def _build_side6(self, side: str) -> None:
+        """The side's IPv6, on the links its IPv4 built: addresses, routes, the gateway's
+        ip6tables (its IPv6 profile)."""
+        assert self.v6 is not None
+        h, g = "h" + side, "g" + side
+        profile = PROFILES6[self.v6[0 if side == "a" else 1]]
+        addr = side_addresses6(side, profile)
+        for node, ip, dev in (("rt", addr.router, "w" + side), (g, addr.gateway_wan, "wan"),
+                              (g, addr.gateway_lan, "lan"), (h, addr.host, "eth0")):
+            self._ip(node, "-6", "addr", "add", f"{ip}/64", "dev", dev, "nodad")
+        self._ip(g, "-6", "route", "add", "default", "via", addr.router)
+        self._ip(h, "-6", "route", "add", "default", "via", addr.gateway_lan)
+        for net in filter(None, (addr.lan, addr.mapped)):
+            self._ip("rt", "-6", "route", "add", net, "via", addr.gateway_wan)
+        rules = profile.ip6tables.replace("@LAN6@", addr.lan).replace("@MAPPED6@", addr.mapped)
+        _run(["ip", "netns", "exec", self.ns(g), "ip6tables-restore"], stdin=rules)
 
     def _build_side(self, side: str, profile: Profile) -> None:
         h, g = "h" + side, "g" + side
@@ -294,6 +352,8 @@ class Lab:
                      .replace("@PUBLIC@", addr.public)
                      .replace("@LAN@", f"{addr.host.rsplit('.', 1)[0]}.0/{addr.lan_prefix}"))
             _run(["ip", "netns", "exec", self.ns(g), "iptables-restore"], stdin=rules)
+        if profile.helper:
+            self._start_helper(g, profile.helper, f"the {profile.name} helper of side {side}")
 
     def _build_carrier_side(self, side: str, profile: Profile, addr: SideAddresses) -> None:
         """h --lan-- g (home NAT) --wan-- c (carrier NAT) --wan-- rt."""

@@ -51,31 +51,49 @@ def _samples_bar(done: float, total: float) -> None:
                    "the NAT's public port range (port_range); 0 skips it. 1000 take about "
                    "2 s and show Linux's --random-fully hot band 7 times in 10; 2200 show "
                    "it 39 times in 40.")
-@click.option("-v", "--verbose", is_flag=True, help="Every step on stderr.")
+@click.option("--rfc5382", "rfc5382", is_flag=True,
+              help="Also print RFC 5382's requirements one by one (pass, fail, not "
+                   "measured); runs the slow probes: REQ-4 watches the unsolicited SYN's "
+                   "answer for 7 s, REQ-10 sends an ICMP error then a SYN on one mapping. "
+                   "REQ-5 needs --timers.")
+@click.option("--no-hairpin", "no_hairpin", is_flag=True,
+              help="Send no SYN to this host's own public endpoint (some firewalls take it "
+                   "for a LAND attack and drop the host's NAT sessions); hairpin, REQ-8 "
+                   "and REQ-8a are then not measured.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Every step on stderr; with --rfc5382, each requirement's packets.")
 def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
-              pcap: str | None, port_samples: int, verbose: bool) -> None:
+              pcap: str | None, port_samples: int, rfc5382: bool, no_hairpin: bool,
+              verbose: bool) -> None:
     """Measure what the NAT in front of this host does to TCP, and how to punch it.
 
     \b
     Reports (table, or --json with these keys): public, behind_nat, mapping,
     port_preservation, port_allocation, filtering, unsolicited_syn, reply_syn,
     syn_sent_lifetime_s (--timers), hairpin, hops, host_stack, port_range (behind an
-    endpoint-dependent mapping, --port-samples), recommendation, verdict; a value that
-    could not be measured is null with its reason in "reasons".
+    endpoint-dependent mapping, --port-samples), recommendation, verdict, rfc5382 (RFC
+    5382 requirement by requirement; the slow probes only with --rfc5382), schema_version
+    (docs/schema/natcheck.schema.json); a value that could not be measured is null with
+    its reason in "reasons". With --rfc5382 the verdict names the failing REQs; a
+    failing requirement does not change the exit code (0: the check was done).
     The mapping probes need no privileges; the raw probes need CAP_NET_RAW and
     CAP_NET_ADMIN (without them: mapping only, then exit 6). While it runs it adds
     iptables rules dropping RSTs from its own probe ports, removed on every exit.
     """
     from .client import CheckConfig, run_natcheck
     from .render import as_json as render_json
-    from .render import table
+    from .render import evidence_lines, table
 
     reporter = Reporter(verbose)
     with sigterm_as_interrupt():
-        report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap, port_samples),
+        report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap, port_samples,
+                                          rfc5382, not no_hairpin),
                               reporter.step, progress=_progress_bar if timers else None,
                               sample_progress=_samples_bar)
     data = report.to_json()
+    if rfc5382:
+        for line in evidence_lines(report):
+            reporter.step(line)
     click.echo(render_json(report) if as_json else table(report))
     try:
         state.save_last_natcheck(data)

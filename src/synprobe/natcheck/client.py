@@ -36,6 +36,7 @@ from . import (
     port_range,
     port_samples,
     reply_syn,
+    rfc5382,
     timers,
 )
 from . import protocol as P
@@ -48,6 +49,7 @@ from .report import NatCheckReport
 Event = Callable[[str], None]
 SETTLE_S = 0.05  # after the broker's result, for its last SYNs to reach our capture
 TIMERS_MARGIN_S = 0.5
+REQ4_WATCH_S = P.REQ4_SILENCE_S + 1.0  # --rfc5382: how long the broker watches (REQ-4)
 PRELOAD_JOIN_S = 20.0
 
 
@@ -58,6 +60,8 @@ class CheckConfig:
     max_wait_s: float = 150.0
     pcap: str | None = None
     port_samples: int = DEFAULT_PORT_SAMPLES  # 0: never sample the public port range
+    rfc5382: bool = False  # REQ-4's 6 s watch and the followed SYN, REQ-10's ICMP probe
+    hairpin: bool = True  # False: --no-hairpin, no SYN to our own public endpoint
 
 
 Progress = Callable[[float, float], None]
@@ -133,9 +137,14 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
             event(f"raw probes: filtering {f.filtering}, unsolicited {f.unsolicited_syn}, "
                   f"reply {f.reply_syn}, hairpin {f.hairpin}, hops {f.hops}")
         status = problem_status if problem else ExitStatus.OK
+        requirements = rfc5382.assess(evidence, f)
+        said = verdict(f)
+        if cfg.rfc5382:
+            said += " " + rfc5382.summary(requirements)
         return NatCheckReport(
             server=str(cfg.server), findings=f, recommendation=recommend(f),
-            verdict=verdict(f), duration_s=time.monotonic() - start,
+            verdict=said, duration_s=time.monotonic() - start,
+            rfc5382=requirements, rfc5382_asked=cfg.rfc5382,
             packets=packets if capture else {}, path=decision.path, pcap=cfg.pcap,
             probes=probes_of(evidence), exit_code=int(status), error=problem or None,
             evidence=evidence)
@@ -175,7 +184,7 @@ def _gather(run: _Run, problem: str) -> Evidence:
     if not problem and info.raw:
         raw = _raw_probes(run, control, info, host_ip, fresh[0], reflects(m))
     return Evidence(host_ip, info, control_obs, tuple(same), tuple(fresh), cfg.timers,
-                    raw_off, raw)
+                    raw_off, raw, rfc5382_asked=cfg.rfc5382)
 
 
 def _sample_ports(run: _Run, ev: Evidence) -> Evidence:
@@ -217,10 +226,10 @@ def _hello(server: Endpoint) -> tuple[socket.socket, P.ServerInfo]:
     return sock, info
 
 
-def _request(control: socket.socket, request: P.NcMessage, kind: type[mapping.Answer]
-             ) -> mapping.Answer:
+def _request(control: socket.socket, request: P.NcMessage, kind: type[mapping.Answer],
+             timeout_s: float = mapping.OBSERVE_TIMEOUT_S) -> mapping.Answer:
     control.sendall(bytes(request))
-    return mapping.read_message(control, LineDecoder(), kind)
+    return mapping.read_message(control, LineDecoder(), kind, timeout_s)
 
 
 def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: str,
@@ -230,14 +239,20 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     assert state.capture is not None
     capture = state.capture
     waits = tuple(timers.waits_for(cfg.max_wait_s)) if cfg.timers else ()
-    unsol_port, reply_port, hairpin_port, *rest = _reserve(state, 3 + hops.MAX_TTL + len(waits))
+    unsol_port, reply_port, hairpin_port, followed_port, keep_port, *rest = _reserve(
+        state, 5 + hops.MAX_TTL + len(waits))
     hop_ports, timer_ports = tuple(rest[:hops.MAX_TTL]), tuple(rest[hops.MAX_TTL:])
     reply_probe, hops_probe, hairpin_probe, timer_probe = plan(
         host_ip, info, filter_obs, reply_port, hairpin_port, hop_ports, timer_ports, waits)
+    # REQ-4's followed SYN aims at the public port of our own later SYN: known only when
+    # the NAT keeps port numbers (as for the hops probe).
+    followed = followed_port if cfg.rfc5382 and reflect else None
+    icmp_keep = keep_port if cfg.rfc5382 else None
     run.firewall.sweep_stale_clients()
     state.rules_tag = client_tag(os.getpid())
     run.firewall.install(client_rules([filter_obs.local.port, unsol_port, reply_port,
-                                       hairpin_port, *hop_ports, *timer_ports]),
+                                       hairpin_port, followed_port, keep_port, *hop_ports,
+                                       *timer_ports]),
                          state.rules_tag)
     stack_trials = host_stack.build(info.addrs[0], info.rst_port, info.icmp_port)
     stack_out: list[host_stack.StackOutcome] = []
@@ -246,13 +261,22 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     stack_thread.start()
     # The broker's SYNs need nothing crafted here: ask for them while scapy still loads.
     window_s = P.answer_window(rawnet.tcp_rtt_s(control))
-    _request(control, P.Probe(unsol_port, filter_obs.public.port, int(window_s * 1000)),
-             P.Armed)
-    event("the broker sent its unsolicited and filtering SYNs")
+    watch_s = REQ4_WATCH_S if cfg.rfc5382 else 0.0
+    _request(control, P.Probe(unsol_port, filter_obs.public.port, int(window_s * 1000),
+                              int(watch_s * 1000) if watch_s else None, followed), P.Armed)
+    armed_at = time.monotonic()
+    event("the broker sent its unsolicited and filtering SYNs"
+          + (f"; it watches for their answers for {watch_s:g} s (REQ-4)" if watch_s else ""))
     craft.load_scapy()  # waits for the import the background thread started
     event("scapy loaded")
-    rawnet.send_ipv4([reply_syn.build(reply_probe), *hops.build(hops_probe),
-                   hairpin.build(hairpin_probe)])
+    server_ip, probe_port = info.addrs[0], info.probe_port
+    rawnet.send_ipv4([
+        reply_syn.build(reply_probe), *hops.build(hops_probe),
+        *([hairpin.build(hairpin_probe)] if cfg.hairpin else []),
+        *([craft.syn(host_ip, server_ip, followed, probe_port, P.Seq.FOLLOW)]
+          if followed is not None else []),
+        *([craft.syn(host_ip, server_ip, icmp_keep, probe_port, P.Seq.ICMP_KEEP)]
+          if icmp_keep is not None else [])])
     if reflect:
         _request(control, P.Reflect(hop_ports), P.Reflected)
     timers_deadline = None
@@ -261,14 +285,17 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
         rawnet.send_ipv4(timers.build(timer_probe))
         _wait_for_holes(run, timer_probe)
         timers_deadline = time.time()  # the capture's clock: later answers do not count
-    event("reply_syn, hops and hairpin SYNs sent; waiting for the answers")
+    event("reply_syn, hops" + (", hairpin" if cfg.hairpin else "")
+          + (", REQ-4 and REQ-10" if cfg.rfc5382 else "") + " SYNs sent; waiting for the answers")
     time.sleep(window_s)
-    result = _request(control, P.Done(), P.Result)
+    # NC_DONE's answer comes when the broker's watch is over (bounded by WATCH_MAX_S).
+    left_s = max(0.0, armed_at + watch_s - time.monotonic())
+    result = _request(control, P.Done(), P.Result, mapping.OBSERVE_TIMEOUT_S + left_s)
     time.sleep(SETTLE_S)
     stack_thread.join(host_stack.WAIT_S + 2.5)
     return RawEvidence(unsol_port, reply_probe, hops_probe, hairpin_probe, timer_probe,
                        timers_deadline, window_s, result, tuple(stack_out),
-                       tuple(capture.snapshot()))
+                       tuple(capture.snapshot()), cfg.hairpin, followed, icmp_keep)
 
 
 def _wait_for_holes(run: _Run, probe: timers.TimersProbe) -> None:

@@ -16,9 +16,9 @@ def load_scapy() -> dict[str, Any]:
     """Import the few scapy layers we need (about 0.7 s; callers may do it in a thread)."""
     with _lock:
         if not _scapy:
-            from scapy.layers.inet import IP, TCP
+            from scapy.layers.inet import ICMP, IP, TCP
 
-            _scapy.update(IP=IP, TCP=TCP)
+            _scapy.update(IP=IP, TCP=TCP, ICMP=ICMP)
     return _scapy
 
 
@@ -45,4 +45,13 @@ def syn(src: str, dst: str, sport: int, dport: int, seq: int, ttl: int = 64) -> 
     pkt = s["IP"](src=src, dst=dst, ttl=ttl, id=seq & 0xFFFF) / s["TCP"](
         sport=sport, dport=dport, flags="S", seq=seq, window=SYN_WINDOW,
         options=[("MSS", SYN_MSS)])
+    return bytes(pkt)
+
+
+def icmp_port_unreachable(src: str, dst: str, quoted: bytes) -> bytes:
+    """An ICMP destination unreachable, port unreachable (type 3, code 3), quoting the IP
+    header and first 8 bytes of ``quoted`` (RFC 792), as a host would send it."""
+    s = load_scapy()
+    header_len = (quoted[0] & 0x0F) * 4
+    pkt = s["IP"](src=src, dst=dst) / s["ICMP"](type=3, code=3) / quoted[:header_len + 8]
     return bytes(pkt)

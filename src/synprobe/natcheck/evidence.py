@@ -50,6 +50,9 @@ class RawEvidence:
     broker: P.Result  # NC_RESULT: the broker's view of the unsolicited SYN, its packets
     stack: tuple[host_stack.StackOutcome, ...]  # the host_stack connect()s
     seen: tuple[Seen, ...]  # the client's capture once every answer was in
+    hairpin_sent: bool = True  # False with --no-hairpin
+    followed_port: int | None = None  # --rfc5382 (REQ-4): our SYN followed the broker's
+    icmp_keep_port: int | None = None  # --rfc5382 (REQ-10): the ICMP error, then a SYN
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Evidence:
     raw: RawEvidence | None
     port_samples_asked: int = 0  # --port-samples
     port_samples: Sampled | None = None  # None: not sampled (port_range.skip_reason)
+    rfc5382_asked: bool = False  # --rfc5382: REQ-4's 6 s watch, REQ-10's ICMP probe
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the capture (the pcap holds it), as plain JSON values (the port
@@ -86,6 +90,14 @@ class Evidence:
                 "answer_window_s": raw.answer_window_s,
                 "broker": bytes(raw.broker).decode().rstrip("\n"),
                 "stack": [[o.kind, o.local_port, o.outcome, o.elapsed_s] for o in raw.stack]}
+            # Only when they differ from the defaults: older recordings stay equal.
+            if not raw.hairpin_sent:
+                out["raw"]["hairpin_sent"] = False
+            for key in ("followed_port", "icmp_keep_port"):
+                if getattr(raw, key) is not None:
+                    out["raw"][key] = getattr(raw, key)
+        if self.rfc5382_asked:
+            out["rfc5382_asked"] = True
         if self.port_samples_asked:
             out["port_samples_asked"] = self.port_samples_asked
         ps = self.port_samples
@@ -112,14 +124,16 @@ class Evidence:
             raw = RawEvidence(
                 r["unsolicited_port"], *probes, r["timers_deadline"], r["answer_window_s"],
                 broker, tuple(host_stack.StackOutcome(StackKind(k), p, o, e)
-                              for k, p, o, e in r["stack"]), tuple(seen))
+                              for k, p, o, e in r["stack"]), tuple(seen),
+                r.get("hairpin_sent", True), r.get("followed_port"), r.get("icmp_keep_port"))
         ps = data.get("port_samples")
         sampled = None if ps is None else Sampled(
             ps["asked"], tuple(ps["ports"]), ps["failed"], ps["duration_s"], ps["stopped"],
             ps["first_error"])
         return cls(data["host_ip"], info, _obs(data["control"]),
                    tuple(_obs(o) for o in data["same_port"]), fresh, data["timers_asked"],
-                   data["raw_off"], raw, data.get("port_samples_asked", 0), sampled)
+                   data["raw_off"], raw, data.get("port_samples_asked", 0), sampled,
+                   data.get("rfc5382_asked", False))
 
 
 def _obs_json(o: mapping.Observation) -> dict[str, str]:
@@ -225,9 +239,7 @@ def _decide_raw(ev: Evidence, raw: RawEvidence, m: mapping.MappingResult, base: 
     other_ip = ev.info.addrs[1] if len(ev.info.addrs) > 1 else None
     lifetime: float | None = None
     if raw.timers is not None:
-        deadline = raw.timers_deadline
-        counted = [s for s in raw.seen if deadline is None or s.t <= deadline]
-        lifetime, why = timers.classify(raw.timers, counted)
+        lifetime, why = timers.classify(raw.timers, timers_counted(raw))
         reasons.append(("syn_sent_lifetime_s", why))
     unsolicited_syn, why = unsolicited_finding(raw, server_ip, ev.info.public.ip)
     reasons.append(("unsolicited_syn", why))
@@ -239,6 +251,8 @@ def _decide_raw(ev: Evidence, raw: RawEvidence, m: mapping.MappingResult, base: 
     hp, why = hairpin.classify(raw.hairpin, raw.seen)
     if not m.behind_nat:
         hp, why = True, "not behind a NAT: the public endpoint is the host's own address"
+    elif not raw.hairpin_sent:
+        hp, why = None, f"not measured: {hairpin.OFF_REASON}"
     reasons.append(("hairpin", why))
     hop_count: int | None = None
     why_not = hops_not_measured(m, reply, filt, unsolicited_syn)
@@ -255,6 +269,13 @@ def _decide_raw(ev: Evidence, raw: RawEvidence, m: mapping.MappingResult, base: 
     return findings, reasons, tuple(hops.path(raw.hops, raw.seen))
 
 
+def timers_counted(raw: RawEvidence) -> list[Seen]:
+    """The capture up to the moment the holes' answers were counted (later ones do not
+    count: the wait for them was over)."""
+    deadline = raw.timers_deadline
+    return [s for s in raw.seen if deadline is None or s.t <= deadline]
+
+
 def probes_of(ev: Evidence) -> dict[str, Any]:
     """The JSON's "probes": the ports each probe used, for reading the pcap."""
     out: dict[str, Any] = {"host": ev.host_ip, "server_port": ev.info.port,
@@ -262,10 +283,15 @@ def probes_of(ev: Evidence) -> dict[str, Any]:
     raw = ev.raw
     if raw is not None:
         out.update(unsolicited_port=raw.unsolicited_port, reply_port=raw.reply.local_port,
-                   hairpin_port=raw.hairpin.local_port, hop_ports=list(raw.hops.local_ports),
+                   hairpin_port=raw.hairpin.local_port if raw.hairpin_sent else None,
+                   hop_ports=list(raw.hops.local_ports),
                    timer_ports=list(raw.timers.local_ports) if raw.timers else [],
                    timer_waits=list(raw.timers.waits) if raw.timers else [],
                    answer_window_s=round(raw.answer_window_s, 3))
+        if raw.followed_port is not None:
+            out["followed_port"] = raw.followed_port
+        if raw.icmp_keep_port is not None:
+            out["icmp_keep_port"] = raw.icmp_keep_port
     ps = ev.port_samples
     if ps is not None:
         out["port_samples"] = {"asked": ps.asked, "answered": len(ps.ports),

@@ -48,7 +48,10 @@ FILTERING_PACKETS = 2
 REPLY_PACKETS = 1
 MAX_REFLECT = 3  # hops probe: TTL 1..3
 MAX_TIMERS = 8  # syn_sent_lifetime: holes measured in parallel
-PROBE_BUDGET = UNSOLICITED_PACKETS + FILTERING_PACKETS + REPLY_PACKETS + MAX_REFLECT + MAX_TIMERS
+FOLLOWED_PACKETS = 1  # --rfc5382, REQ-4: an unsolicited SYN that an outbound SYN follows
+ICMP_KEEP_PACKETS = 2  # --rfc5382, REQ-10: an ICMP error, then a SYN on the same mapping
+PROBE_BUDGET = (UNSOLICITED_PACKETS + FILTERING_PACKETS + REPLY_PACKETS + MAX_REFLECT
+                + MAX_TIMERS + FOLLOWED_PACKETS + ICMP_KEEP_PACKETS)
 MAX_TIMER_WAIT_S = 280.0  # the broker closes a rendezvous connection after ~305 s
 MAX_CONCURRENT_CHECKS = 4  # and one per client address
 CHECK_MAX_S = MAX_TIMER_WAIT_S + 30.0  # a control connection's probes end after this
@@ -56,6 +59,12 @@ CHECK_MAX_S = MAX_TIMER_WAIT_S + 30.0  # a control connection's probes end after
 # control connection (its kernel's smoothed RTT) plus 30 ms, within these bounds.
 ANSWER_WINDOW_MIN_S = 0.05
 ANSWER_WINDOW_MAX_S = 1.0
+# RFC 5382 REQ-4: a NAT must not answer an unsolicited SYN for 6 s. --rfc5382 asks the
+# broker to watch for the answer this long (NC_PROBE watch_ms=), at most WATCH_MAX_S.
+REQ4_SILENCE_S = 6.0
+WATCH_MAX_S = 10.0
+# REQ-10: the broker's SYN follows its ICMP error on the same mapping after this long.
+ICMP_KEEP_GAP_S = 0.2
 
 
 def answer_window(rtt_s: float) -> float:
@@ -72,12 +81,16 @@ class Seq(IntEnum):
     HOPS = 0x5359_4E10  # + TTL, 1..MAX_REFLECT
     TIMER = 0x5359_4E20  # + index of the wait, 0..MAX_TIMERS-1: answered after that wait
     HAIRPIN = 0x5359_4E30  # to the host's own public endpoint
+    FOLLOW = 0x5359_4E40  # REQ-4: follows the broker's FOLLOWED SYN out (not answered)
+    ICMP_KEEP = 0x5359_4E41  # REQ-10: answered with an ICMP error, then a SYN
     # the broker's SYNs
     UNSOLICITED = 0x5359_4F00
     FILTERING = 0x5359_4F01  # from the address reached; + 1 from the other address
     REPLY_ANSWER = 0x5359_4F04  # the answer to a Seq.REPLY SYN
     REFLECT = 0x5359_4F08  # + index of the port in NC_REFLECT (hops)
     TIMER_ANSWER = 0x5359_4F10  # + index of the wait
+    FOLLOWED = 0x5359_4F20  # REQ-4: unsolicited, then the host's Seq.FOLLOW SYN goes out
+    ICMP_KEEP_ANSWER = 0x5359_4F21  # REQ-10: the SYN after the ICMP error
 
 
 # --- free text ------------------------------------------------------------------------------
@@ -112,6 +125,10 @@ def _endpoint(msg: Message, key: str) -> Endpoint:
         return Endpoint.parse(text)
     except ValueError as exc:
         raise ProtocolError(f"{msg.verb} {key}=: {exc}") from None
+
+
+def _opt_int(msg: Message, key: str) -> int | None:
+    return _int(msg, key) if msg.get(key) is not None else None
 
 
 def _port(msg: Message, key: str) -> int:
@@ -253,21 +270,27 @@ class ServerInfo:
 class Probe:
     """NC_PROBE: send the unsolicited SYN to ``unsolicited`` and the filtering SYNs to
     ``filter`` (both public ports of the client's address); answers come within
-    ``window_ms``."""
+    ``window_ms``. With ``watch_ms`` (--rfc5382, REQ-4) the broker watches the unsolicited
+    SYN's answer that long, and with ``followed`` sends a second unsolicited SYN there,
+    which the host's own SYN follows out."""
 
     VERB: ClassVar[str] = "NC_PROBE"
     unsolicited: int
     filter: int
     window_ms: int | None = None
+    watch_ms: int | None = None
+    followed: int | None = None
 
     def __bytes__(self) -> bytes:
         return encode_message(self.VERB, unsolicited=self.unsolicited, filter=self.filter,
-                              window_ms=self.window_ms)
+                              window_ms=self.window_ms, watch_ms=self.watch_ms,
+                              followed=self.followed)
 
     @classmethod
     def decode(cls, msg: Message) -> Probe:
-        return cls(_port(msg, "unsolicited"), _port(msg, "filter"),
-                   _int(msg, "window_ms") if msg.get("window_ms") is not None else None)
+        return cls(_port(msg, "unsolicited"), _port(msg, "filter"), _opt_int(msg, "window_ms"),
+                   _opt_int(msg, "watch_ms"),
+                   _port(msg, "followed") if msg.get("followed") is not None else None)
 
 
 @dataclass(frozen=True)
@@ -354,16 +377,24 @@ class Done:
 @dataclass(frozen=True)
 class Result:
     """NC_RESULT: what came back to the unsolicited SYN (unsolicited.classify, None when
-    it was not sent), the raw packets sent for this check, the reply_syn sources seen."""
+    it was not sent), the raw packets sent for this check, the reply_syn sources seen;
+    how long after the SYN its answer came (``unsolicited_ms``, none when dropped), and
+    the same for the followed SYN (--rfc5382)."""
 
     VERB: ClassVar[str] = "NC_RESULT"
     unsolicited: str | None
     sent: int
     reply_seen: tuple[Endpoint, ...] = field(default=())
+    unsolicited_ms: int | None = None
+    followed: str | None = None
+    followed_ms: int | None = None
+    watched_ms: int | None = None  # how long the broker watched for the answers
 
     def __bytes__(self) -> bytes:
         return encode_message(self.VERB, unsolicited=self.unsolicited, sent=self.sent,
-                              reply_seen=",".join(str(e) for e in self.reply_seen) or None)
+                              reply_seen=",".join(str(e) for e in self.reply_seen) or None,
+                              unsolicited_ms=self.unsolicited_ms, followed=self.followed,
+                              followed_ms=self.followed_ms, watched_ms=self.watched_ms)
 
     @classmethod
     def decode(cls, msg: Message) -> Result:
@@ -372,7 +403,9 @@ class Result:
                          if e)
         except ValueError as exc:
             raise ProtocolError(f"NC_RESULT reply_seen=: {exc}") from None
-        return cls(msg.get("unsolicited"), _int(msg, "sent"), seen)
+        return cls(msg.get("unsolicited"), _int(msg, "sent"), seen,
+                   _opt_int(msg, "unsolicited_ms"), msg.get("followed"),
+                   _opt_int(msg, "followed_ms"), _opt_int(msg, "watched_ms"))
 
 
 NcMessage = (Observe | Observed | Hello | ServerInfo | Probe | Armed | Reflect | Reflected

@@ -69,9 +69,30 @@ def table(report: NatCheckReport) -> str:
     if pk:
         figures += (f"; packets: {pk['sent_by_client']} sent by this host, "
                     f"{pk['sent_by_server_raw']} raw probes sent by the server")
+    if report.rfc5382_asked:
+        out.append(rfc5382_table(report))
     out.append(figures)
     out.append("verdict: " + data["verdict"])
     return "\n\n".join(out)
+
+
+def rfc5382_table(report: NatCheckReport) -> str:
+    """RFC 5382, one row per requirement: level, result, why."""
+    from tabulate import tabulate
+
+    rows = [(r.req, r.level, str(r.status), r.reason) for r in report.rfc5382]
+    return tabulate(rows, headers=["RFC 5382", "level", "result", "why"],
+                    maxcolwidths=[None, None, None, REASON_WIDTH + 10])
+
+
+def evidence_lines(report: NatCheckReport) -> list[str]:
+    """--verbose --rfc5382: each requirement's packets and times (times from the first
+    packet of the capture; the pcap holds the same packets)."""
+    out = []
+    for r in report.rfc5382:
+        out.append(f"{r.req}: {r.status}: {r.reason}")
+        out += [f"  {r.req} evidence: {line}" for line in r.evidence]
+    return out
 
 
 def as_json(report: NatCheckReport) -> str:

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from ..schema import SCHEMA_VERSION
 from .port_range import PortRange
 
 if TYPE_CHECKING:
     from .evidence import Evidence
+    from .rfc5382 import Requirement
 
 
 class StrValue(str, Enum):
@@ -144,10 +146,12 @@ class NatCheckReport:
     exit_code: int = 0
     error: str | None = None
     evidence: Evidence | None = field(default=None, compare=False, repr=False)  # not in JSON
+    rfc5382: tuple[Requirement, ...] = ()  # RFC 5382, requirement by requirement
+    rfc5382_asked: bool = False  # --rfc5382: the slow probes ran
 
     def to_json(self) -> dict[str, Any]:
         f = self.findings
-        out: dict[str, Any] = {"server": self.server}
+        out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "server": self.server}
         for key in KEYS:
             value = getattr(f, key)
             if isinstance(value, PortRange):
@@ -161,6 +165,14 @@ class NatCheckReport:
         out["duration_s"] = round(self.duration_s, 3)
         out["pcap"] = self.pcap
         out["probes"] = dict(self.probes)
+        raw = self.evidence.raw if self.evidence is not None else None
+        # REQ-4's figure: how long after the server's SYN the NAT's answer came (null:
+        # no answer, or not measured)
+        out["unsolicited_syn_after_ms"] = raw.broker.unsolicited_ms if raw else None
+        out["rfc5382"] = {
+            "asked": self.rfc5382_asked,
+            "failed": [r.req for r in self.rfc5382 if r.status == "fail"],
+            "requirements": [r.to_json() for r in self.rfc5382]}
         out["exit_code"] = self.exit_code
         out["error"] = self.error
         return out

@@ -30,6 +30,7 @@ from . import unsolicited
 from .filtering import FilteringProbe
 from .filtering import build as build_filtering
 from .firewall import Firewall, broker_rules, broker_tag
+from .unsolicited import UnsolicitedProbe
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Check:
     unsolicited: unsolicited.UnsolicitedProbe | None = None
     unsolicited_at: float = 0.0
     window_s: float = P.ANSWER_WINDOW_MAX_S
+    watch_s: float = 0.0  # NC_PROBE watch_ms= (REQ-4): how long to watch for answers
+    followed: UnsolicitedProbe | None = None  # REQ-4's followed SYN
+    icmp_keep: Endpoint | None = None  # REQ-10: the source of the SYN it answered
     reply_seen: list[Endpoint] = field(default_factory=list)
     timer_waits: list[float] = field(default_factory=list)
     timer_tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -102,6 +106,8 @@ class ProbeServer:
         if request.window_ms is not None:
             check.window_s = min(P.ANSWER_WINDOW_MAX_S, max(P.ANSWER_WINDOW_MIN_S,
                                                             request.window_ms / 1000))
+        if request.watch_ms is not None:
+            check.watch_s = min(P.WATCH_MAX_S, max(0.0, request.watch_ms / 1000))
         probe_port = check.local.port + P.PROBE_PORT_OFFSET
         await asyncio.to_thread(self._start_capture, check, probe_port)
         check.unsolicited = unsolicited.UnsolicitedProbe(
@@ -110,6 +116,10 @@ class ProbeServer:
         packets += build_filtering(FilteringProbe(check.local.ip, check.other_ip, probe_port,
                                                   check.client_ip, request.filter,
                                                   P.Seq.FILTERING))
+        if request.followed is not None:
+            check.followed = unsolicited.UnsolicitedProbe(
+                check.local.ip, probe_port, check.client_ip, request.followed, P.Seq.FOLLOWED)
+            packets.append(unsolicited.build(check.followed))
         self._send(broker, check, packets)
         check.unsolicited_at = time.monotonic()
         broker.send(conn, bytes(P.Armed(len(packets))))
@@ -135,13 +145,18 @@ class ProbeServer:
 
     async def done(self, broker: Broker, conn: int, public: Endpoint, msg: Message) -> None:
         check = self._check(conn, msg)
-        wait = check.unsolicited_at + check.window_s - time.monotonic()
+        watch_s = max(check.window_s, check.watch_s)
+        wait = check.unsolicited_at + watch_s - time.monotonic()
         if check.unsolicited_at and wait > 0:
-            await asyncio.sleep(min(wait, P.ANSWER_WINDOW_MAX_S))
+            await asyncio.sleep(min(wait, P.WATCH_MAX_S))
         seen = check.capture.snapshot() if check.capture else []
-        answer = unsolicited.classify(check.unsolicited, seen) if check.unsolicited else None
-        broker.send(conn, bytes(P.Result(answer, check.sent, tuple(check.reply_seen))),
-                    close=True)
+        answer, after_ms = (unsolicited.timed(check.unsolicited, seen) if check.unsolicited
+                            else (None, None))
+        followed, followed_ms = (unsolicited.timed(check.followed, seen) if check.followed
+                                 else (None, None))
+        broker.send(conn, bytes(P.Result(
+            answer, check.sent, tuple(check.reply_seen), after_ms, followed, followed_ms,
+            round(watch_s * 1000) if check.watch_s else None)), close=True)
         self.log(f"nat-check {check.client_ip}: {check.sent} probe packet(s) sent, "
                  f"unsolicited_syn={answer}")
         self._end(conn)
@@ -194,19 +209,32 @@ class ProbeServer:
                 check.reply_seen.append(source)
                 self._send(broker, check, [_syn(check.local.ip, s.src, s.dport, s.sport,
                                                 P.Seq.REPLY_ANSWER)])
-            index = s.seq - P.Seq.TIMER
-            if 0 <= index < len(check.timer_waits) and len(check.timer_tasks) < P.MAX_TIMERS:
+            if s.seq == P.Seq.ICMP_KEEP and check.icmp_keep is None:
+                check.icmp_keep = source
+                from . import craft
+
+                quoted = craft.syn(s.src, s.dst, s.sport, s.dport, s.seq)
+                self._send(broker, check, [craft.icmp_port_unreachable(
+                    check.local.ip, s.src, quoted)])
                 check.timer_tasks.append(asyncio.get_running_loop().create_task(
-                    self._timer(broker, check, source, s.dport, index)))
+                    self._answer_later(broker, check, source, s.dport, P.ICMP_KEEP_GAP_S,
+                                       P.Seq.ICMP_KEEP_ANSWER)))
+            index = s.seq - P.Seq.TIMER
+            timer_tasks = len(check.timer_tasks) - (check.icmp_keep is not None)
+            if 0 <= index < len(check.timer_waits) and timer_tasks < P.MAX_TIMERS:
+                check.timer_tasks.append(asyncio.get_running_loop().create_task(
+                    self._answer_later(broker, check, source, s.dport,
+                                       check.timer_waits[index], P.Seq.TIMER_ANSWER + index)))
         except ProtocolError as exc:
             self.log(f"nat-check {check.client_ip}: {exc}")
 
-    async def _timer(self, broker: Broker, check: Check, source: Endpoint, probe_port: int,
-                     index: int) -> None:
-        await asyncio.sleep(check.timer_waits[index])
+    async def _answer_later(self, broker: Broker, check: Check, source: Endpoint,
+                            probe_port: int, wait_s: float, seq: int) -> None:
+        """A SYN from the probe port to ``source`` after ``wait_s`` (timers, REQ-10)."""
+        await asyncio.sleep(wait_s)
         try:
             self._send(broker, check, [_syn(check.local.ip, source.ip, probe_port, source.port,
-                                            P.Seq.TIMER_ANSWER + index)])
+                                            seq)])
         except ProtocolError as exc:
             self.log(f"nat-check {check.client_ip}: {exc}")
 

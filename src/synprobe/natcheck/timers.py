@@ -49,6 +49,12 @@ def passed(probe: TimersProbe, seen: Sequence[Seen]) -> list[bool]:
             for port in probe.local_ports]
 
 
+def closed_after(probe: TimersProbe, seen: Sequence[Seen]) -> float | None:
+    """The shortest wait whose hole was found closed (None: every hole was open)."""
+    closed = [w for w, p in zip(probe.waits, passed(probe, seen), strict=True) if not p]
+    return min(closed) if closed else None
+
+
 def classify(probe: TimersProbe, seen: Sequence[Seen]) -> tuple[float | None, str]:
     ok = passed(probe, seen)
     pairs = sorted(zip(probe.waits, ok, strict=True))

@@ -39,8 +39,9 @@ def answers(probe: UnsolicitedProbe, seen: Seen) -> bool:
     if seen.outgoing:
         return False
     if seen.proto == 6:
+        # A bare SYN from that port is the host's own (REQ-4's followed SYN), no answer.
         return (seen.src == probe.client_ip and seen.sport == probe.client_port
-                and seen.dport == probe.server_port)
+                and seen.dport == probe.server_port and not seen.is_syn)
     return (seen.is_icmp_error and seen.inner_dst == probe.client_ip
             and seen.inner_dport == probe.client_port and seen.inner_sport == probe.server_port)
 
@@ -48,10 +49,21 @@ def answers(probe: UnsolicitedProbe, seen: Seen) -> bool:
 def classify(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> str:
     """"drop" | "rst" | "icmp-port-unreachable" | "icmp-admin-prohibited" |
     "icmp-T-C" (another ICMP error, type T code C) | "syn-ack" (a host answered)."""
+    return timed(probe, seen)[0]
+
+
+def timed(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> tuple[str, int | None]:
+    """classify's answer, and how many ms after the probe SYN left it came (RFC 5382
+    REQ-4 is about that time: no answer for 6 s); None when dropped, or when the capture
+    does not show the SYN leaving."""
+    sent = [s.t for s in seen if s.outgoing and s.is_syn and s.seq == probe.seq
+            and s.dst == probe.client_ip and s.dport == probe.client_port]
     for s in seen:
         if not answers(probe, s):
             continue
+        after = round((s.t - sent[0]) * 1000) if sent else None
         if s.proto == 6:
-            return Outcome.RST if s.is_rst else Outcome.SYN_ACK
-        return ICMP_NAMES.get((s.icmp_type, s.icmp_code), f"icmp-{s.icmp_type}-{s.icmp_code}")
-    return Outcome.DROP
+            return (Outcome.RST if s.is_rst else Outcome.SYN_ACK), after
+        return ICMP_NAMES.get((s.icmp_type, s.icmp_code),
+                              f"icmp-{s.icmp_type}-{s.icmp_code}"), after
+    return Outcome.DROP, None

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .decode import ETH_IPV4, LINKTYPE_ETHERNET
+from .decode import ETH_IPV4, ETH_IPV6, LINKTYPE_ETHERNET
 from .seen import Seen, parse_frame
 from .writer import SNAPLEN, write_pcap
 
@@ -46,24 +46,33 @@ RCVBUF_BYTES = 4 << 20  # asked for (the kernel caps it at net.core.rmem_max)
 
 
 def bpf_tcp_port_or_icmp(port: int) -> tuple[BpfInsn, ...]:
-    """Classic BPF on a cooked IPv4 packet: keep TCP to or from ``port`` and every ICMP
-    (rare; Python checks which segment an error quotes), drop the rest in the kernel, so
-    that a busy host's other traffic cannot fill the socket's buffer and crowd out ours."""
+    """Classic BPF on a cooked IPv4 or IPv6 packet: keep TCP to or from ``port`` and every
+    ICMP/ICMPv6 (rare; Python checks which segment an error quotes), drop the rest in the
+    kernel, so that a busy host's other traffic cannot fill the socket's buffer and crowd
+    out ours. (IPv6: TCP right after the fixed header; extension headers are not followed.)"""
     return (
         (0x28, 0, 0, SKF_AD_PROTOCOL),  # 0: ldh proto
-        (0x15, 0, 11, ETH_IPV4),  # 1: jeq #0x800, else drop
+        (0x15, 0, 10, ETH_IPV4),  # 1: jeq #0x800, else IPv6? (12)
         (0x30, 0, 0, 9),  # 2: ldb [9]: the IPv4 protocol
-        (0x15, 8, 0, 1),  # 3: jeq #1 (ICMP) -> accept
-        (0x15, 0, 8, 6),  # 4: jeq #6 (TCP), else drop
+        (0x15, 16, 0, 1),  # 3: jeq #1 (ICMP) -> accept
+        (0x15, 0, 16, 6),  # 4: jeq #6 (TCP), else drop
         (0x28, 0, 0, 6),  # 5: ldh [6]: flags and fragment offset
-        (0x45, 6, 0, 0x1FFF),  # 6: jset #0x1fff (a later fragment: no ports) -> drop
+        (0x45, 14, 0, 0x1FFF),  # 6: jset #0x1fff (a later fragment: no ports) -> drop
         (0xB1, 0, 0, 0),  # 7: ldxb 4*([0]&0xf): the IP header's length
         (0x48, 0, 0, 0),  # 8: ldh [x+0]: the source port
-        (0x15, 2, 0, port),  # 9: jeq #port -> accept
+        (0x15, 10, 0, port),  # 9: jeq #port -> accept
         (0x48, 0, 0, 2),  # 10: ldh [x+2]: the destination port
-        (0x15, 0, 1, port),  # 11: jeq #port -> accept, else drop
-        (0x06, 0, 0, SNAPLEN),  # 12: accept
-        (0x06, 0, 0, 0))  # 13: drop
+        (0x15, 8, 9, port),  # 11: jeq #port -> accept, else drop
+        (0x15, 0, 8, ETH_IPV6),  # 12: jeq #0x86dd, else drop
+        (0x30, 0, 0, 6),  # 13: ldb [6]: the next header
+        (0x15, 5, 0, 58),  # 14: jeq #58 (ICMPv6) -> accept
+        (0x15, 0, 5, 6),  # 15: jeq #6 (TCP), else drop
+        (0x28, 0, 0, 40),  # 16: ldh [40]: the source port
+        (0x15, 2, 0, port),  # 17: jeq #port -> accept
+        (0x28, 0, 0, 42),  # 18: ldh [42]: the destination port
+        (0x15, 0, 1, port),  # 19: jeq #port -> accept, else drop
+        (0x06, 0, 0, SNAPLEN),  # 20: accept
+        (0x06, 0, 0, 0))  # 21: drop
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""A dual-stack broker (`--bind [::]:PORT`) on loopback: IPv6 clients pair with IPv6
+clients and IPv4 clients with IPv4 clients, at the same time, under the same session
+names; an IPv4 client is never given an IPv6 endpoint (nor the other way round); the
+original list protocol stays IPv4."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+
+import pytest
+
+from simulsyn_core.endpoint import Endpoint
+from tests.helpers import SYNPROBE, read_line, wait_for_stderr
+
+TIMEOUT_S = 5.0
+
+
+@pytest.fixture
+def broker():
+    if not socket.has_ipv6:
+        pytest.fail("this Python has no IPv6")
+    proc = subprocess.Popen([*SYNPROBE, "broker", "--bind", "[::]:0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        seen = wait_for_stderr(proc, re.compile(r"listening on \[::\]:(\d+)"), 10)
+        m = re.search(r"listening on \[::\]:(\d+)", seen)
+        assert m, seen
+        yield int(m.group(1))
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def client(port: int, v6: bool) -> socket.socket:
+    s = socket.create_connection(("::1" if v6 else "127.0.0.1", port), timeout=TIMEOUT_S)
+    return s
+
+
+def register(s: socket.socket, session: str) -> None:
+    s.sendall(f"SSYN1 REGISTER session={session}\n".encode())
+
+
+def fields(line: bytes) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in line.decode().split()[2:] if "=" in w)
+
+
+def test_two_ipv6_pairs_and_two_ipv4_pairs_at_once_each_within_its_family(broker) -> None:
+    socks = {(fam, n): client(broker, fam == 6) for fam in (4, 6) for n in (0, 1)}
+    try:
+        for fam in (4, 6):
+            register(socks[(fam, 0)], "both")
+        for fam in (4, 6):
+            assert read_line(socks[(fam, 0)]).startswith(b"SSYN1 REGISTERED")
+        for fam in (4, 6):
+            register(socks[(fam, 1)], "both")
+        for fam in (4, 6):
+            for n in (0, 1):
+                line = read_line(socks[(fam, n)])
+                assert line.startswith(b"SSYN1 PEER"), line
+                f = fields(line)
+                assert f["session"] == "both"
+                peer, public = Endpoint.parse(f["peer"]), Endpoint.parse(f["public"])
+                assert peer.is_v6 == public.is_v6 == (fam == 6), line
+                assert peer.ip == ("::1" if fam == 6 else "127.0.0.1"), line
+    finally:
+        for s in socks.values():
+            s.close()
+
+
+def test_an_ipv4_client_is_never_paired_with_an_ipv6_one(broker) -> None:
+    v6, v4 = client(broker, True), client(broker, False)
+    with v6, v4:
+        register(v6, "apart")
+        assert read_line(v6).startswith(b"SSYN1 REGISTERED")
+        register(v4, "apart")
+        line = read_line(v4)
+        assert line.startswith(b"SSYN1 REGISTERED"), line  # waits: a session of its own
+        assert fields(line)["public"].startswith("127.0.0.1:")
+        # Neither got a PEER meanwhile.
+        for s in (v6, v4):
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recv(1)
+
+
+@pytest.mark.parametrize("session", ["x@6", "#1@6"])
+def test_a_session_name_cannot_reach_into_the_ipv6_keys(broker, session: str) -> None:
+    with client(broker, False) as s:
+        register(s, session)
+        assert b"code=bad-session" in read_line(s)
+
+
+def test_codes_are_numbered_per_family(broker) -> None:
+    v6, v4 = client(broker, True), client(broker, False)
+    with v6, v4:
+        for s in (v6, v4):
+            s.sendall(b"SSYN1 REGISTER nameplate=new\n")
+            assert fields(read_line(s))["nameplate"] == "1"
+
+
+def test_the_list_protocol_stays_ipv4(broker) -> None:
+    with client(broker, False) as s:
+        s.shutdown(socket.SHUT_WR)
+        data = s.recv(64)
+        assert data and data[0] >= 1  # the list, with us in it
+    with client(broker, True) as s:
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(64) == b""  # closed without a list
