@@ -29,6 +29,7 @@ KEY_PREFIX = "ssyn:"
 ALIVE_TTL_S = 3  # a broker's alive key lives this long; it renews it every ALIVE_EVERY_S
 ALIVE_EVERY_S = 1.0
 REDIS_TIMEOUT_S = 1.0  # every Redis command and connect: an outage is told, never waited on
+REDIS_POOL_MAX = 32  # connections to Redis at most (the bus listener's is one more)
 RETRY_EVERY_S = 0.5  # the bus listener's reconnect interval while Redis is down
 OUTBOX_MAX = 65536  # bus messages queued for Redis at most; past it they are dropped (logged)
 NAMEPLATE_MAX = 999999
@@ -169,9 +170,13 @@ class RedisHub:
         self.log = log
         self.wait_max_s = wait_max_s
         self.id = secrets.token_hex(6)
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+        # Registrations in flight share a bounded pool and wait (at most REDIS_TIMEOUT_S)
+        # for a free connection: a burst never opens one connection per client.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_POOL_MAX, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
             decode_responses=True)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._errors: tuple[type[BaseException], ...] = (
             aioredis.RedisError, OSError, asyncio.TimeoutError)
         self._take = self.redis.register_script(TAKE_OR_WAIT)
