@@ -54,15 +54,14 @@ def brokers(tmp_path: Path, url: str, n: int, *extra: str) -> Iterator[list[Brok
                 proc = subprocess.Popen([*SYNPROBE, "broker", "--bind", "127.0.0.1:0",
                                          "--redis", url, *extra], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=out)
+            started.append(BrokerProc(proc, 0, log))  # stopped below even if it never listens
             end = time.monotonic() + 15
-            port = None
-            while port is None:
+            while not started[-1].port:
                 assert proc.poll() is None, f"broker exited: {log.read_text()}"
                 assert time.monotonic() < end, f"broker did not listen: {log.read_text()}"
                 m = LISTENING.search(log.read_text(errors="replace"))
-                port = int(m.group(1)) if m else None
+                started[-1].port = int(m.group(1)) if m else 0
                 time.sleep(0.02)
-            started.append(BrokerProc(proc, port, log))
         yield started
     finally:
         for b in started:
@@ -176,11 +175,29 @@ def test_a_broker_killed_mid_wait_loses_only_its_own_clients(tmp_path: Path,
                                                              redis_server) -> None:
     with brokers(tmp_path, redis_server.url, 3) as (b1, b2, b3):
         lost = register(b1.port, "lost")
+        stale = register(b1.port, "stale")
         kept = register(b2.port, "kept")
         assert read_line(lost).startswith(b"SSYN1 REGISTERED")
+        assert read_line(stale).startswith(b"SSYN1 REGISTERED")
         assert read_line(kept).startswith(b"SSYN1 REGISTERED")
         stop(b1.proc, kill=True)  # SIGKILL: no goodbye to Redis
-        assert read_line(lost) == b""  # its connection died with it
+        assert read_line(lost) == b"" and read_line(stale) == b""  # died with it
+        dead = re.search(r"broker id ([0-9a-f]+)", b1.text())
+        assert dead is not None
+        store = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+        try:  # Redis has seen the dead broker's connections close (bounded)
+            end = time.monotonic() + 5
+            while store.pubsub_numsub(f"ssyn:broker:{dead.group(1)}")[0][1]:
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            assert store.exists(f"ssyn:alive:{dead.group(1)}")  # (still alive for Redis)
+        finally:
+            store.close()
+        # A peer of the dead broker's client is not paired with a dead connection: its
+        # broker sees nobody listening on the dead broker's channel, and it waits.
+        early = register(b3.port, "lost")
+        assert read_line(early).startswith(b"SSYN1 REGISTERED")
+        early.close()
         joined = register(b3.port, "kept")  # the other brokers' clients are untouched
         pj, pk = fields(read_line(joined)), fields(read_line(kept))
         assert pj["peer"] == pk["public"] and pk["peer"] == pj["public"]
@@ -192,12 +209,12 @@ def test_a_broker_killed_mid_wait_loses_only_its_own_clients(tmp_path: Path,
             while len(store.keys("ssyn:alive:*")) != 2:
                 assert time.monotonic() < end, store.keys("ssyn:alive:*")
                 time.sleep(0.1)
-            assert store.exists("ssyn:s:lost")  # still there: stale, not yet expired
+            assert store.exists("ssyn:s:stale")  # still there: stale, not yet expired
         finally:
             store.close()
-        late = register(b2.port, "lost")
+        late = register(b2.port, "stale")
         assert read_line(late).startswith(b"SSYN1 REGISTERED")
-        for s in (lost, kept, joined, late):
+        for s in (lost, stale, kept, joined, late):
             s.close()
 
 
@@ -241,6 +258,11 @@ def test_redis_stopped_and_started_again(tmp_path: Path, redis_server) -> None:
             assert text.count("unreachable") == 1, text
             assert "reachable again" in text, text
             assert "Traceback" not in text, text
+        redis_server.stop()  # and a broker stops on SIGTERM (exit 0) with Redis gone
+        time.sleep(1.5)
+        for b in (b1, b2):
+            stop(b.proc)
+            assert b.proc.returncode == 0, b.text()
 
 
 def test_the_punch_registers_again_while_the_broker_is_unavailable(

@@ -921,6 +921,18 @@ class Broker:
             replies = self.sessions.register(conn, session, public, local, now, offered,
                                              facts.mapping, unsolicited, reply_syn,
                                              facts.birthday)
+            theirs_told = [bus_reply(r.conn[2], r.data, r.close, hub.id)  # type: ignore[index]
+                           for r in replies if is_remote(r.conn)]
+            if theirs_told and not await hub.deliver(theirs.broker, theirs_told):
+                # Nobody listens on its broker's channel: that broker died (its alive key
+                # has not expired yet). The pair is forgotten and ours waits instead.
+                self.sessions.disconnect(other)
+                self.log(f"session {session}: the peer's broker {theirs.broker} is gone: "
+                         f"{public} waits instead")
+                if c.phase == _LINES:
+                    await self._register_shared(c, msg, session, local, offered, unsolicited)
+                return
+            replies = [r for r in replies if not is_remote(r.conn)]
         self._carry_out(replies)
         self._log_replies(public, session, replies)
         if self._holds(conn):

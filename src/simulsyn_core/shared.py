@@ -30,7 +30,8 @@ ALIVE_TTL_S = 3  # a broker's alive key lives this long; it renews it every ALIV
 ALIVE_EVERY_S = 1.0
 REDIS_TIMEOUT_S = 1.0  # every Redis command and connect: an outage is told, never waited on
 REDIS_POOL_MAX = 32  # connections to Redis at most (the bus listener's is one more)
-RETRY_EVERY_S = 0.5  # the bus listener's reconnect interval while Redis is down
+RETRY_EVERY_S = 0.5
+CLOSE_WAIT_S = 2.0  # on stop: each step of leaving Redis takes at most this long  # the bus listener's reconnect interval while Redis is down
 OUTBOX_MAX = 65536  # bus messages queued for Redis at most; past it they are dropped (logged)
 NAMEPLATE_MAX = 999999
 
@@ -280,6 +281,18 @@ class RedisHub:
         if owner is not None:
             self.publish(owner, bus_from("gone", self.id, conn))
 
+    async def deliver(self, broker: str, messages: list[str]) -> bool:
+        """Publish now (not through the outbox) on ``broker``'s channel: False if nobody
+        listens there (that broker is gone) or Redis failed."""
+        try:
+            for message in messages:
+                if not await self.redis.publish(channel(broker), message):
+                    return False
+        except self._errors as exc:
+            self.down(exc)
+            return False
+        return True
+
     def step(self, conn: int, verb: str) -> None:
         self.publish(self.owner_of[conn], bus_from("step", self.id, conn, verb))
 
@@ -368,8 +381,9 @@ class RedisHub:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a task stuck in the client's clean-up is left behind
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
         with contextlib.suppress(*self._errors):
-            await asyncio.wait_for(self._leave(), 2 * REDIS_TIMEOUT_S)
+            await asyncio.wait_for(self._leave(), CLOSE_WAIT_S)
         with contextlib.suppress(*self._errors):
-            await self.redis.aclose()
+            await asyncio.wait_for(self.redis.aclose(), CLOSE_WAIT_S)
