@@ -48,12 +48,22 @@ def loopback_broker(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
         assert port is not None, "broker did not start"
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], kill: bool = False) -> None:
+    """End a process we started (SIGTERM, or SIGKILL with ``kill``) and reap it; SIGKILL
+    if it has not exited within 5 s."""
+    if proc.poll() is None:
+        if kill:
             proc.kill()
-            proc.wait(5)
+        else:
+            proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def wait_for_stderr(proc: subprocess.Popen[Any], wanted: str | re.Pattern[str],
@@ -127,14 +137,8 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> RedisServer:
         self.start()

@@ -24,6 +24,7 @@ from simulsyn_core.rendezvous import Facts
 from simulsyn_core.shared import Entry
 
 from .helpers import SYNPROBE, RedisServer, read_line, wait_for_stderr
+from .helpers import stop_process as stop
 
 redis = pytest.importorskip("redis")
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -66,16 +67,6 @@ def brokers(tmp_path: Path, url: str, n: int, *extra: str) -> Iterator[list[Brok
     finally:
         for b in started:
             stop(b.proc)
-
-
-def stop(proc: subprocess.Popen[bytes], kill: bool = False) -> None:
-    if proc.poll() is None:
-        proc.kill() if kill else proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def register(port: int, session: str, **fields: str) -> socket.socket:

@@ -14,6 +14,7 @@ import pytest
 
 from synprobe import lab as labmod
 from synprobe.lab.profiles import BROKER_IPS, BROKER_PORT
+from tests.helpers import stop_process
 from tests.test_lab_relay import _diag as relay_diag
 from tests.test_lab_strategies import MSGS, TIMEOUT_S, _diag, assert_chatted
 
@@ -22,16 +23,6 @@ pytestmark = [pytest.mark.lab,
                                  reason="redis-server is not installed (scripts/setup.sh)")]
 REDIS_PORT = 6390  # inside the broker's namespace, on its loopback
 SECOND_PORT = BROKER_PORT + 10
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 @pytest.fixture
@@ -55,7 +46,7 @@ def two_brokers(make_lab, request, tmp_path: Path) -> Iterator[tuple[labmod.Lab,
         yield lab, tmp_path / f"broker-{BROKER_PORT}.log"
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
     assert all(p.returncode is not None for p in procs)
 
 

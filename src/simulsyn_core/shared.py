@@ -30,8 +30,8 @@ ALIVE_TTL_S = 3  # a broker's alive key lives this long; it renews it every ALIV
 ALIVE_EVERY_S = 1.0
 REDIS_TIMEOUT_S = 1.0  # every Redis command and connect: an outage is told, never waited on
 REDIS_POOL_MAX = 32  # connections to Redis at most (the bus listener's is one more)
-RETRY_EVERY_S = 0.5
-CLOSE_WAIT_S = 2.0  # on stop: each step of leaving Redis takes at most this long  # the bus listener's reconnect interval while Redis is down
+RETRY_EVERY_S = 0.5  # the bus listener's reconnect interval while Redis is down
+CLOSE_WAIT_S = 2.0  # on stop: each step of leaving Redis takes at most this long
 OUTBOX_MAX = 65536  # bus messages queued for Redis at most; past it they are dropped (logged)
 NAMEPLATE_MAX = 999999
 
