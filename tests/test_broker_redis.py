@@ -376,3 +376,64 @@ def _drain(sel: selectors.BaseSelector, socks: dict[socket.socket, tuple[str, st
                     registered.add(s)
             if not chunk:
                 sel.unregister(s)
+
+
+def test_codes_are_shared_and_bad_bus_messages_are_ignored(tmp_path: Path,
+                                                           redis_server) -> None:
+    """A code handed out at one broker is joined at another; messages on a broker's
+    channel that are not ours are logged and ignored, and it keeps serving."""
+    with brokers(tmp_path, redis_server.url, 2) as (b1, b2):
+        bid = re.search(r"broker id ([0-9a-f]+)", b1.text())
+        assert bid is not None
+        store = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+        try:
+            for junk in ("not json", "[1]", '{"op":"reply"}', '{"op":"step","conn":"x"}',
+                         '{"op":"launch","conn":1}'):
+                assert store.publish(f"ssyn:broker:{bid.group(1)}", junk) == 1
+        finally:
+            store.close()
+        a = socket.create_connection(("127.0.0.1", b1.port), timeout=READ_TIMEOUT_S)
+        a.sendall(b"SSYN1 REGISTER nameplate=new\n")
+        number = fields(read_line(a))["nameplate"]
+        b = socket.create_connection(("127.0.0.1", b2.port), timeout=READ_TIMEOUT_S)
+        b.sendall(f"SSYN1 REGISTER nameplate={number}\n".encode())
+        pb, pa = fields(read_line(b)), fields(read_line(a))
+        assert pa["peer"] == pb["public"] and pb["peer"] == pa["public"]
+        assert pa["nameplate"] == pb["nameplate"] == number
+        c = socket.create_connection(("127.0.0.1", b2.port), timeout=READ_TIMEOUT_S)
+        c.sendall(b"SSYN1 REGISTER nameplate=new\n")  # the number is free again
+        assert fields(read_line(c))["nameplate"] == number
+        for s in (a, b, c):
+            s.close()
+        text = b1.text()
+        assert text.count("ignored a") >= 4 and "Traceback" not in text, text
+
+
+def test_advertise_needs_redis() -> None:
+    proc = subprocess.run([*SYNPROBE, "broker", "--bind", "127.0.0.1:0", "--advertise",
+                           "192.0.2.1:8086"], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2 and "--advertise is for --redis" in proc.stderr, proc.stderr
+
+
+def test_the_same_endpoint_registering_again_at_another_broker_replaces_itself(
+        tmp_path: Path, redis_server) -> None:
+    """A client that restarts (the same public endpoint) and reaches another broker
+    replaces its old registration: the old one is told, the new one is paired."""
+    with brokers(tmp_path, redis_server.url, 2) as (b1, b2):
+        old, new = socket.socket(), socket.socket()
+        for s in (old, new):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(READ_TIMEOUT_S)
+        old.bind(("127.0.0.1", 0))
+        new.bind(old.getsockname())
+        old.connect(("127.0.0.1", b1.port))
+        old.sendall(b"SSYN1 REGISTER session=again\n")
+        assert read_line(old).startswith(b"SSYN1 REGISTERED")
+        new.connect(("127.0.0.1", b2.port))
+        new.sendall(b"SSYN1 REGISTER session=again\n")
+        assert read_line(new).startswith(b"SSYN1 REGISTERED")
+        assert read_line(old).startswith(b"SSYN1 ERROR code=replaced")
+        peer = register(b1.port, "again")
+        assert fields(read_line(peer))["peer"] == fields(read_line(new))["public"]
+        for s in (old, new, peer):
+            s.close()

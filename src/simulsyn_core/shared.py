@@ -228,7 +228,8 @@ class RedisHub:
 
     async def take_or_wait(self, entry: Entry) -> tuple[str, Entry | None]:
         """Store ``entry`` or take the one waiting: ("waiting", None), ("paired", theirs)
-        or ("replaced", theirs). Unavailable if Redis is."""
+        or ("replaced", theirs); for a new code ("#new"): ("waiting", None) under the
+        number claimed, or ("full", None). Unavailable if Redis is."""
         try:
             if entry.session == "#new":
                 n = await self._new(keys=[], args=[entry.encode(), int(self.wait_max_s),
@@ -237,9 +238,9 @@ class RedisHub:
                     return "full", None
                 entry = Entry(entry.broker, entry.conn, f"#{n}", entry.public, entry.local,
                               entry.facts)
-                self._hold(entry)
+                self._hold(entry)  # (its number: self.waiting[conn].session)
                 self._back()
-                return "waiting", entry
+                return "waiting", None
             verdict, theirs = await self._take(
                 keys=[session_key(entry.session)],
                 args=[entry.encode(), int(self.wait_max_s), str(entry.public)])
