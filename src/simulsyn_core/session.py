@@ -318,7 +318,9 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
     ``upgrade``, the punch goes on in the background and the chat moves onto the first
     direct connection that comes up (moving.py)."""
     assert cfg.broker is not None
-    sock, leftover = relay_connect(cfg.broker, token, max(deadline, time.monotonic()
+    # With brokers sharing sessions (--redis), the relay is the deciding broker's (relay_at=).
+    relay_ep = rdv.relay_at or cfg.broker
+    sock, leftover = relay_connect(relay_ep, token, max(deadline, time.monotonic()
                                                           + RELAY_JOIN_MIN_S))
     relayed_at = time.monotonic()
     _phase(report, rdv.known_at, "relay")
@@ -327,11 +329,11 @@ def _relayed(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadline:
     report.local = str(Endpoint.from_sockaddr(sock.getsockname()))
     report.elapsed_s = round(relayed_at - rdv.known_at, 6)
     report.established_at = rdv.known_wall + (relayed_at - rdv.known_at)
-    event(f"relayed: connected to the peer through the broker's relay {cfg.broker}, "
+    event(f"relayed: connected to the peer through the broker's relay {relay_ep}, "
           f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
 
     def broke() -> str:
-        return relay_status(cfg.broker, token)  # type: ignore[arg-type]
+        return relay_status(relay_ep, token)
 
     mode, password = protection(cfg, rdv.nameplate)
     if password is None:
