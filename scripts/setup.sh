@@ -12,7 +12,8 @@ need_root() {
 }
 
 declare -A pkg_of=([ip]=iproute2 [ss]=iproute2 [iptables-restore]=iptables [nft]=nftables
-                   [tcpdump]=tcpdump [tshark]=tshark [sysctl]=procps [ethtool]=ethtool)
+                   [tcpdump]=tcpdump [tshark]=tshark [sysctl]=procps [ethtool]=ethtool
+                   [redis-server]=redis-server)
 missing=()
 for tool in "${!pkg_of[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${pkg_of[$tool]}")

@@ -49,12 +49,22 @@ def loopback_broker(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
         assert port is not None, "broker did not start"
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], kill: bool = False) -> None:
+    """End a process we started (SIGTERM, or SIGKILL with ``kill``) and reap it; SIGKILL
+    if it has not exited within 5 s."""
+    if proc.poll() is None:
+        if kill:
             proc.kill()
-            proc.wait(5)
+        else:
+            proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def wait_for_stderr(proc: subprocess.Popen[Any], wanted: str | re.Pattern[str],
@@ -98,6 +108,45 @@ def read_line(s: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+class RedisServer:
+    """A Debian `redis-server` on 127.0.0.1 (no persistence) that a test starts, stops
+    and starts again on the same port; ``close`` stops it on every exit path."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"redis-server did not answer on {self.port} in {timeout_s:g} s")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_process(proc)
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def scapy_modules_after(statements: str) -> list[str]:

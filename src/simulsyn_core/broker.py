@@ -38,11 +38,14 @@ from .rendezvous import (
     REPLY_SYN,
     UNSOLICITED,
     V6_KEY,
+    Facts,
     Reply,
     SeedList,
     SessionTable,
+    key_fields,
     table_key,
 )
+from .shared import Entry, RedisHub, Unavailable, bus_from, bus_reply, is_remote, remote
 from .sockets import abort, enable_keepalive, tcp_rtt
 from .wire import (
     LINE_MAX,
@@ -452,6 +455,9 @@ class Broker:
     relay: RelayTable | None = None
     _relay_waiting: dict[str, Side] = field(default_factory=dict)  # token -> the first side
     _pumps: dict[str, RelayPump] = field(default_factory=dict)  # token -> its live session
+    # --redis (docs/protocol.md, "Scaling out on Redis"): sessions shared with other brokers.
+    shared: RedisHub | None = None
+    advertise: Endpoint | None = None  # where peers reach this broker's relay (PEER relay_at=)
 
     def send(self, conn: int, data: bytes, close: bool = False) -> None:
         self._carry_out([Reply(conn, data, close)])
@@ -479,6 +485,8 @@ class Broker:
         if self.relay is not None:
             relay = self.relay
             self.sessions.relay_token = lambda: relay.issue(time.monotonic())
+        if self.shared is not None:
+            await self.shared.start(self._on_bus)
         for ep in self.binds:
             # [::] is both families (IPv4 clients arrive as ::ffff:a.b.c.d and are kept
             # as IPv4); any other IPv6 address, IPv6 only.
@@ -550,6 +558,10 @@ class Broker:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), EXPIRE_EVERY_S)
             self._carry_out(self.sessions.expire(time.monotonic()))
+            if self.shared is not None:
+                self._carry_out([Reply(c, encode_message(
+                    "ERROR", code="timeout", message="no peer joined the session in time"),
+                    close=True) for c in self.shared.expire(time.monotonic())])
 
     async def close(self) -> None:
         for sock in self._listeners:
@@ -578,6 +590,8 @@ class Broker:
             await asyncio.sleep(0.01)
         if self._readers is not None:
             self._readers.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     def rtt(self, conn: int) -> tuple[float, float] | None:
         """The kernel's smoothed RTT of connection ``conn`` and its mean deviation
@@ -601,6 +615,13 @@ class Broker:
                                                                    reply.close)])
                     replies = [r for r in replies if r is not reply]
         for reply in replies:
+            if is_remote(reply.conn):  # held by another broker (--redis): told through Redis
+                assert self.shared is not None
+                held_by: str = reply.conn[1]  # type: ignore[index]
+                self.shared.publish(held_by, bus_reply(reply.conn[2],  # type: ignore[index]
+                                                       reply.data, reply.close,
+                                                       self.shared.id))
+                continue
             c = self._clients.get(reply.conn)  # type: ignore[call-overload]
             if c is None:
                 continue
@@ -718,6 +739,8 @@ class Broker:
         c.messages = None
         self._clients.pop(c.conn, None)
         self._carry_out(self.sessions.disconnect(c.conn))
+        if self.shared is not None:
+            self.shared.forget(c.conn)
         c.transport.close()
 
     def _run(self, c: _Conn) -> None:
@@ -779,8 +802,11 @@ class Broker:
         if msg.verb == "PRIMED" and self.sessions.priming(conn):
             self._carry_out(self.sessions.step(conn, msg.verb))
             return None
+        if msg.verb == "PRIMED" and self.shared is not None and conn in self.shared.owner_of:
+            self.shared.step(conn, msg.verb)  # the pair's owner is another broker
+            return None
         if msg.verb == "RELAY":
-            if self.sessions.holds(conn):
+            if self._holds(conn):
                 raise ProtocolError("RELAY on a connection that registered: open a new one")
             self._relay_arrive(c, msg.require("token"))
             return None
@@ -810,8 +836,7 @@ class Broker:
         if unsolicited is None and self.syn_probe and self.sessions.worth_probing(
                 conn, session, offered, msg.get("mapping")):
             return self._register_probed(c, msg, session, local, offered)
-        self._register(c, msg, session, local, offered, unsolicited)
-        return None
+        return self._register(c, msg, session, local, offered, unsolicited)
 
     async def _service(self, c: _Conn, service: Service, msg: Message) -> None:
         await service(self, c.conn, c.public, msg)
@@ -821,12 +846,22 @@ class Broker:
                                local: Endpoint | None, offered: frozenset[str]) -> None:
         unsolicited = await self._probe_unsolicited(c.conn, c.public)
         if c.phase == _LINES:
-            self._register(c, msg, session, local, offered, unsolicited)
+            waits = self._register(c, msg, session, local, offered, unsolicited)
+            if waits is not None:
+                await waits
 
     def _register(self, c: _Conn, msg: Message, session: str, local: Endpoint | None,
-                  offered: frozenset[str], unsolicited: str | None) -> None:
+                  offered: frozenset[str], unsolicited: str | None) -> Awaitable[None] | None:
         # A new code's number is chosen right before registering (after the probe's
         # wait): two new codes can never be given one number.
+        if self.shared is not None:
+            if session == table_key("#new", True):
+                # The shared code numbers are IPv4's; an IPv6 client names a session.
+                self._carry_out([Reply(c.conn, encode_message(
+                    "ERROR", code="bad-request", message="codes over IPv6 need a broker "
+                    "without --redis: use --session NAME --secret WORDS"), close=True)])
+                return None
+            return self._register_shared(c, msg, session, local, offered, unsolicited)
         if session.removesuffix(V6_KEY) == "#new":
             session = self.sessions.new_nameplate(c.public.is_v6)
         replies = self.sessions.register(
@@ -837,6 +872,145 @@ class Broker:
         self._log_replies(c.public, session, replies)
         if self.sessions.holds(c.conn):
             self._not_idle(c.conn)
+        return None
+
+    def _holds(self, conn: int) -> bool:
+        """Is ``conn`` registered (waiting, or in an ordering exchange)?"""
+        hub = self.shared
+        return self.sessions.holds(conn) or (
+            hub is not None and (conn in hub.waiting or conn in hub.owner_of))
+
+    # --- --redis: sessions shared with other brokers (docs/protocol.md) ------------------
+
+    async def _register_shared(self, c: _Conn, msg: Message, session: str,
+                               local: Endpoint | None, offered: frozenset[str],
+                               unsolicited: str | None) -> None:
+        """REGISTER with the waiting entries in Redis: store ours, or take the one
+        waiting (atomically: shared.TAKE_OR_WAIT) and decide the pair here, with
+        SessionTable's own code; the peer's replies go to its broker's channel."""
+        hub = self.shared
+        assert hub is not None
+        conn, public = c.conn, c.public
+        reply_syn = _known(msg.get("reply_syn"), REPLY_SYN)
+        facts = Facts(offered, msg.get("mapping"), unsolicited, reply_syn, Offer.parse(msg.get))
+        refusal = self._refuse_shared(conn, session, public)
+        if refusal is not None:
+            self._carry_out([refusal])
+            self._log_replies(public, session, [refusal])
+            return
+        try:
+            verdict, theirs = await hub.take_or_wait(Entry(hub.id, conn, session, public,
+                                                           local, facts))
+        except Unavailable:
+            replies = [Reply(conn, encode_message(
+                "ERROR", code="unavailable", message="the broker's session store (Redis) is "
+                "unreachable: try again in a few seconds"), close=True)]
+            self._carry_out(replies)
+            return
+        if c.phase != _LINES:  # it left while Redis answered
+            hub.forget(conn)
+            if verdict == "paired" and theirs is not None:
+                hub.restore(theirs)
+            return
+        if verdict == "full":
+            replies = [Reply(conn, encode_message("ERROR", code="busy", message=(
+                "no code number is free; try later")), close=True)]
+        elif verdict != "paired" or theirs is None:
+            if theirs is not None:  # the same endpoint registered again: ours replaces it
+                self._carry_out([Reply(self._conn_of(theirs), encode_message(
+                    "ERROR", code="replaced", message="a newer registration from this "
+                    "endpoint"), close=True)])
+            session = hub.waiting[conn].session
+            replies = [Reply(conn, encode_message("REGISTERED", **key_fields(session),
+                                                  public=public), close=False)]
+        else:
+            other = self._conn_of(theirs)
+            if not is_remote(other) and other not in self._clients:
+                # Ours, and gone (its key's delete was still queued): register again.
+                await self._register_shared(c, msg, session, local, offered, unsolicited)
+                return
+            now = time.monotonic()
+            self.sessions.relay_at = self.advertise or self.local_endpoint(conn)
+            self.sessions.adopt(session, other, theirs.public, theirs.local, theirs.facts, now)
+            replies = self.sessions.register(conn, session, public, local, now, offered,
+                                             facts.mapping, unsolicited, reply_syn,
+                                             facts.birthday)
+            theirs_told = [bus_reply(r.conn[2], r.data, r.close, hub.id)  # type: ignore[index]
+                           for r in replies if is_remote(r.conn)]
+            if theirs_told and not await hub.deliver(theirs.broker, theirs_told):
+                # Nobody listens on its broker's channel: that broker died (its alive key
+                # has not expired yet). The pair is forgotten and ours waits instead.
+                self.sessions.disconnect(other)
+                self.log(f"session {session}: the peer's broker {theirs.broker} is gone: "
+                         f"{public} waits instead")
+                if c.phase == _LINES:
+                    await self._register_shared(c, msg, session, local, offered, unsolicited)
+                return
+            replies = [r for r in replies if not is_remote(r.conn)]
+        self._carry_out(replies)
+        self._log_replies(public, session, replies)
+        if self._holds(conn):
+            self._not_idle(conn)
+
+    def _refuse_shared(self, conn: int, session: str, public: Endpoint) -> Reply | None:
+        """What the pure table would refuse before looking at the session (a bad name, a
+        second REGISTER), and this broker's own cap on waiting clients per address."""
+        assert self.shared is not None
+        if session != "#new":
+            refused = self.sessions.check(conn, session)
+            if refused is not None:
+                return refused
+        if self._holds(conn):
+            return Reply(conn, encode_message("ERROR", code="bad-request", message=(
+                "already registered on this connection")), close=True)
+        if self.shared.per_ip.get(public.ip, 0) >= self.sessions.max_waiting_per_ip:
+            return Reply(conn, encode_message("ERROR", code="busy", message=(
+                "too many waiting sessions from this address")), close=True)
+        return None
+
+    def _conn_of(self, entry: Entry) -> Any:
+        """How the table names the connection of a waiting entry: ours, or another's."""
+        assert self.shared is not None
+        return entry.conn if entry.broker == self.shared.id else remote(entry.broker,
+                                                                          entry.conn)
+
+    def _on_bus(self, message: dict[str, Any]) -> None:
+        """A message on our channel (shared.bus_*): a reply for one of our clients, or a
+        step of a pair we decided."""
+        hub = self.shared
+        assert hub is not None
+        try:
+            op, conn = message["op"], int(message["conn"])
+            if op == "reply":
+                data, close, owner = message["data"].encode(), bool(message["close"]), \
+                    str(message["owner"])
+                if conn not in self._clients:  # it left: the pair's owner tells its peer
+                    if not close:
+                        hub.publish(owner, bus_from("gone", hub.id, conn))
+                    return
+                hub.paired(conn)
+                if close:
+                    hub.owner_of.pop(conn, None)
+                else:
+                    hub.owner_of[conn] = owner
+                self._carry_out([Reply(conn, data, close)])
+                c = self._clients.get(conn)
+                if data.startswith(b"SSYN1 PEER"):
+                    told = _TOKEN_IN_LOG.sub(r" relay=\1...", data.decode().strip())
+                    self.log(f"paired by broker {owner}, told {told}")
+                if c is not None:
+                    self._not_idle(conn)
+            elif op in ("step", "gone"):
+                peer = remote(str(message["from"]), conn)
+                if op == "step" and self.sessions.priming(peer):
+                    self._carry_out(self.sessions.step(peer, str(message["verb"])))
+                elif op == "gone":
+                    self._carry_out(self.sessions.disconnect(peer))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._log_offender(("bus", str(exc)[:40]), f"redis: ignored a bad bus message: "
+                                                       f"{exc}")
 
     # --- the relay (docs/protocol.md, "Relay"; the decisions: relay.py) ----------------
 
@@ -1195,15 +1369,20 @@ def raise_nofile_limit() -> tuple[int, int, int]:
 
 def run_broker(binds: list[Endpoint], log: Log = stderr_log,
                services: dict[str, Service] | None = None, syn_probe: bool = False,
-               relay: RelayLimits | None = None, **options: Any) -> int:
+               relay: RelayLimits | None = None, redis_url: str | None = None,
+               **options: Any) -> int:
     """Run until SIGINT (returns 130) or SIGTERM (returns 0). Raises OSError on bind.
     ``syn_probe``: learn what each registering client's NAT does to an unsolicited SYN
     (``Broker.syn_probe``). ``relay``: relay with these limits (--relay). ``options``:
-    more fields of Broker (limits, for tests)."""
+    more fields of Broker (limits, for tests). ``redis_url``: share the sessions through
+    that Redis (--redis); ValueError if it is not a Redis URL, ImportError without the
+    redis package."""
+    hub = RedisHub.check(redis_url, log) if redis_url is not None else None
 
     async def main() -> int:
         broker = Broker(binds, log=log, services=dict(services or {}), syn_probe=syn_probe,
-                        relay=RelayTable(relay) if relay is not None else None, **options)
+                        relay=RelayTable(relay) if relay is not None else None,
+                        shared=hub() if hub is not None else None, **options)
         await broker.start()
         stop = asyncio.Event()
         got: list[int] = []

@@ -7,12 +7,14 @@ broker observes is the one the punch will reuse.
 from __future__ import annotations
 
 import errno
+import itertools
 import re
 import selectors
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from . import birthday as bday
 from .endpoint import Endpoint
@@ -63,6 +65,7 @@ class Rendezvous:
     birthday: tuple[str, bday.Plan] | None = None  # strategy birthday: our side, the plan
     nameplate: str | None = None  # a code's number we registered under (the broker's, for new)
     relay: str | None = None  # the broker relays this pair: the token for RELAY (PEER relay=)
+    relay_at: Endpoint | None = None  # where that relay is, if not the broker (PEER relay_at=)
 
 
 @dataclass(frozen=True)
@@ -262,13 +265,40 @@ def check_mapping(sock: socket.socket, broker: Endpoint, local_port: int, deadli
     return mapping, True, public
 
 
+# A broker whose session store is down (--redis, Redis unreachable) answers REGISTER with
+# ERROR code=unavailable: registering again after these waits, the last one repeated,
+# as long as --timeout leaves time.
+REGISTER_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+
+
+class _Unavailable(Exception):
+    """The broker answered ERROR code=unavailable."""
+
+
 def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
-               event: Event, strategies: tuple[str, ...] = (),
-               on_alt: Callable[[Endpoint], None] | None = None,
-               facts: NatFacts | None = None,
-               birthday: tuple[int, int] = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES),
-               nameplate: bool = False, on_nameplate: Callable[[str], None] | None = None
-               ) -> Rendezvous:
+               event: Event, *args: Any, **kwargs: Any) -> Rendezvous:
+    """``register``, again with backoff (REGISTER_BACKOFF_S) while the broker says it is
+    unavailable, within ``deadline``."""
+    for attempt in itertools.count():
+        try:
+            return register(broker, session, local_port, deadline, event, *args, **kwargs)
+        except _Unavailable as exc:
+            wait_s = REGISTER_BACKOFF_S[min(attempt, len(REGISTER_BACKOFF_S) - 1)]
+            if time.monotonic() + wait_s >= deadline:
+                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                f"{exc}; no time left to register again (--timeout)") from None
+            event(f"{exc}; registering again in {wait_s:g} s")
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+def register(broker: Endpoint, session: str, local_port: int, deadline: float,
+             event: Event, strategies: tuple[str, ...] = (),
+             on_alt: Callable[[Endpoint], None] | None = None,
+             facts: NatFacts | None = None,
+             birthday: tuple[int, int] = (bday.DEFAULT_SOCKETS, bday.DEFAULT_GUESSES),
+             nameplate: bool = False, on_nameplate: Callable[[str], None] | None = None
+             ) -> Rendezvous:
     """Register under ``session`` and wait (until ``deadline``) for the broker's PEER.
 
     First the mapping check (``check_mapping``): a port-randomising NAT is declared in
@@ -367,6 +397,8 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                 raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                                 f"broker {broker} hands out no codes (an older synprobe "
                                 "broker): use --session NAME --secret WORDS")
+            elif msg.verb == "ERROR" and msg.get("code") == "unavailable":
+                raise _Unavailable(_refusal(msg))
             elif msg.verb == "ERROR":
                 status = (ExitStatus.NO_PEER if msg.get("code") == "timeout"
                           else ExitStatus.BROKER_UNREACHABLE)
@@ -396,9 +428,15 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
     if token is not None and not RELAY_TOKEN_RE.fullmatch(token):
         raise ToolError(ExitStatus.BROKER_UNREACHABLE,
                         f"broker {broker}: protocol error: PEER relay= is not a token")
+    try:
+        relay_at = msg.endpoint("relay_at") if token is not None and msg.get("relay_at") \
+            else None
+    except ProtocolError as exc:
+        raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                        f"broker {broker}: protocol error: {exc}") from None
     if strategy == STRATEGY_RELAY and token is not None:
         return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
-                          None, why, relay=token)
+                          None, why, relay=token, relay_at=relay_at)
     if strategy is not None and strategy in strategies and strategy != STRATEGY_RELAY:
         plan = bday.Plan.parse(msg.get) if strategy == "birthday" else None
         if strategy == "birthday" and plan is None:
@@ -407,8 +445,9 @@ def _peer(msg: Message, broker: Endpoint, strategies: tuple[str, ...], sock: soc
                             "a whole plan")
         control = Control(sock, broker, decoder) if strategy in EXCHANGED else None
         return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, strategy,
-                          control, why, plan, relay=token)
-    return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, relay=token)
+                          control, why, plan, relay=token, relay_at=relay_at)
+    return Rendezvous(public, peer, peer_local, msg.get("role"), now, wall, relay=token,
+                      relay_at=relay_at)
 
 
 def _finish(sock: socket.socket, deadline: float) -> None:

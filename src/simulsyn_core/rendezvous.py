@@ -294,6 +294,9 @@ class SessionTable:
         # A broker that relays (--relay) sets this: a new token for a pair in which both
         # offered "relay" (PEER's relay=, docs/protocol.md "Relay").
         self.relay_token: Callable[[], str] | None = None
+        # With --redis the peers may be at other brokers: PEER says where the relay that
+        # issued the token is (relay_at=), so that both join it there.
+        self.relay_at: Endpoint | None = None
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -308,10 +311,9 @@ class SessionTable:
         ``strategies=`` field); ``mapping``, ``unsolicited``, ``reply_syn``: what is known
         of its NAT (None: unknown). The pair's plan is ``plan_pair``'s; a pair in an
         ordering exchange (prime, order) keeps its connections for PRIMED -> GO."""
-        if not valid_key(session):
-            return [_error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")]
-        if conn in self._session_of or conn in self._priming:
-            return [_error(conn, "bad-request", "already registered on this connection")]
+        refused = self.check(conn, session)
+        if refused is not None:
+            return [refused]
         facts = Facts(strategies, mapping, unsolicited, reply_syn, birthday)
         other = self._waiting.get(session)
         if other is not None and other.public == public:
@@ -385,14 +387,32 @@ class SessionTable:
             Reply(other.conn, encode_message(
                 "PEER", **key_fields(session), public=other.public, peer=public,
                 peer_local=local, role="first" if other.conn == first else "second",
-                strategy=plan.strategy, why=why[other.conn], **extra[other.conn], relay=token),
+                strategy=plan.strategy, why=why[other.conn], **extra[other.conn], relay=token,
+                relay_at=self.relay_at if token else None),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
             Reply(conn, encode_message(
                 "PEER", **key_fields(session), public=public, peer=other.public,
                 peer_local=other.local, role="first" if conn == first else "second",
-                strategy=plan.strategy, why=why[conn], **extra[conn], relay=token),
+                strategy=plan.strategy, why=why[conn], **extra[conn], relay=token,
+                relay_at=self.relay_at if token else None),
                 close=not exchange, sync=plan.strategy == STRATEGY_SYNC),
         ]
+
+    def check(self, conn: Hashable, session: str) -> Reply | None:
+        """The refusal of a registration whatever the table holds: a bad name, or a
+        connection that registered already."""
+        if not valid_key(session):
+            return _error(conn, "bad-session", "session names are 1-64 of A-Z a-z 0-9 . _ -")
+        if conn in self._session_of or conn in self._priming:
+            return _error(conn, "bad-request", "already registered on this connection")
+        return None
+
+    def adopt(self, session: str, conn: Hashable, public: Endpoint, local: Endpoint | None,
+              facts: Facts, now: float) -> None:
+        """Take in a waiting client that another store kept (--redis: a shared entry
+        taken out of Redis), so that the next ``register`` pairs with it."""
+        self._add_waiting(session, _Waiting(conn, public, local, now, facts),
+                          prefix_of(public.ip))
 
     def _relayed(self, session: str, other: _Waiting, conn: Hashable, public: Endpoint,
                  local: Endpoint | None, whys: tuple[str, str]) -> list[Reply]:
@@ -405,11 +425,11 @@ class SessionTable:
             Reply(other.conn, encode_message(
                 "PEER", **key_fields(session), public=other.public, peer=public,
                 peer_local=local, role="first", strategy=STRATEGY_RELAY, why=whys[0],
-                relay=token), close=True),
+                relay=token, relay_at=self.relay_at), close=True),
             Reply(conn, encode_message(
                 "PEER", **key_fields(session), public=public, peer=other.public,
                 peer_local=other.local, role="second", strategy=STRATEGY_RELAY, why=whys[1],
-                relay=token), close=True),
+                relay=token, relay_at=self.relay_at), close=True),
         ]
 
     def worth_probing(self, conn: Hashable, session: str, strategies: frozenset[str],

@@ -358,7 +358,9 @@ def _join_relay(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadli
                 ) -> Established:
     """Join the broker's relay (docs/protocol.md, "Relay") and protect the session."""
     assert cfg.broker is not None
-    sock, leftover = relay_connect(cfg.broker, token, max(deadline, time.monotonic()
+    # With brokers sharing sessions (--redis), the relay is the deciding broker's (relay_at=).
+    relay_ep = rdv.relay_at or cfg.broker
+    sock, leftover = relay_connect(relay_ep, token, max(deadline, time.monotonic()
                                                           + RELAY_JOIN_MIN_S))
     relayed_at = time.monotonic()
     _phase(report, rdv.known_at, "relay")
@@ -367,7 +369,7 @@ def _join_relay(cfg: PunchConfig, rdv: Rendezvous, token: str, port: int, deadli
     report.local = str(Endpoint.from_sockaddr(sock.getsockname()))
     report.elapsed_s = round(relayed_at - rdv.known_at, 6)
     report.established_at = rdv.known_wall + (relayed_at - rdv.known_at)
-    event(f"relayed: connected to the peer through the broker's relay {cfg.broker}, "
+    event(f"relayed: connected to the peer through the broker's relay {relay_ep}, "
           f"{report.elapsed_s * 1000:.1f} ms after the peer was known")
 
     try:
@@ -401,8 +403,10 @@ def _relayed(cfg: PunchConfig, est: Established, event: Callable[[str], None],
     relayed_at, deadline, channel, records = est.relayed_at, est.deadline, est.channel, \
         est.records
 
+    relay_ep = rdv.relay_at or cfg.broker  # --redis: the deciding broker's relay
+
     def broke() -> str:
-        return relay_status(cfg.broker, token)  # type: ignore[arg-type]
+        return relay_status(relay_ep, token)
 
     if channel is None:
         on_report(report)

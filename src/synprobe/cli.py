@@ -145,9 +145,18 @@ DEFAULT_RELAY = RelayLimits()
               default=DEFAULT_RELAY.idle_s, show_default=True, metavar="SECONDS",
               help="A relayed session with no byte either way for this long is cut (both "
                    "connections reset).")
+@click.option("--redis", "redis_url", metavar="redis://HOST:PORT/DB",
+              help="Share the sessions with the other brokers on this Redis (README: Scaling "
+                   "out on Redis): peers registered at different brokers are paired. Without "
+                   "it, the sessions live in this process only. Needs the redis extra "
+                   "(pip install 'synprobe[redis]').")
+@click.option("--advertise", type=EndpointType(DEFAULT_BROKER_PORT), metavar="HOST:PORT",
+              help="With --redis --relay: where peers reach this broker's relay (PEER "
+                   "relay_at=); default: the address the deciding client reached.")
 def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: bool,
            relay: bool, relay_sessions: int, relay_per_ip: int, relay_rate: int,
-           relay_bytes: int, relay_idle: float) -> None:
+           relay_bytes: int, relay_idle: float, redis_url: str | None,
+           advertise: Endpoint | None) -> None:
     """Run the rendezvous broker.
 
     \b
@@ -170,15 +179,26 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
 
     limits = RelayLimits(sessions=relay_sessions, per_ip=relay_per_ip, rate=relay_rate,
                          budget=relay_bytes, idle_s=relay_idle) if relay else None
+    if redis_url is not None and probe:
+        raise click.UsageError("--redis does not serve nat-check's probes (--probe): run "
+                               "a probing broker without --redis")
+    if advertise is not None and redis_url is None:
+        raise click.UsageError("--advertise is for --redis")
     if probe:
         from synprobe.natcheck.broker_side import run_probing_broker
 
         sys.exit(run_probing_broker(list(binds), log))
     try:
-        status = run_broker(list(binds), log=log, syn_probe=syn_probe, relay=limits)
+        status = run_broker(list(binds), log=log, syn_probe=syn_probe, relay=limits,
+                            redis_url=redis_url, advertise=advertise)
     except OSError as exc:
         raise ToolError(ExitStatus.ADDRESS_IN_USE,
                         f"cannot listen: {exc.strerror or exc}") from None
+    except ImportError:
+        raise click.UsageError("--redis needs the redis package: pip install "
+                               "'synprobe[redis]'") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--redis") from None
     sys.exit(status)
 
 
