@@ -270,7 +270,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     craft.load_scapy()  # waits for the import the background thread started
     event("scapy loaded")
     server_ip, probe_port = info.addrs[0], info.probe_port
-    rawnet.send_ipv4([
+    rawnet.send_packets([
         reply_syn.build(reply_probe), *hops.build(hops_probe),
         *([hairpin.build(hairpin_probe)] if cfg.hairpin else []),
         *([craft.syn(host_ip, server_ip, followed, probe_port, P.Seq.FOLLOW)]
@@ -282,7 +282,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     timers_deadline = None
     if timer_probe is not None:
         _request(control, P.Timers(waits), P.TimersArmed)
-        rawnet.send_ipv4(timers.build(timer_probe))
+        rawnet.send_packets(timers.build(timer_probe))
         _wait_for_holes(run, timer_probe)
         timers_deadline = time.time()  # the capture's clock: later answers do not count
     event("reply_syn, hops" + (", hairpin" if cfg.hairpin else "")

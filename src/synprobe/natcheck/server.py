@@ -171,7 +171,7 @@ class ProbeServer:
                                     "connected now")
             if check.sent >= P.PROBE_BUDGET:
                 raise ProtocolError(f"refused: probe budget of {P.PROBE_BUDGET} packets spent")
-            rawnet.send_ipv4([pkt])
+            rawnet.send_packets([pkt])
             check.sent += 1
 
     # --- capture and the SYNs that ask for an answer ------------------------------------
