@@ -204,7 +204,7 @@ def _sample_ports(run: _Run, ev: Evidence) -> Evidence:
 
 def _keep(s: Seen, host_ip: str, servers: set[str]) -> bool:
     """Packets of the check: to or from the broker, ICMP errors, SYNs and RSTs of ours."""
-    if s.proto == 1:
+    if s.proto in (1, 58):
         return s.is_icmp_error and (s.inner_src == host_ip or s.dst == host_ip)
     return s.src in servers or s.dst in servers or (
         host_ip in (s.src, s.dst) and bool(s.flags & 0x06))

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import connect_nonblocking, errno_name
 
-from ..packets.decode import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED
 from ..packets.seen import Seen
 from .report import ConnectState, StackKind, StackReaction
 
@@ -86,10 +85,10 @@ def _answered(kind: StackKind, o: StackOutcome, seen: Sequence[Seen]) -> bool:
             continue
         if kind == StackKind.RST and s.is_rst and s.dport == o.local_port:
             return True
-        if kind == StackKind.ICMP and s.proto == 1 and s.icmp_type == ICMP_DEST_UNREACH \
+        if kind == StackKind.ICMP and s.is_unreachable \
                 and s.inner_sport == o.local_port:
             return True
-        if kind == StackKind.TTL_EXCEEDED and s.proto == 1 and s.icmp_type == ICMP_TIME_EXCEEDED \
+        if kind == StackKind.TTL_EXCEEDED and s.is_time_exceeded \
                 and s.inner_sport == o.local_port:
             return True
     return False

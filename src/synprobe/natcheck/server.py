@@ -185,7 +185,7 @@ class ProbeServer:
         ours = {check.local.ip, *( [check.other_ip] if check.other_ip else [])}
 
         def keep(s: Seen) -> bool:
-            if s.proto == 1:
+            if s.is_icmp_error:
                 return s.inner_dst == client_ip and s.inner_src in ours
             return (s.src == client_ip and s.dport == probe_port) or (
                 s.dst == client_ip and s.sport == probe_port)
