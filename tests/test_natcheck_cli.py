@@ -49,6 +49,18 @@ def test_broker_side_and_nat_check_help_do_not_import_scapy() -> None:
     assert out.strip() == "[]"
 
 
+async def _first_answer(broker: Endpoint, lines: list[str]) -> str:
+    """Send ``lines`` on a fresh connection; the first line back (5 s at most)."""
+    reader, writer = await asyncio.open_connection(broker.ip, broker.port)
+    try:
+        for line in lines:
+            writer.write(line.encode() + b"\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 5)).decode()
+    finally:
+        writer.close()
+
+
 def test_broker_verbs_on_loopback() -> None:
     async def scenario() -> list[str]:
         server = ProbeServer(["127.0.0.1"], raw_reason="raw probes off for this test",
@@ -61,12 +73,7 @@ def test_broker_verbs_on_loopback() -> None:
         try:
             for lines in (["SSYN1 OBSERVE"], ["SSYN1 NC_HELLO"],
                           ["SSYN1 NC_PROBE unsolicited=40000 filter=40001"]):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                for line in lines:
-                    writer.write(line.encode() + b"\n")
-                await writer.drain()
-                answers.append((await asyncio.wait_for(reader.readline(), 5)).decode())
-                writer.close()
+                answers.append(await _first_answer(Endpoint("127.0.0.1", port), lines))
         finally:
             await broker.close()
         return answers
@@ -124,3 +131,25 @@ def test_tagged_lines_reads_iptables_s() -> None:
                '"synprobe-natcheck:broker:8086" -j DROP\n-A INPUT -p tcp -j ACCEPT\n')
     lines = fw.tagged_lines(listing, fw.TAG_PREFIX)
     assert len(lines) == 1 and fw.comment_of(lines[0]) == "synprobe-natcheck:broker:8086"
+
+
+def test_hello_lists_only_the_clients_family() -> None:
+    """A dual-stack broker tells an IPv6 client its IPv6 addresses only, an IPv4 client
+    its IPv4 ones (the second address of the mapping probe must be reachable alike)."""
+    async def scenario() -> list[str]:
+        server = ProbeServer(["127.0.0.1", "::1", "127.0.0.2"],
+                             raw_reason="raw probes off for this test", log=lambda _l: None)
+        broker = Broker([Endpoint("127.0.0.1", 0), Endpoint("::1", 0)],
+                        log=lambda _line: None, services=server.services())
+        await broker.start()
+        answers = []
+        try:
+            for where in broker.listening:
+                answers.append(await _first_answer(where, ["SSYN1 NC_HELLO"]))
+        finally:
+            await broker.close()
+        return answers
+
+    v4, v6 = asyncio.run(scenario())
+    assert "addrs=127.0.0.1,127.0.0.2 " in v4
+    assert "addrs=::1 " in v6 and "public=[::1]:" in v6

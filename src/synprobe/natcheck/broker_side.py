@@ -19,6 +19,8 @@ from . import protocol as P
 from .firewall import Firewall, FirewallError
 from .server import ProbeServer, probe_firewall, raw_probe_problem
 
+UNSPECIFIED = ("0.0.0.0", "::")  # a wildcard bind is no address to tell clients
+
 
 def probe_binds(binds: list[Endpoint]) -> list[Endpoint]:
     """The binds plus PORT+1 on each address (the mapping probe's second server port)."""
@@ -56,7 +58,7 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
         # Said even with --quiet: the operator must know why clients get no raw probes.
         print(f"synprobe: broker: nat-check raw probes are off (the broker {problem}); "
               "serving the mapping probe only", file=sys.stderr, flush=True)
-    addrs = list(dict.fromkeys(b.ip for b in binds if b.ip != "0.0.0.0"))
+    addrs = list(dict.fromkeys(b.ip for b in binds if b.ip not in UNSPECIFIED))
     server = ProbeServer(addrs, raw_reason=f"the broker {problem}" if problem else "", log=log)
     ports = sorted({b.port for b in binds if b.port})
     with _cleanup_guard():

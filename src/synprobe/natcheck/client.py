@@ -88,12 +88,14 @@ class _Run:
     sample_progress: Progress | None = None
 
 
-def _reserve(state: _State, n: int) -> list[int]:
-    """n local ports nobody else may take while the check runs (bound, never used)."""
+def _reserve(state: _State, n: int, family: socket.AddressFamily = socket.AF_INET
+             ) -> list[int]:
+    """n local ports nobody else may take while the check runs (bound, never used), in
+    the family the probes use."""
     ports = []
     for _ in range(n):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("0.0.0.0", 0))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         state.reserved.append(sock)
         ports.append(sock.getsockname()[1])
     return ports
@@ -240,7 +242,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     capture = state.capture
     waits = tuple(timers.waits_for(cfg.max_wait_s)) if cfg.timers else ()
     unsol_port, reply_port, hairpin_port, followed_port, keep_port, *rest = _reserve(
-        state, 5 + hops.MAX_TTL + len(waits))
+        state, 5 + hops.MAX_TTL + len(waits), cfg.server.family)
     hop_ports, timer_ports = tuple(rest[:hops.MAX_TTL]), tuple(rest[hops.MAX_TTL:])
     reply_probe, hops_probe, hairpin_probe, timer_probe = plan(
         host_ip, info, filter_obs, reply_port, hairpin_port, hop_ports, timer_ports, waits)

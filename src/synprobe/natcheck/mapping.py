@@ -167,7 +167,7 @@ def read_message(sock: socket.socket, decoder: LineDecoder, kind: type[Answer],
 
 def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOUT_S
             ) -> socket.socket:
-    sock = bound_socket(local_port)
+    sock = bound_socket(local_port, family=server.family)
     # On a connecting socket TCP_DEFER_ACCEPT delays the handshake's last ACK so that it
     # rides on our first data (tcp_rcv_synsent_state_process): one packet fewer each.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)

@@ -85,7 +85,10 @@ class ProbeServer:
             raw_reason = "another check from this address is running"
         if not raw_reason and len(self.checks) >= P.MAX_CONCURRENT_CHECKS:
             raw_reason = f"{P.MAX_CONCURRENT_CHECKS} checks are running: try again later"
-        addrs = [local.ip] + [a for a in self.addrs if a != local.ip]
+        # Only the client's own family: its probes and the mapping's second address must
+        # reach the broker the way the control connection did.
+        addrs = [local.ip] + [a for a in self.addrs
+                              if a != local.ip and (":" in a) == local.is_v6]
         if not raw_reason:
             from . import craft
 
