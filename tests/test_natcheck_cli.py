@@ -153,3 +153,30 @@ def test_hello_lists_only_the_clients_family() -> None:
     v4, v6 = asyncio.run(scenario())
     assert "addrs=127.0.0.1,127.0.0.2 " in v4
     assert "addrs=::1 " in v6 and "public=[::1]:" in v6
+
+
+def test_ipv6_probe_rules_go_to_ip6tables_with_icmpv6_reject() -> None:
+    fake = FakeIptables()
+    calls: list[str] = []
+
+    def runner(argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        calls.append(argv[0])
+        return fake(argv, stdin)
+
+    firewall = fw.Firewall.for_family(True, runner)
+    assert firewall.v6 and not fw.Firewall.for_family(False).v6
+    firewall.install(fw.broker_rules(8088, 8089, firewall.v6), fw.broker_tag(8086))
+    assert calls == ["ip6tables-restore"]
+    assert [r[-2:] for r in fake.rules if "REJECT" in r] == [["--reject-with",
+                                                        "icmp6-port-unreachable"]]
+    assert firewall.remove(fw.broker_tag(8086)) == 2 and fake.rules == []
+    assert calls[-2:] == ["ip6tables", "ip6tables-restore"]
+
+
+def test_bind_families() -> None:
+    from synprobe.natcheck.broker_side import bind_families
+
+    assert bind_families([Endpoint("0.0.0.0", 3478)]) == [False]
+    assert bind_families([Endpoint("2001:db8:c::10", 3478)]) == [True]
+    assert bind_families([Endpoint("::", 3478)]) == [False, True]  # dual stack
+    assert bind_families([Endpoint("10.0.0.1", 1), Endpoint("2001:db8::1", 1)]) == [False, True]

@@ -117,7 +117,8 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
                  progress: Progress | None = None,
                  firewall: Firewall | None = None,
                  sample_progress: Progress | None = None) -> NatCheckReport:
-    run = _Run(cfg, firewall or Firewall(), event, progress, sample_progress=sample_progress)
+    run = _Run(cfg, firewall or Firewall.for_family(cfg.server.is_v6), event, progress,
+               sample_progress=sample_progress)
     start = time.monotonic()
     problem, problem_status = raw_problem(run.firewall)
     if not problem:

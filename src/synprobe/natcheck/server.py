@@ -318,7 +318,7 @@ def probe_firewall(firewall: Firewall, ports: list[int], log: Log) -> Iterator[N
                 log(f"nat-check: removed {stale} firewall rule(s) a previous run left ({tag})")
             tags.append(tag)
             firewall.install(broker_rules(port + P.PROBE_PORT_OFFSET,
-                                          port + P.ICMP_PORT_OFFSET), tag)
+                                          port + P.ICMP_PORT_OFFSET, firewall.v6), tag)
         yield
     finally:
         for tag in tags:
