@@ -40,6 +40,16 @@ def test_unreachable_broker_exits_3() -> None:
     assert main(["nat-check", "--server", "127.0.0.1:9", "--json"]) == 3
 
 
+def test_family_flags_pick_and_check_the_servers_family() -> None:
+    from synprobe.cli import main
+
+    assert main(["nat-check", "-6", "--server", "127.0.0.1:9"]) == 2  # not IPv6: usage
+    assert main(["nat-check", "-4", "--server", "[::1]:9"]) == 2
+    assert main(["nat-check", "-6", "--server", "[::1]:9", "--json"]) == 3  # refused on ::1
+    help_text = CliRunner().invoke(cli, ["nat-check", "--help"]).output
+    assert "-4 " in help_text and "-6 " in help_text
+
+
 def test_broker_side_and_nat_check_help_do_not_import_scapy() -> None:
     code = ("import sys, synprobe.natcheck.broker_side, synprobe.natcheck.cli, "
             "synprobe.natcheck.client; "
