@@ -12,7 +12,7 @@ import pytest
 from synprobe import rawnet
 from synprobe.natcheck import craft
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
 RECV_DEADLINE_S = 3.0
 
 
@@ -24,6 +24,7 @@ def test_lookups_on_v6_loopback() -> None:
         rawnet.interface_of("2001:db8:ffff::1")
 
 
+@NEEDS_ROOT
 def test_send_crafted_ipv6_syn_over_loopback() -> None:
     # A raw AF_INET6 TCP socket gets a copy of every TCP segment on ::1 (without the
     # IPv6 header): the segment must arrive with our ports and sequence number.
@@ -42,3 +43,9 @@ def test_send_crafted_ipv6_syn_over_loopback() -> None:
             if got[:2] == (sport, dport):
                 assert got == (sport, dport, seq, 0x02)
                 return
+
+
+def test_destination_of_either_family() -> None:
+    assert rawnet.destination(craft.syn("2001:db8:a::2", "2001:db8:1a:0::2", 1, 2, 3)) == \
+        "2001:db8:1a::2"
+    assert rawnet.destination(craft.syn("10.1.0.2", "203.0.113.10", 1, 2, 3)) == "203.0.113.10"

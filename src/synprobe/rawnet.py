@@ -76,6 +76,14 @@ def tcp_rtt_s(sock: socket.socket) -> float:
     return known[0] if known else 0.0
 
 
+def destination(pkt: bytes) -> str:
+    """The destination address of a whole IPv4 or IPv6 packet (pure), as Endpoint writes
+    it (IPv6 compressed)."""
+    if pkt[0] >> 4 == 6:
+        return str(ipaddress.IPv6Address(pkt[24:40]))
+    return socket.inet_ntoa(pkt[16:20])
+
+
 def send_packets(packets: list[bytes]) -> int:
     """Send whole IPv4 or IPv6 packets (header included; the version nibble says which)
     through raw sockets. CAP_NET_RAW. An AF_INET6 IPPROTO_RAW socket takes the IPv6
@@ -88,9 +96,7 @@ def send_packets(packets: list[bytes]) -> int:
                 family = socket.AF_INET6 if version == 6 else socket.AF_INET
                 by_family[version] = socket.socket(family, socket.SOCK_RAW,
                                                    socket.IPPROTO_RAW)
-            dst = (socket.inet_ntop(socket.AF_INET6, pkt[24:40]) if version == 6
-                   else socket.inet_ntoa(pkt[16:20]))
-            by_family[version].sendto(pkt, (dst, 0))
+            by_family[version].sendto(pkt, (destination(pkt), 0))
     finally:
         for raw in by_family.values():
             raw.close()

@@ -52,11 +52,13 @@ def build(server_ip: str, rst_port: int, icmp_port: int) -> list[StackTrial]:
 
 
 def _one(trial: StackTrial, out: list[StackOutcome]) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = trial.target.is_v6
+    sock = socket.socket(trial.target.family, socket.SOCK_STREAM)
     try:
-        if trial.ttl is not None:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, trial.ttl)
-        sock.bind(("0.0.0.0", 0))
+        if trial.ttl is not None:  # the hop limit, over IPv6
+            sock.setsockopt(*((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS) if v6
+                              else (socket.IPPROTO_IP, socket.IP_TTL)), trial.ttl)
+        sock.bind(("::" if v6 else "0.0.0.0", 0))
         port = sock.getsockname()[1]
         start = time.monotonic()
         code = connect_nonblocking(sock, trial.target, WAIT_S)

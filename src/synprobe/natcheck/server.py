@@ -168,8 +168,7 @@ class ProbeServer:
 
     def _send(self, broker: Broker, check: Check, packets: list[bytes]) -> None:
         for pkt in packets:
-            dst = ".".join(str(b) for b in pkt[16:20])
-            if dst != check.client_ip or not broker.is_open(check.conn):
+            if rawnet.destination(pkt) != check.client_ip or not broker.is_open(check.conn):
                 raise ProtocolError("refused: probes go only to the address of a client "
                                     "connected now")
             if check.sent >= P.PROBE_BUDGET:
