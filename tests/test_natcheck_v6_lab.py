@@ -37,6 +37,10 @@ EXPECTED6: dict[str, dict[str, Any]] = {
     "open6": {**_FIREWALL6, "filtering": EI, "unsolicited_syn": "pass", "hops": None},
 }
 PUBLIC_PREFIX = {"nptv6": "2001:db8:1a::2"}  # side a
+VERDICT6 = {"nptv6": "Punch-friendly NAT (", "rfc6092": "No NAT, a stateful firewall (",
+            "reject6-rst": "No NAT, a firewall that rejects unsolicited SYNs (",
+            "reject6-admin": "No NAT, a firewall that rejects unsolicited SYNs (",
+            "open6": "No NAT, no firewall ("}
 PAIRS = [("nptv6", "rfc6092"), ("reject6-rst", "reject6-admin"), ("open6", "rfc6092")]
 
 
@@ -77,6 +81,8 @@ def test_natcheck_v6_profile_keys(pair: tuple[str, str]) -> None:
         for key, want in EXPECTED6[profile].items():
             if report[key] != want:
                 problems.append(f"{profile} (side {side}) {key}: {report[key]!r} != {want!r}")
+        if not report["verdict"].startswith(VERDICT6[profile]):
+            problems.append(f"{profile} verdict {report['verdict']!r}")
         host = "2001:db8:a::2" if side == "a" else "2001:db8:b::2"
         public_ip = PUBLIC_PREFIX.get(profile, host) if side == "a" else host
         if not all(p.startswith(f"[{public_ip}]:") for p in report["public"]):
