@@ -40,9 +40,31 @@ def test_unreachable_broker_exits_3() -> None:
     assert main(["nat-check", "--server", "127.0.0.1:9", "--json"]) == 3
 
 
+def test_family_flags_pick_and_check_the_servers_family() -> None:
+    from synprobe.cli import main
+
+    assert main(["nat-check", "-6", "--server", "127.0.0.1:9"]) == 2  # not IPv6: usage
+    assert main(["nat-check", "-4", "--server", "[::1]:9"]) == 2
+    assert main(["nat-check", "-6", "--server", "[::1]:9", "--json"]) == 3  # refused on ::1
+    help_text = CliRunner().invoke(cli, ["nat-check", "--help"]).output
+    assert "-4 " in help_text and "-6 " in help_text
+
+
 def test_broker_side_and_nat_check_help_do_not_import_scapy() -> None:
     assert scapy_modules_after("import synprobe.natcheck.broker_side, synprobe.natcheck.cli, "
                                "synprobe.natcheck.client") == []
+
+
+async def _first_answer(broker: Endpoint, lines: list[str]) -> str:
+    """Send ``lines`` on a fresh connection; the first line back (5 s at most)."""
+    reader, writer = await asyncio.open_connection(broker.ip, broker.port)
+    try:
+        for line in lines:
+            writer.write(line.encode() + b"\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 5)).decode()
+    finally:
+        writer.close()
 
 
 def test_broker_verbs_on_loopback() -> None:
@@ -57,12 +79,7 @@ def test_broker_verbs_on_loopback() -> None:
         try:
             for lines in (["SSYN1 OBSERVE"], ["SSYN1 NC_HELLO"],
                           ["SSYN1 NC_PROBE unsolicited=40000 filter=40001"]):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                for line in lines:
-                    writer.write(line.encode() + b"\n")
-                await writer.drain()
-                answers.append((await asyncio.wait_for(reader.readline(), 5)).decode())
-                writer.close()
+                answers.append(await _first_answer(Endpoint("127.0.0.1", port), lines))
         finally:
             await broker.close()
         return answers
@@ -120,3 +137,52 @@ def test_tagged_lines_reads_iptables_s() -> None:
                '"synprobe-natcheck:broker:8086" -j DROP\n-A INPUT -p tcp -j ACCEPT\n')
     lines = fw.tagged_lines(listing, fw.TAG_PREFIX)
     assert len(lines) == 1 and fw.comment_of(lines[0]) == "synprobe-natcheck:broker:8086"
+
+
+def test_hello_lists_only_the_clients_family() -> None:
+    """A dual-stack broker tells an IPv6 client its IPv6 addresses only, an IPv4 client
+    its IPv4 ones (the second address of the mapping probe must be reachable alike)."""
+    async def scenario() -> list[str]:
+        server = ProbeServer(["127.0.0.1", "::1", "127.0.0.2"],
+                             raw_reason="raw probes off for this test", log=lambda _l: None)
+        broker = Broker([Endpoint("127.0.0.1", 0), Endpoint("::1", 0)],
+                        log=lambda _line: None, services=server.services())
+        await broker.start()
+        answers = []
+        try:
+            for where in broker.listening:
+                answers.append(await _first_answer(where, ["SSYN1 NC_HELLO"]))
+        finally:
+            await broker.close()
+        return answers
+
+    v4, v6 = asyncio.run(scenario())
+    assert "addrs=127.0.0.1,127.0.0.2 " in v4
+    assert "addrs=::1 " in v6 and "public=[::1]:" in v6
+
+
+def test_ipv6_probe_rules_go_to_ip6tables_with_icmpv6_reject() -> None:
+    fake = FakeIptables()
+    calls: list[str] = []
+
+    def runner(argv: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        calls.append(argv[0])
+        return fake(argv, stdin)
+
+    firewall = fw.Firewall.for_family(True, runner)
+    assert firewall.v6 and not fw.Firewall.for_family(False).v6
+    firewall.install(fw.broker_rules(8088, 8089, firewall.v6), fw.broker_tag(8086))
+    assert calls == ["ip6tables-restore"]
+    assert [r[-2:] for r in fake.rules if "REJECT" in r] == [["--reject-with",
+                                                        "icmp6-port-unreachable"]]
+    assert firewall.remove(fw.broker_tag(8086)) == 2 and fake.rules == []
+    assert calls[-2:] == ["ip6tables", "ip6tables-restore"]
+
+
+def test_bind_families() -> None:
+    from synprobe.natcheck.broker_side import bind_families
+
+    assert bind_families([Endpoint("0.0.0.0", 3478)]) == [False]
+    assert bind_families([Endpoint("2001:db8:c::10", 3478)]) == [True]
+    assert bind_families([Endpoint("::", 3478)]) == [False, True]  # dual stack
+    assert bind_families([Endpoint("10.0.0.1", 1), Endpoint("2001:db8::1", 1)]) == [False, True]

@@ -253,7 +253,7 @@ def test_a_flood_of_captured_syns_gets_at_most_one_probe_each_only_while_connect
     from synprobe.packets.seen import Seen
 
     sent: list[bytes] = []
-    monkeypatch.setattr(srv.rawnet, "send_ipv4", lambda pkts: sent.extend(pkts))
+    monkeypatch.setattr(srv.rawnet, "send_packets", lambda pkts: sent.extend(pkts))
     monkeypatch.setattr(srv, "_syn", lambda src, dst, sport, dport, seq: _syn_to(dst))
     client = "198.51.100.2"
 

@@ -26,9 +26,11 @@ if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
 EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
-def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint:
+def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
+                 v6: bool | None = None) -> Endpoint:
     """HOST[:PORT] where HOST is an IPv4 address, [an IPv6 address], or a name (its IPv4
-    address if it has one, else its IPv6 address)."""
+    address if it has one, else its IPv6 address; only the one family when ``v6`` says
+    which, and then an address of the other family is an error)."""
     import socket
 
     from simulsyn_core.endpoint import Endpoint, split_host_port
@@ -43,11 +45,17 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT) -> Endpoint
         raise click.BadParameter(f"{text!r}: port must be 1-65535 in ASCII digits") from None
     if has_foreign_digits(host):  # the resolver would read "１２７.0.0.1" as 127.0.0.1
         raise click.BadParameter(f"{text!r}: digits other than ASCII 0-9 in the host")
+    wanted = {None: (socket.AF_INET, socket.AF_INET6), False: (socket.AF_INET,),
+              True: (socket.AF_INET6,)}[v6]
     try:
-        return Endpoint.parse(str(Endpoint(host, port)))
+        literal = Endpoint.parse(str(Endpoint(host, port)))
     except ValueError:
-        pass
-    for family in (socket.AF_INET, socket.AF_INET6):
+        literal = None
+    if literal is not None:
+        if literal.family not in wanted:
+            raise click.BadParameter(f"{text!r} is not an IPv{'6' if v6 else '4'} address")
+        return literal
+    for family in wanted:
         try:
             infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
         except (ValueError, OSError, UnicodeError):

@@ -1,10 +1,11 @@
 """The host's raw-network helpers: which capabilities this process holds (the one
-raw-privilege check), sending whole IPv4 packets through a raw socket, and what the
+raw-privilege check), sending whole IPv4 or IPv6 packets through a raw socket, and what the
 kernel knows about routes, interfaces and a TCP socket's RTT. Linux only."""
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import socket
 import struct
 
@@ -33,13 +34,16 @@ def missing_capabilities(*caps: int) -> list[str]:
 
 def local_ip_towards(remote_ip: str) -> str:
     """The source address the kernel picks for remote_ip (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    with socket.socket(_family(remote_ip), socket.SOCK_DGRAM) as probe:
         probe.connect((remote_ip, 9))
         return str(probe.getsockname()[0])
 
 
 def interface_of(ip: str) -> str:
-    """The interface that holds ip (SIOCGIFADDR over every interface)."""
+    """The interface that holds ip (IPv4: SIOCGIFADDR over every interface; IPv6: the
+    kernel's table /proc/net/if_inet6)."""
+    if ":" in ip:
+        return _interface_of_v6(ip)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _index, name in socket.if_nameindex():
             try:
@@ -52,16 +56,48 @@ def interface_of(ip: str) -> str:
     raise OSError(f"no interface holds {ip}")
 
 
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _interface_of_v6(ip: str, table: str = "/proc/net/if_inet6") -> str:
+    wanted = ipaddress.IPv6Address(ip)
+    with open(table) as lines:
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 6 and ipaddress.IPv6Address(int(fields[0], 16)) == wanted:
+                return fields[5]
+    raise OSError(f"no interface holds {ip}")
+
+
 def tcp_rtt_s(sock: socket.socket) -> float:
     """The kernel's smoothed RTT of a connected TCP socket (0.0 if unknown)."""
     known = sockets.tcp_rtt(sock)
     return known[0] if known else 0.0
 
 
-def send_ipv4(packets: list[bytes]) -> int:
-    """Send whole IPv4 packets (header included) through a raw socket. CAP_NET_RAW."""
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+def destination(pkt: bytes) -> str:
+    """The destination address of a whole IPv4 or IPv6 packet (pure), as Endpoint writes
+    it (IPv6 compressed)."""
+    if pkt[0] >> 4 == 6:
+        return str(ipaddress.IPv6Address(pkt[24:40]))
+    return socket.inet_ntoa(pkt[16:20])
+
+
+def send_packets(packets: list[bytes]) -> int:
+    """Send whole IPv4 or IPv6 packets (header included; the version nibble says which)
+    through raw sockets. CAP_NET_RAW. An AF_INET6 IPPROTO_RAW socket takes the IPv6
+    header as given (Linux's IPV6_HDRINCL, on by default for IPPROTO_RAW)."""
+    by_family: dict[int, socket.socket] = {}
+    try:
         for pkt in packets:
-            dst = socket.inet_ntoa(pkt[16:20])
-            raw.sendto(pkt, (dst, 0))
+            version = pkt[0] >> 4
+            if version not in by_family:
+                family = socket.AF_INET6 if version == 6 else socket.AF_INET
+                by_family[version] = socket.socket(family, socket.SOCK_RAW,
+                                                   socket.IPPROTO_RAW)
+            by_family[version].sendto(pkt, (destination(pkt), 0))
+    finally:
+        for raw in by_family.values():
+            raw.close()
     return len(packets)

@@ -19,6 +19,8 @@ from . import protocol as P
 from .firewall import Firewall, FirewallError
 from .server import ProbeServer, probe_firewall, raw_probe_problem
 
+UNSPECIFIED = ("0.0.0.0", "::")  # a wildcard bind is no address to tell clients
+
 
 def probe_binds(binds: list[Endpoint]) -> list[Endpoint]:
     """The binds plus PORT+1 on each address (the mapping probe's second server port)."""
@@ -28,6 +30,13 @@ def probe_binds(binds: list[Endpoint]) -> list[Endpoint]:
         if b.port and alt not in out:
             out.append(alt)
     return out
+
+
+def bind_families(binds: list[Endpoint]) -> list[bool]:
+    """Which families the binds serve, as "is IPv6" flags (pure): the dual-stack
+    wildcard [::] serves both."""
+    v6 = {b.is_v6 for b in binds} | ({False} if any(b.ip == "::" for b in binds) else set())
+    return sorted(v6)
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -51,19 +60,23 @@ def run_probing_broker(binds: list[Endpoint], log: Log, firewall: Firewall | Non
     """Without the privileges for raw probes, say which one line and serve the mapping
     probe (and the rendezvous) anyway: clients are told why raw probes are off."""
     firewall = firewall or Firewall()
-    problem = raw_probe_problem(firewall)
+    # One firewall a family: iptables rules never see IPv6 packets, nor ip6tables IPv4.
+    firewalls = [Firewall.for_family(True, firewall.run) if v6 else firewall
+                 for v6 in bind_families(binds)]
+    problem = next((p for p in map(raw_probe_problem, firewalls) if p), "")
     if problem:
         # Said even with --quiet: the operator must know why clients get no raw probes.
         print(f"synprobe: broker: nat-check raw probes are off (the broker {problem}); "
               "serving the mapping probe only", file=sys.stderr, flush=True)
-    addrs = list(dict.fromkeys(b.ip for b in binds if b.ip != "0.0.0.0"))
+    addrs = list(dict.fromkeys(b.ip for b in binds if b.ip not in UNSPECIFIED))
     server = ProbeServer(addrs, raw_reason=f"the broker {problem}" if problem else "", log=log)
     ports = sorted({b.port for b in binds if b.port})
     with _cleanup_guard():
         try:
-            fw = (probe_firewall(firewall, ports, log) if not problem
-                  else contextlib.nullcontext())
-            with fw:
+            with contextlib.ExitStack() as rules:
+                if not problem:
+                    for each in firewalls:
+                        rules.enter_context(probe_firewall(each, ports, log))
                 return run_broker(probe_binds(binds), log=log, services=server.services(),
                                   syn_probe=True, relay=relay)
         except FirewallError as exc:

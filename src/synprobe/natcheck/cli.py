@@ -6,11 +6,17 @@ import sys
 
 import click
 
-from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.signals import sigterm_as_interrupt
 
 from .. import state
-from ..cliutil import EPILOG, AsciiIntRange, EndpointType, FiniteFloatRange, Reporter
+from ..cliutil import (
+    DEFAULT_BROKER_PORT,
+    EPILOG,
+    AsciiIntRange,
+    FiniteFloatRange,
+    Reporter,
+    parse_server,
+)
 from . import protocol as P
 from .port_samples import DEFAULT_PORT_SAMPLES, MAX_OPEN, MAX_SAMPLES, RATE_PER_S
 
@@ -33,8 +39,14 @@ def _samples_bar(done: float, total: float) -> None:
 
 
 @click.command("nat-check", epilog=EPILOG)
-@click.option("--server", "server", type=EndpointType(server=True), required=True,
-              metavar="HOST[:PORT]", help="A `synprobe broker` (with its probe side on).")
+@click.option("--server", "server_text", required=True, metavar="HOST[:PORT]",
+              help="A `synprobe broker` (with its probe side on); [IPV6]:PORT for IPv6.")
+@click.option("-4", "v6", flag_value=False, default=None,
+              help="Check over IPv4 (a name resolves to its IPv4 address; the default "
+                   "for a name that has one).")
+@click.option("-6", "v6", flag_value=True,
+              help="Check over IPv6 (a name resolves to its IPv6 address): NPTv6 shows as "
+                   "a mapping (prefix translation), a plain firewall as behind_nat false.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--timers", is_flag=True,
               help="Also measure how long a SYN's hole stays open (syn_sent_lifetime_s); "
@@ -62,7 +74,7 @@ def _samples_bar(done: float, total: float) -> None:
                    "and REQ-8a are then not measured.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Every step on stderr; with --rfc5382, each requirement's packets.")
-def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
+def nat_check(server_text: str, v6: bool | None, as_json: bool, timers: bool, max_wait_s: float,
               pcap: str | None, port_samples: int, rfc5382: bool, no_hairpin: bool,
               verbose: bool) -> None:
     """Measure what the NAT in front of this host does to TCP, and how to punch it.
@@ -84,6 +96,11 @@ def nat_check(server: Endpoint, as_json: bool, timers: bool, max_wait_s: float,
     from .render import as_json as render_json
     from .render import evidence_lines, table
 
+    try:
+        server = parse_server(server_text, DEFAULT_BROKER_PORT, v6)
+    except click.BadParameter as exc:
+        exc.param_hint = "'--server'"
+        raise
     reporter = Reporter(verbose)
     with sigterm_as_interrupt():
         report = run_natcheck(CheckConfig(server, timers, max_wait_s, pcap, port_samples,

@@ -88,12 +88,14 @@ class _Run:
     sample_progress: Progress | None = None
 
 
-def _reserve(state: _State, n: int) -> list[int]:
-    """n local ports nobody else may take while the check runs (bound, never used)."""
+def _reserve(state: _State, n: int, family: socket.AddressFamily = socket.AF_INET
+             ) -> list[int]:
+    """n local ports nobody else may take while the check runs (bound, never used), in
+    the family the probes use."""
     ports = []
     for _ in range(n):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("0.0.0.0", 0))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         state.reserved.append(sock)
         ports.append(sock.getsockname()[1])
     return ports
@@ -115,7 +117,8 @@ def run_natcheck(cfg: CheckConfig, event: Event = lambda _m: None,
                  progress: Progress | None = None,
                  firewall: Firewall | None = None,
                  sample_progress: Progress | None = None) -> NatCheckReport:
-    run = _Run(cfg, firewall or Firewall(), event, progress, sample_progress=sample_progress)
+    run = _Run(cfg, firewall or Firewall.for_family(cfg.server.is_v6), event, progress,
+               sample_progress=sample_progress)
     start = time.monotonic()
     problem, problem_status = raw_problem(run.firewall)
     if not problem:
@@ -204,7 +207,7 @@ def _sample_ports(run: _Run, ev: Evidence) -> Evidence:
 
 def _keep(s: Seen, host_ip: str, servers: set[str]) -> bool:
     """Packets of the check: to or from the broker, ICMP errors, SYNs and RSTs of ours."""
-    if s.proto == 1:
+    if s.proto in (1, 58):
         return s.is_icmp_error and (s.inner_src == host_ip or s.dst == host_ip)
     return s.src in servers or s.dst in servers or (
         host_ip in (s.src, s.dst) and bool(s.flags & 0x06))
@@ -240,7 +243,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     capture = state.capture
     waits = tuple(timers.waits_for(cfg.max_wait_s)) if cfg.timers else ()
     unsol_port, reply_port, hairpin_port, followed_port, keep_port, *rest = _reserve(
-        state, 5 + hops.MAX_TTL + len(waits))
+        state, 5 + hops.MAX_TTL + len(waits), cfg.server.family)
     hop_ports, timer_ports = tuple(rest[:hops.MAX_TTL]), tuple(rest[hops.MAX_TTL:])
     reply_probe, hops_probe, hairpin_probe, timer_probe = plan(
         host_ip, info, filter_obs, reply_port, hairpin_port, hop_ports, timer_ports, waits)
@@ -270,7 +273,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     craft.load_scapy()  # waits for the import the background thread started
     event("scapy loaded")
     server_ip, probe_port = info.addrs[0], info.probe_port
-    rawnet.send_ipv4([
+    rawnet.send_packets([
         reply_syn.build(reply_probe), *hops.build(hops_probe),
         *([hairpin.build(hairpin_probe)] if cfg.hairpin else []),
         *([craft.syn(host_ip, server_ip, followed, probe_port, P.Seq.FOLLOW)]
@@ -282,7 +285,7 @@ def _raw_probes(run: _Run, control: socket.socket, info: P.ServerInfo, host_ip: 
     timers_deadline = None
     if timer_probe is not None:
         _request(control, P.Timers(waits), P.TimersArmed)
-        rawnet.send_ipv4(timers.build(timer_probe))
+        rawnet.send_packets(timers.build(timer_probe))
         _wait_for_holes(run, timer_probe)
         timers_deadline = time.time()  # the capture's clock: later answers do not count
     event("reply_syn, hops" + (", hairpin" if cfg.hairpin else "")

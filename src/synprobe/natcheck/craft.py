@@ -17,8 +17,9 @@ def load_scapy() -> dict[str, Any]:
     with _lock:
         if not _scapy:
             from scapy.layers.inet import ICMP, IP, TCP
+            from scapy.layers.inet6 import IPv6
 
-            _scapy.update(IP=IP, TCP=TCP, ICMP=ICMP)
+            _scapy.update(IP=IP, TCP=TCP, ICMP=ICMP, IPv6=IPv6)
     return _scapy
 
 
@@ -40,9 +41,12 @@ def wait_preload(timeout_s: float) -> None:
 
 
 def syn(src: str, dst: str, sport: int, dport: int, seq: int, ttl: int = 64) -> bytes:
-    """One TCP SYN as an IPv4 packet (header included), checksums filled in."""
+    """One TCP SYN as an IPv4 or IPv6 packet (by ``dst``; header included, checksums
+    filled in); over IPv6 ``ttl`` is the hop limit."""
     s = load_scapy()
-    pkt = s["IP"](src=src, dst=dst, ttl=ttl, id=seq & 0xFFFF) / s["TCP"](
+    network = (s["IPv6"](src=src, dst=dst, hlim=ttl) if ":" in dst
+               else s["IP"](src=src, dst=dst, ttl=ttl, id=seq & 0xFFFF))
+    pkt = network / s["TCP"](
         sport=sport, dport=dport, flags="S", seq=seq, window=SYN_WINDOW,
         options=[("MSS", SYN_MSS)])
     return bytes(pkt)

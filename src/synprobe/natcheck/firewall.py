@@ -38,13 +38,15 @@ class Rule:
         return [*self.spec[:-2], "-m", "comment", "--comment", tag, *self.spec[-2:]]
 
 
-def broker_rules(probe_port: int, icmp_port: int) -> list[Rule]:
+def broker_rules(probe_port: int, icmp_port: int, v6: bool = False) -> list[Rule]:
     """Probe SYNs to probe_port are dropped before the broker's TCP answers them with
-    RST; SYNs to icmp_port get ICMP port-unreachable (the host_stack probe)."""
+    RST; SYNs to icmp_port get ICMP port-unreachable (the host_stack probe; ICMPv6 type
+    1 code 4 in ip6tables)."""
     return [
         Rule("INPUT", ("-p", "tcp", "--dport", str(probe_port), "-j", "DROP")),
         Rule("INPUT", ("-p", "tcp", "--dport", str(icmp_port), "-j", "REJECT",
-                       "--reject-with", "icmp-port-unreachable")),
+                       "--reject-with",
+                       "icmp6-port-unreachable" if v6 else "icmp-port-unreachable")),
     ]
 
 
@@ -116,6 +118,15 @@ class Firewall:
 
     binary: str = "iptables"
     run: Runner = _default_runner
+
+    @classmethod
+    def for_family(cls, v6: bool, run: Runner = _default_runner) -> Firewall:
+        """ip6tables for IPv6 probes (its rules never see IPv4 packets), else iptables."""
+        return cls("ip6tables" if v6 else "iptables", run)
+
+    @property
+    def v6(self) -> bool:
+        return self.binary.startswith("ip6")
 
     @property
     def available(self) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..packets.decode import ICMP_TIME_EXCEEDED
 from ..packets.seen import Seen
 from . import craft
 from . import protocol as P
@@ -41,8 +40,8 @@ def path(probe: HopsProbe, seen: Sequence[Seen]) -> list[str | None]:
     """The router that answered time-exceeded for each TTL (None: no answer)."""
     out: list[str | None] = []
     for port in probe.local_ports:
-        hit = next((s.src for s in seen if not s.outgoing and s.proto == 1
-                    and s.icmp_type == ICMP_TIME_EXCEEDED and s.inner_sport == port
+        hit = next((s.src for s in seen if not s.outgoing and s.is_time_exceeded
+                    and s.inner_sport == port
                     and s.inner_dport == probe.probe_port), None)
         out.append(hit)
     return out

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from simulsyn_core.endpoint import Endpoint
 from simulsyn_core.sockets import connect_nonblocking, errno_name
 
-from ..packets.decode import ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED
 from ..packets.seen import Seen
 from .report import ConnectState, StackKind, StackReaction
 
@@ -53,11 +52,13 @@ def build(server_ip: str, rst_port: int, icmp_port: int) -> list[StackTrial]:
 
 
 def _one(trial: StackTrial, out: list[StackOutcome]) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = trial.target.is_v6
+    sock = socket.socket(trial.target.family, socket.SOCK_STREAM)
     try:
-        if trial.ttl is not None:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, trial.ttl)
-        sock.bind(("0.0.0.0", 0))
+        if trial.ttl is not None:  # the hop limit, over IPv6
+            sock.setsockopt(*((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS) if v6
+                              else (socket.IPPROTO_IP, socket.IP_TTL)), trial.ttl)
+        sock.bind(("::" if v6 else "0.0.0.0", 0))
         port = sock.getsockname()[1]
         start = time.monotonic()
         code = connect_nonblocking(sock, trial.target, WAIT_S)
@@ -86,10 +87,10 @@ def _answered(kind: StackKind, o: StackOutcome, seen: Sequence[Seen]) -> bool:
             continue
         if kind == StackKind.RST and s.is_rst and s.dport == o.local_port:
             return True
-        if kind == StackKind.ICMP and s.proto == 1 and s.icmp_type == ICMP_DEST_UNREACH \
+        if kind == StackKind.ICMP and s.is_unreachable \
                 and s.inner_sport == o.local_port:
             return True
-        if kind == StackKind.TTL_EXCEEDED and s.proto == 1 and s.icmp_type == ICMP_TIME_EXCEEDED \
+        if kind == StackKind.TTL_EXCEEDED and s.is_time_exceeded \
                 and s.inner_sport == o.local_port:
             return True
     return False

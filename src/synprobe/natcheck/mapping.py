@@ -9,6 +9,7 @@ ports, one after the other, show how the NAT picks ports for new mappings.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from .report import Behaviour, PortAllocation
 
 OBSERVE_TIMEOUT_S = 3.0
 SEQUENTIAL_MAX_STEP = 16  # public ports this close, in order, count as sequential
+IID_MASK = (1 << 64) - 1  # an IPv6 address's interface identifier (RFC 4291 section 2.5.1)
+ALL_ONES = (1 << 128) - 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ def classify(control: Observation, same_port: Sequence[Observation],
     other_port = [o for o in same_port if o.server.ip == control.server.ip]
     other_addr = [o for o in same_port if o.server.ip != control.server.ip]
     mapping: Behaviour | None
+    translation = prefix_translation(control.local, control.public)
+    if translation:
+        reasons.append(("behind_nat", translation))
     if not behind_nat:
         mapping = Behaviour.NO_NAT
         reasons.append(("mapping", f"the server sees the host's own address {control.public.ip}"))
@@ -110,6 +116,23 @@ def classify(control: Observation, same_port: Sequence[Observation],
                          tuple(reasons))
 
 
+def prefix_translation(local: Endpoint, public: Endpoint) -> str | None:
+    """Pure: over IPv6, what an address rewrite looks like when the server saw another
+    address than the socket's own: NPTv6 (RFC 6296) changes the /64 prefix and keeps the
+    interface identifier; anything else is named as an address translation. None when
+    either side is IPv4 or nothing changed."""
+    if not (local.is_v6 and public.is_v6) or local.ip == public.ip:
+        return None
+    own, seen = ipaddress.IPv6Address(local.ip), ipaddress.IPv6Address(public.ip)
+    port = ("port kept" if public.port == local.port
+            else f"port {local.port} -> {public.port}")
+    if int(own) & IID_MASK == int(seen) & IID_MASK:
+        before = ipaddress.IPv6Network((int(own) & ~IID_MASK & ALL_ONES, 64))
+        after = ipaddress.IPv6Network((int(seen) & ~IID_MASK & ALL_ONES, 64))
+        return f"prefix translation {before} -> {after} (interface identifier kept), {port}"
+    return f"IPv6 address translation {own} -> {seen}, {port}"
+
+
 # --- I/O ----------------------------------------------------------------------------------
 
 Answer = TypeVar("Answer", bound=P.NcMessage)
@@ -144,7 +167,7 @@ def read_message(sock: socket.socket, decoder: LineDecoder, kind: type[Answer],
 
 def connect(local_port: int, server: Endpoint, timeout_s: float = OBSERVE_TIMEOUT_S
             ) -> socket.socket:
-    sock = bound_socket(local_port)
+    sock = bound_socket(local_port, family=server.family)
     # On a connecting socket TCP_DEFER_ACCEPT delays the handshake's last ACK so that it
     # rides on our first data (tcp_rcv_synsent_state_process): one packet fewer each.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)

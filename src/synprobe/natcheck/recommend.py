@@ -126,6 +126,12 @@ def verdict(f: Findings) -> str:
                 "a relay)" + (f"; {hint}." if hint else "."))
     if f.reply_syn is None:
         return f"Incomplete check ({what}): the raw probes did not run, see the reasons."
+    if f.behind_nat is False and f.unsolicited_syn == Outcome.PASS:
+        return (f"No NAT, no firewall ({what}): unsolicited SYNs reach this host, so the peer "
+                "can simply connect to its address.")
+    if f.behind_nat is False and _rejects(f):
+        return (f"No NAT, a firewall that rejects unsolicited SYNs ({what}): TCP simultaneous "
+                "open works if this side sends first (a hop-limited SYN) or keeps retrying.")
     if f.behind_nat is False:
         return (f"No NAT, a stateful firewall ({what}): TCP simultaneous open works; give the "
                 "peer this host's address.")

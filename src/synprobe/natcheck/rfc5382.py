@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..packets.decode import ICMP_DEST_UNREACH
 from ..packets.seen import Seen
 from . import hairpin, timers
 from . import protocol as P
@@ -74,8 +73,9 @@ def _packet(s: Seen, t0: float) -> str:
     """One packet of the capture, as the evidence shows it."""
     when = f"+{(s.t - t0) * 1000:.0f} ms"
     way = "out" if s.outgoing else "in"
-    if s.proto == 1:
-        return (f"{when} {way} ICMP {s.icmp_type}/{s.icmp_code} {s.src} > {s.dst} "
+    if s.is_icmp_error:
+        icmp = "ICMPv6" if s.proto == 58 else "ICMP"
+        return (f"{when} {way} {icmp} {s.icmp_type}/{s.icmp_code} {s.src} > {s.dst} "
                 f"quoting {s.inner_src}:{s.inner_sport} > {s.inner_dst}:{s.inner_dport}")
     flags = "RST" if s.is_rst else "SYN" if s.is_syn else f"flags 0x{s.flags:02x}"
     return f"{when} {way} {flags} {s.src}:{s.sport} > {s.dst}:{s.dport} seq 0x{s.seq:08x}"
@@ -321,8 +321,8 @@ def _req8(ev: Evidence, f: Findings) -> list[Requirement]:
 def _icmp_to(raw: RawEvidence, host_ip: str, local_port: int) -> Seen | None:
     """A destination-unreachable that came in for our packet from ``local_port``, with the
     quoted packet translated back to this host's address."""
-    return next((s for s in raw.seen if not s.outgoing and s.proto == 1
-                 and s.icmp_type == ICMP_DEST_UNREACH and s.inner_src == host_ip
+    return next((s for s in raw.seen if not s.outgoing and s.is_unreachable
+                 and s.inner_src == host_ip
                  and s.inner_sport == local_port), None)
 
 
@@ -374,7 +374,7 @@ def _req10(ev: Evidence, f: Findings) -> Requirement:
                                  "mapping outlived the ICMP error")
     port = raw.icmp_keep_port
     evidence = _packets(raw, lambda s: (s.proto == 6 and port in (s.sport, s.dport))
-                        or (s.proto == 1 and s.inner_sport == port))
+                        or (s.is_icmp_error and s.inner_sport == port))
     icmp = _icmp_to(raw, ev.host_ip, port)
     syn = _keep_syn(raw)
     gap = f"{P.ICMP_KEEP_GAP_S * 1000:.0f} ms"

@@ -85,7 +85,10 @@ class ProbeServer:
             raw_reason = "another check from this address is running"
         if not raw_reason and len(self.checks) >= P.MAX_CONCURRENT_CHECKS:
             raw_reason = f"{P.MAX_CONCURRENT_CHECKS} checks are running: try again later"
-        addrs = [local.ip] + [a for a in self.addrs if a != local.ip]
+        # Only the client's own family: its probes and the mapping's second address must
+        # reach the broker the way the control connection did.
+        addrs = [local.ip] + [a for a in self.addrs
+                              if a != local.ip and (":" in a) == local.is_v6]
         if not raw_reason:
             from . import craft
 
@@ -165,13 +168,12 @@ class ProbeServer:
 
     def _send(self, broker: Broker, check: Check, packets: list[bytes]) -> None:
         for pkt in packets:
-            dst = ".".join(str(b) for b in pkt[16:20])
-            if dst != check.client_ip or not broker.is_open(check.conn):
+            if rawnet.destination(pkt) != check.client_ip or not broker.is_open(check.conn):
                 raise ProtocolError("refused: probes go only to the address of a client "
                                     "connected now")
             if check.sent >= P.PROBE_BUDGET:
                 raise ProtocolError(f"refused: probe budget of {P.PROBE_BUDGET} packets spent")
-            rawnet.send_ipv4([pkt])
+            rawnet.send_packets([pkt])
             check.sent += 1
 
     # --- capture and the SYNs that ask for an answer ------------------------------------
@@ -185,7 +187,7 @@ class ProbeServer:
         ours = {check.local.ip, *( [check.other_ip] if check.other_ip else [])}
 
         def keep(s: Seen) -> bool:
-            if s.proto == 1:
+            if s.is_icmp_error:
                 return s.inner_dst == client_ip and s.inner_src in ours
             return (s.src == client_ip and s.dport == probe_port) or (
                 s.dst == client_ip and s.sport == probe_port)
@@ -315,7 +317,7 @@ def probe_firewall(firewall: Firewall, ports: list[int], log: Log) -> Iterator[N
                 log(f"nat-check: removed {stale} firewall rule(s) a previous run left ({tag})")
             tags.append(tag)
             firewall.install(broker_rules(port + P.PROBE_PORT_OFFSET,
-                                          port + P.ICMP_PORT_OFFSET), tag)
+                                          port + P.ICMP_PORT_OFFSET, firewall.v6), tag)
         yield
     finally:
         for tag in tags:

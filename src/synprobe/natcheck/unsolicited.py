@@ -11,13 +11,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..packets.decode import ICMP_DEST_UNREACH
+from ..packets.decode import (
+    ICMP6_DEST_UNREACH,
+    ICMP_DEST_UNREACH,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+)
 from ..packets.seen import Seen
 from . import craft
 from .report import Outcome
 
-ICMP_NAMES = {(ICMP_DEST_UNREACH, 3): Outcome.ICMP_PORT_UNREACHABLE,
-              (ICMP_DEST_UNREACH, 13): Outcome.ICMP_ADMIN_PROHIBITED}
+# (protocol, type, code): ICMPv6's port unreachable is type 1 code 4, administratively
+# prohibited type 1 code 1 (RFC 4443 section 3.1); another ICMPv6 error is "icmp6-T-C".
+ICMP_NAMES = {(IPPROTO_ICMP, ICMP_DEST_UNREACH, 3): Outcome.ICMP_PORT_UNREACHABLE,
+              (IPPROTO_ICMP, ICMP_DEST_UNREACH, 13): Outcome.ICMP_ADMIN_PROHIBITED,
+              (IPPROTO_ICMPV6, ICMP6_DEST_UNREACH, 4): Outcome.ICMP_PORT_UNREACHABLE,
+              (IPPROTO_ICMPV6, ICMP6_DEST_UNREACH, 1): Outcome.ICMP_ADMIN_PROHIBITED}
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ def answers(probe: UnsolicitedProbe, seen: Seen) -> bool:
 
 def classify(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> str:
     """"drop" | "rst" | "icmp-port-unreachable" | "icmp-admin-prohibited" |
-    "icmp-T-C" (another ICMP error, type T code C) | "syn-ack" (a host answered)."""
+    "icmp-T-C" / "icmp6-T-C" (another ICMP or ICMPv6 error, type T code C) | "syn-ack"
+    (a host answered)."""
     return timed(probe, seen)[0]
 
 
@@ -64,6 +74,7 @@ def timed(probe: UnsolicitedProbe, seen: Sequence[Seen]) -> tuple[str, int | Non
         after = round((s.t - sent[0]) * 1000) if sent else None
         if s.proto == 6:
             return (Outcome.RST if s.is_rst else Outcome.SYN_ACK), after
-        return ICMP_NAMES.get((s.icmp_type, s.icmp_code),
-                              f"icmp-{s.icmp_type}-{s.icmp_code}"), after
+        icmp = "icmp6" if s.proto == IPPROTO_ICMPV6 else "icmp"
+        return ICMP_NAMES.get((s.proto, s.icmp_type, s.icmp_code),
+                              f"{icmp}-{s.icmp_type}-{s.icmp_code}"), after
     return Outcome.DROP, None
