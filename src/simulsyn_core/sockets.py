@@ -93,13 +93,14 @@ def new_socket(kind: int = socket.SOCK_STREAM,
     return sock
 
 
-def bound_socket(local_port: int, local_ip: str | None = None,
+def bound_socket(local_port: int | None, local_ip: str | None = None,
                  family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
     """A TCP socket bound to local_ip:local_port with SO_REUSEADDR, as the technique needs.
 
     SO_REUSEADDR lets every socket of the run share one local port (Linux allows it as
     long as no socket on the port listens), so the NAT sees one internal endpoint. An
-    IPv6 socket is IPv6 only, and sends with hop limit FULL_HOPS_V6.
+    IPv6 socket is IPv6 only, and sends with hop limit FULL_HOPS_V6. ``local_port`` None:
+    not bound here (connect() picks a port whose 4-tuple is free).
     """
     sock = new_socket(family=family)
     try:
@@ -107,8 +108,9 @@ def bound_socket(local_port: int, local_ip: str | None = None,
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, FULL_HOPS_V6)
-        sock.bind((local_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
-                   local_port))
+        if local_port is not None:
+            sock.bind((local_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                       local_port))
     except BaseException:
         sock.close()
         raise

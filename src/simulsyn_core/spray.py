@@ -80,7 +80,7 @@ class Pool:
         time-exceeded it draws), then the socket gets a full TTL for what follows, unless
         ``hold_ttl``: then it keeps the limited TTL until ``open_up()``."""
         try:
-            sock = bound_socket(local_port or 0, family=target.family)
+            sock = bound_socket(local_port, family=target.family)
         except OSError as exc:
             self.failed[errno_name(exc.errno or 0)] += 1
             return

@@ -26,14 +26,9 @@ if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
 EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
-def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
-                 v6: bool | None = None) -> Endpoint:
-    """HOST[:PORT] where HOST is an IPv4 address, [an IPv6 address], or a name (its IPv4
-    address if it has one, else its IPv6 address; only the one family when ``v6`` says
-    which, and then an address of the other family is an error)."""
-    import socket
-
-    from simulsyn_core.endpoint import Endpoint, split_host_port
+def server_syntax(text: str, default_port: int = DEFAULT_BROKER_PORT) -> tuple[str, int]:
+    """(host, port) of HOST[:PORT], checked but not resolved. Raises click.BadParameter."""
+    from simulsyn_core.endpoint import split_host_port
 
     try:
         host, port_text = split_host_port(text, default_port)
@@ -45,6 +40,27 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
         raise click.BadParameter(f"{text!r}: port must be 1-65535 in ASCII digits") from None
     if has_foreign_digits(host):  # the resolver would read "１２７.0.0.1" as 127.0.0.1
         raise click.BadParameter(f"{text!r}: digits other than ASCII 0-9 in the host")
+    return host, port
+
+
+def check_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback: HOST[:PORT]'s syntax at parse time (resolved later, once the
+    family options are known)."""
+    if value is not None:
+        server_syntax(value)
+    return value
+
+
+def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
+                 v6: bool | None = None) -> Endpoint:
+    """HOST[:PORT] where HOST is an IPv4 address, [an IPv6 address], or a name (its IPv4
+    address if it has one, else its IPv6 address; only the one family when ``v6`` says
+    which, and then an address of the other family is an error)."""
+    import socket
+
+    from simulsyn_core.endpoint import Endpoint
+
+    host, port = server_syntax(text, default_port)
     wanted = {None: (socket.AF_INET, socket.AF_INET6), False: (socket.AF_INET,),
               True: (socket.AF_INET6,)}[v6]
     try:

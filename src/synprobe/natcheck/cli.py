@@ -15,6 +15,7 @@ from ..cliutil import (
     AsciiIntRange,
     FiniteFloatRange,
     Reporter,
+    check_server,
     parse_server,
 )
 from . import protocol as P
@@ -40,6 +41,7 @@ def _samples_bar(done: float, total: float) -> None:
 
 @click.command("nat-check", epilog=EPILOG)
 @click.option("--server", "server_text", required=True, metavar="HOST[:PORT]",
+              callback=check_server,
               help="A `synprobe broker` (with its probe side on); [IPV6]:PORT for IPv6.")
 @click.option("-4", "v6", flag_value=False, default=None,
               help="Check over IPv4 (a name resolves to its IPv4 address; the default "
