@@ -245,7 +245,9 @@ def test_redis_stopped_and_started_again(tmp_path: Path, redis_server) -> None:
         waiting.close()
         joiner.close()
         for b in (b1, b2):
-            text = b.text()
+            end = time.monotonic() + 5.0  # the log is written by a batching thread
+            while "reachable again" not in (text := b.text()) and time.monotonic() < end:
+                time.sleep(0.05)
             assert text.count("unreachable") == 1, text
             assert "reachable again" in text, text
             assert "Traceback" not in text, text
