@@ -66,18 +66,24 @@ class Side:
         return self.out.getvalue().splitlines()
 
 
-def run_pair(count: int, move_at_a: int | None, move_at_b: int | None,
-             every_s: float = 0.002) -> tuple[Side, Side]:
+def started_sides() -> tuple[Side, Side, tuple[socket.socket, socket.socket],
+                             tuple[Channel, Channel]]:
+    """A and B chatting over a relay (a TCP pair), both running; the ends of a direct
+    connection and their channels, not handed over yet."""
     relay_a, relay_b = tcp_pair()
-    direct_a, direct_b = tcp_pair()
     ra, rb = channels()
-    da, db = channels(bytes(32))
     a = Side("A", relay_a, ra, Upgrades())
     b = Side("B", relay_b, rb, Upgrades())
-    up_a = Upgrade(direct_a, da, [], "direct-a")
-    up_b = Upgrade(direct_b, db, [], "direct-b")
     a.thread.start()
     b.thread.start()
+    return a, b, tcp_pair(), channels(bytes(32))
+
+
+def run_pair(count: int, move_at_a: int | None, move_at_b: int | None,
+             every_s: float = 0.002) -> tuple[Side, Side]:
+    a, b, (direct_a, direct_b), (da, db) = started_sides()
+    up_a = Upgrade(direct_a, da, [], "direct-a")
+    up_b = Upgrade(direct_b, db, [], "direct-b")
     feeders = [threading.Thread(target=a.feed, args=(count, every_s, move_at_a, up_a)),
                threading.Thread(target=b.feed, args=(count, every_s, move_at_b, up_b))]
     for f in feeders:
@@ -112,14 +118,7 @@ def test_every_message_once_and_in_order_across_the_move(move_a: int | None,
 def test_the_move_after_input_ended_moves_nothing_of_ours() -> None:
     """A's input ends before the direct connection comes: A's messages all went over the
     relay; B's move still reaches A (A reads B's rest over the direct connection)."""
-    relay_a, relay_b = tcp_pair()
-    direct_a, direct_b = tcp_pair()
-    ra, rb = channels()
-    da, db = channels(bytes(32))
-    a = Side("A", relay_a, ra, Upgrades())
-    b = Side("B", relay_b, rb, Upgrades())
-    a.thread.start()
-    b.thread.start()
+    a, b, (direct_a, direct_b), (da, db) = started_sides()
     a.feed(5, 0.0)
     time.sleep(0.2)
     assert a.upgrades is not None and b.upgrades is not None
@@ -173,14 +172,7 @@ def test_a_move_to_a_direct_connection_that_never_comes_here_is_bounded(monkeypa
     """A moved (it has the direct connection), B's end never comes up: B gives up after
     DIRECT_WAIT_S with PEER_LOST, it does not hang."""
     monkeypatch.setattr("simulsyn_core.moving.DIRECT_WAIT_S", 1.0)
-    relay_a, relay_b = tcp_pair()
-    direct_a, direct_b = tcp_pair()
-    ra, rb = channels()
-    da, _ = channels(bytes(32))
-    a = Side("A", relay_a, ra, Upgrades())
-    b = Side("B", relay_b, rb, Upgrades())
-    a.thread.start()
-    b.thread.start()
+    a, b, (direct_a, direct_b), (da, _) = started_sides()
     feeder = threading.Thread(target=a.feed, args=(3, 0.01, 1, Upgrade(direct_a, da, [], "d")))
     feeder.start()
     started = time.monotonic()
