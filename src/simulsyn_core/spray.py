@@ -161,12 +161,14 @@ class Pool:
         for index in range(start, len(targets)):
             due = t0 + (index - start) / rate
             while True:
+                # Always look before the next SYN, even behind schedule (a late wake-up
+                # under load): a connection that came meanwhile ends the burst there.
                 now = time.monotonic()
-                if now >= deadline or (stop_on_connect and self.connected):
+                self.poll(max(0.0, min(due, deadline) - now))
+                if time.monotonic() >= deadline or (stop_on_connect and self.connected):
                     return index
-                if now >= due:
+                if time.monotonic() >= due:
                     break
-                self.poll(min(due, deadline) - now)
             self.open(targets[index], index, local_port, ttl, hold_ttl)
         if stop_on_connect:
             self.poll(0)
