@@ -112,7 +112,11 @@ def run(server: Endpoint, count: int, progress: Progress | None = None,
             if tally.failed >= max_failures(count):
                 stopped = f"{tally.failed} connections failed"
                 break
-            while launched < count and len(conns) < max_open and now >= next_at:
+            # In flight at most what the failure budget has left: each connection can
+            # fail once, so the sampler stops at exactly max_failures, never past it.
+            budget = max_failures(count)
+            while (launched < count and len(conns) < min(max_open, budget - tally.failed)
+                   and now >= next_at):
                 launched += 1
                 # A late wake-up (epoll waits whole milliseconds) is made up for, by
                 # PACE_CATCHUP_S at most: never more than rate * (t + PACE_CATCHUP_S) in t s.
@@ -121,7 +125,8 @@ def run(server: Endpoint, count: int, progress: Progress | None = None,
                 if new is not None:
                     conns[new] = _Conn(now)
                     sel.register(new, selectors.EVENT_WRITE, new)
-            ready_to_launch = launched < count and len(conns) < max_open
+            ready_to_launch = (launched < count
+                               and len(conns) < min(max_open, budget - tally.failed))
             wait = max(0.0, next_at - time.monotonic()) if ready_to_launch else SELECT_MAX_S
             for key, _events in sel.select(min(SELECT_MAX_S, wait)):
                 ready: socket.socket = key.data
