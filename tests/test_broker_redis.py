@@ -8,6 +8,7 @@ import contextlib
 import re
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -232,15 +233,14 @@ def test_redis_stopped_and_started_again(tmp_path: Path, redis_server) -> None:
             assert line.startswith(b"SSYN1 ERROR code=unavailable"), line
             assert time.monotonic() < end, "registrations did not resume"
             time.sleep(0.2)
-        end = time.monotonic() + 5
-        while True:  # b1 stores its waiting client again within a second or so
-            joiner = register(b2.port, "through")
+        # The peer comes and stays: whether b1 has stored its waiting client again yet
+        # (the joiner takes it) or not (b1's restore finds the joiner), they are paired.
+        joiner = register(b2.port, "through")
+        joiner.settimeout(READ_TIMEOUT_S)
+        line = read_line(joiner)
+        if line.startswith(b"SSYN1 REGISTERED"):
             line = read_line(joiner)
-            if line.startswith(b"SSYN1 PEER"):
-                break
-            joiner.close()
-            assert time.monotonic() < end, f"the waiting client was lost: {line!r}"
-            time.sleep(0.2)
+        assert line.startswith(b"SSYN1 PEER"), f"the waiting client was lost: {line!r}"
         assert read_line(waiting).startswith(b"SSYN1 PEER")
         waiting.close()
         joiner.close()
@@ -256,6 +256,50 @@ def test_redis_stopped_and_started_again(tmp_path: Path, redis_server) -> None:
         for b in (b1, b2):
             stop(b.proc)
             assert b.proc.returncode == 0, b.text()
+
+
+def wait_in_log(b: BrokerProc, text: str, within_s: float = 5.0) -> None:
+    """Bounded: the log is written by a batching thread."""
+    end = time.monotonic() + within_s
+    while text not in b.text():
+        assert time.monotonic() < end, f"{text!r} not in the log: {b.text()}"
+        time.sleep(0.05)
+
+
+def test_a_client_that_registered_during_the_restore_is_paired(tmp_path: Path,
+                                                               redis_server) -> None:
+    """Redis restarted empty: before b1 stores its waiting client again, the peer
+    registers on b2 and waits there. b1's restore finds it and pairs the two (before:
+    b1's SET NX failed quietly and both waited for each other until they gave up).
+    b1 is stopped (SIGSTOP) from the outage until the peer waits, so that it cannot
+    restore first."""
+    with brokers(tmp_path, redis_server.url, 2) as (b1, b2):
+        waiting = register(b1.port, "meanwhile")
+        assert read_line(waiting).startswith(b"SSYN1 REGISTERED")
+        redis_server.stop()
+        wait_in_log(b1, "unreachable")  # b1 knows its entries went with Redis
+        b1.proc.send_signal(signal.SIGSTOP)
+        try:
+            redis_server.start()
+            end = time.monotonic() + 10
+            while True:
+                joiner = register(b2.port, "meanwhile")
+                line = read_line(joiner)
+                if not line.startswith(b"SSYN1 ERROR code=unavailable"):
+                    break
+                joiner.close()
+                assert time.monotonic() < end, "registrations did not resume"
+                time.sleep(0.1)
+            assert line.startswith(b"SSYN1 REGISTERED"), line  # b1's entry is not there
+        finally:
+            b1.proc.send_signal(signal.SIGCONT)
+        joiner.settimeout(READ_TIMEOUT_S)
+        waiting.settimeout(READ_TIMEOUT_S)
+        assert read_line(joiner).startswith(b"SSYN1 PEER")
+        assert read_line(waiting).startswith(b"SSYN1 PEER")
+        wait_in_log(b1, "session meanwhile: paired after Redis came back")
+        joiner.close()
+        waiting.close()
 
 
 def test_the_punch_registers_again_while_the_broker_is_unavailable(

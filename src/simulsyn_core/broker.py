@@ -486,7 +486,7 @@ class Broker:
             relay = self.relay
             self.sessions.relay_token = lambda: relay.issue(time.monotonic())
         if self.shared is not None:
-            await self.shared.start(self._on_bus)
+            await self.shared.start(self._on_bus, self._restored)
         for ep in self.binds:
             # [::] is both families (IPv4 clients arrive as ::ffff:a.b.c.d and are kept
             # as IPv4); any other IPv6 address, IPv6 only.
@@ -929,28 +929,71 @@ class Broker:
                 # Ours, and gone (its key's delete was still queued): register again.
                 await self._register_shared(c, msg, session, local, offered, unsolicited)
                 return
-            now = time.monotonic()
-            self.sessions.relay_at = self.advertise or self.local_endpoint(conn)
-            self.sessions.adopt(session, other, theirs.public, theirs.local, theirs.facts, now)
-            replies = self.sessions.register(conn, session, public, local, now, offered,
-                                             facts.mapping, unsolicited, reply_syn,
-                                             facts.birthday)
-            theirs_told = [bus_reply(r.conn[2], r.data, r.close, hub.id)  # type: ignore[index]
-                           for r in replies if is_remote(r.conn)]
-            if theirs_told and not await hub.deliver(theirs.broker, theirs_told):
-                # Nobody listens on its broker's channel: that broker died (its alive key
-                # has not expired yet). The pair is forgotten and ours waits instead.
-                self.sessions.disconnect(other)
-                self.log(f"session {session}: the peer's broker {theirs.broker} is gone: "
-                         f"{public} waits instead")
-                if c.phase == _LINES:
+            if not await self._pair_shared(Entry(hub.id, conn, session, public, local, facts),
+                                           theirs):
+                if c.phase == _LINES:  # the peer's broker is gone: ours waits instead
                     await self._register_shared(c, msg, session, local, offered, unsolicited)
-                return
-            replies = [r for r in replies if not is_remote(r.conn)]
+            return
         self._carry_out(replies)
         self._log_replies(public, session, replies)
         if self._holds(conn):
             self._not_idle(conn)
+
+    async def _pair_shared(self, mine: Entry, theirs: Entry) -> bool:
+        """Decide the pair of our client ``mine.conn`` with ``theirs`` (taken from Redis),
+        with SessionTable's own code: our replies written, the peer's sent on its broker's
+        channel. False, and nothing told, if nobody listens there (that broker died; its
+        alive key has not expired yet)."""
+        hub = self.shared
+        assert hub is not None
+        conn, session, f = mine.conn, mine.session, mine.facts
+        other = self._conn_of(theirs)
+        now = time.monotonic()
+        self.sessions.relay_at = self.advertise or self.local_endpoint(conn)
+        self.sessions.adopt(session, other, theirs.public, theirs.local, theirs.facts, now)
+        replies = self.sessions.register(conn, session, mine.public, mine.local, now,
+                                         f.strategies, f.mapping, f.unsolicited, f.reply_syn,
+                                         f.birthday)
+        theirs_told = [bus_reply(r.conn[2], r.data, r.close, hub.id)  # type: ignore[index]
+                       for r in replies if is_remote(r.conn)]
+        if theirs_told and not await hub.deliver(theirs.broker, theirs_told):
+            self.sessions.disconnect(other)
+            self.log(f"session {session}: the peer's broker {theirs.broker} is gone: "
+                     f"{mine.public} waits instead")
+            return False
+        if not is_remote(other):
+            hub.paired(other)  # our own waiting client: its entry was taken
+        replies = [r for r in replies if not is_remote(r.conn)]
+        self._carry_out(replies)
+        self._log_replies(mine.public, session, replies)
+        if self._holds(conn):
+            self._not_idle(conn)
+        return True
+
+    async def _restored(self, conn: int, verdict: str, theirs: Entry) -> None:
+        """After a Redis outage our waiting client's entry, stored again, met ``theirs``:
+        a client of the same session that registered meanwhile ("paired": the pair is
+        ours to decide), or a newer registration of the same endpoint ("superseded")."""
+        hub = self.shared
+        assert hub is not None
+        held = hub.paired(conn)
+        c = self._clients.get(conn)
+        if held is None or c is None or c.phase != _LINES:
+            if verdict == "paired":
+                hub.restore(theirs)  # ours left meanwhile: theirs waits again
+            return
+        if verdict == "superseded":
+            self._carry_out([Reply(conn, encode_message(
+                "ERROR", code="replaced", message="a newer registration from this "
+                "endpoint"), close=True)])
+            return
+        mine = Entry.decode(held.value)
+        other = self._conn_of(theirs)
+        gone = not is_remote(other) and other not in self._clients  # ours, and left
+        if gone or not await self._pair_shared(mine, theirs):
+            hub.hold_again(conn, held)  # ours is stored again on the next tick
+            return
+        self.log(f"session {mine.session}: paired after Redis came back")
 
     def _refuse_shared(self, conn: int, session: str, public: Endpoint) -> Reply | None:
         """What the pure table would refuse before looking at the session (a bad name, a

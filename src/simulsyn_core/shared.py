@@ -16,7 +16,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,25 @@ for n = 1, tonumber(ARGV[3]) do
 end
 return 0
 """
+# After an outage (Redis restarted empty): store one of our waiting entries again, or,
+# if another client of the session registered meanwhile, take it (the pair is decided
+# by the restoring broker, as by a second REGISTER). KEYS[1]: the session key; ARGV: our
+# entry, its TTL left (s), our public endpoint. {"kept"}: ours is there already;
+# {"superseded", theirs}: a newer registration of the same endpoint holds it (ours goes).
+RESTORE = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then return {'kept', ''} end
+if v then
+  local owner, pub = string.match(v, '^(%S+) (%S+) ')
+  if owner and redis.call('EXISTS', 'ssyn:alive:' .. owner) == 1 then
+    if pub == ARGV[3] then return {'superseded', v} end
+    redis.call('DEL', KEYS[1])
+    return {'paired', v}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {'waiting', ''}
+"""
 # Delete a key only if it still holds our entry (a waiting client that left).
 DELETE_IF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -84,6 +103,10 @@ class Held:
     since: float
     session: str
     ip: str
+
+
+async def _nothing_restored(conn: int, verdict: str, theirs: Entry) -> None:
+    return None
 
 
 class Unavailable(Exception):
@@ -159,6 +182,10 @@ def is_remote(conn: Hashable) -> bool:
     return isinstance(conn, tuple)
 
 
+# What a broker does with a waiting client whose entry, stored again, met another's.
+Restored = Callable[[int, str, Entry], Awaitable[None]]
+
+
 class RedisHub:
     """One broker's link to Redis: the waiting entries it stored, its alive key, its
     channel's listener, and an outbox that publishes in order."""
@@ -183,14 +210,19 @@ class RedisHub:
         self._take = self.redis.register_script(TAKE_OR_WAIT)
         self._new = self.redis.register_script(NEW_NAMEPLATE)
         self._delete_if = self.redis.register_script(DELETE_IF)
+        self._restore = self.redis.register_script(RESTORE)
         self.waiting: dict[int, Held] = {}  # our clients whose entry waits in Redis
         self.per_ip: dict[str, int] = {}  # of those, per address (a local cap)
         self.owner_of: dict[int, str] = {}  # a conn of ours in a pair another broker holds
         self.up = True
+        # Set by every failure, cleared only by a whole pass of _restore_all (a command
+        # that succeeds meanwhile says Redis is back, not that our entries are in it).
+        self.restore_needed = False
         self._throttle = LogThrottle(10.0)
         self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(OUTBOX_MAX)
         self._tasks: list[asyncio.Task[None]] = []
         self._on_bus: Callable[[dict[str, Any]], None] = lambda m: None
+        self._on_restored: Restored = _nothing_restored
 
     @classmethod
     def check(cls, url: str, log: Callable[[str], None]) -> Callable[[], RedisHub]:
@@ -201,8 +233,13 @@ class RedisHub:
         aioredis.connection.parse_url(url)
         return lambda: cls(url, log)
 
-    async def start(self, on_bus: Callable[[dict[str, Any]], None]) -> None:
+    async def start(self, on_bus: Callable[[dict[str, Any]], None],
+                    on_restored: Restored | None = None) -> None:
+        """``on_restored(conn, verdict, theirs)``: after an outage, what storing the
+        waiting entry of our client ``conn`` again found ("paired": take ``theirs``;
+        "superseded": a newer registration of the same endpoint replaced it)."""
         self._on_bus = on_bus
+        self._on_restored = on_restored or _nothing_restored
         try:
             await self.redis.set(alive_key(self.id), "1", ex=ALIVE_TTL_S)
         except self._errors as exc:
@@ -215,6 +252,7 @@ class RedisHub:
     def down(self, exc: BaseException) -> None:
         """Redis failed: one log line per interval (README "Scaling out on Redis")."""
         self.up = False
+        self.restore_needed = True
         say, quiet = self._throttle.note("down", time.monotonic())
         if say:
             more = f" ({quiet} more failures)" if quiet else ""
@@ -256,6 +294,13 @@ class RedisHub:
         self.waiting[entry.conn] = Held(session_key(entry.session), entry.encode(),
                                         time.monotonic(), entry.session, entry.public.ip)
         self.per_ip[entry.public.ip] = self.per_ip.get(entry.public.ip, 0) + 1
+
+    def hold_again(self, conn: int, held: Held) -> None:
+        """``conn`` waits again under ``held`` (its pairing after an outage fell through):
+        stored in Redis again on the next tick of the alive loop."""
+        self.waiting[conn] = held
+        self.per_ip[held.ip] = self.per_ip.get(held.ip, 0) + 1
+        self.restore_needed = True
 
     def paired(self, conn: int) -> Held | None:
         """``conn`` no longer waits (paired, or gone): its entry is no longer ours."""
@@ -334,17 +379,32 @@ class RedisHub:
         entries again, so that our waiting clients can still be found."""
         while True:
             await asyncio.sleep(ALIVE_EVERY_S)
-            was_up = self.up
             try:
                 await self.redis.set(alive_key(self.id), "1", ex=ALIVE_TTL_S)
-                if not was_up:
-                    for held in list(self.waiting.values()):
-                        left = int(self.wait_max_s - (time.monotonic() - held.since)) + 1
-                        await self.redis.set(held.key, held.value, ex=max(1, left), nx=True)
+                if self.restore_needed:
+                    await self._restore_all()
             except self._errors as exc:
                 self.down(exc)
                 continue
             self._back()
+
+    async def _restore_all(self) -> None:
+        """Store each of our waiting entries again (RESTORE); a client of the same session
+        that registered meanwhile is paired with ours (``on_restored``). Raises Redis's
+        errors: the pass is then made again whole, on the next tick."""
+        self.restore_needed = False
+        try:
+            for conn, held in list(self.waiting.items()):
+                if self.waiting.get(conn) is not held:
+                    continue  # paired or gone while we awaited
+                left = int(self.wait_max_s - (time.monotonic() - held.since)) + 1
+                verdict, theirs = await self._restore(
+                    keys=[held.key], args=[held.value, max(1, left), held.value.split(" ")[1]])
+                if verdict in ("paired", "superseded") and self.waiting.get(conn) is held:
+                    await self._on_restored(conn, verdict, Entry.decode(theirs))
+        except BaseException:
+            self.restore_needed = True
+            raise
 
     async def _listen(self) -> None:
         while True:
