@@ -44,16 +44,19 @@ VERDICT6 = {"nptv6": "Punch-friendly NAT (", "rfc6092": "No NAT, a stateful fire
 PAIRS = [("nptv6", "rfc6092"), ("reject6-rst", "reject6-admin"), ("open6", "rfc6092")]
 
 
-def _run_pair(pair: tuple[str, str]) -> dict[str, dict[str, Any]]:
-    lab = labmod.Lab("home", "home", v6=pair,
-                     lab_id=f"n6{os.getpid() % 100000}{PAIRS.index(pair)}")
+def _run_pair(pair: tuple[str, str], v4: tuple[str, str] = ("home", "home"),
+              extra: tuple[str, ...] = (), sides: str = "ab", lab_no: int = 0
+              ) -> dict[str, dict[str, Any]]:
+    lab = labmod.Lab(*v4, v6=pair, lab_id=f"n6{os.getpid() % 100000}{lab_no}")
     out: dict[str, dict[str, Any]] = {}
     try:
         lab.up()
         labmod.start_broker(lab, extra=["--probe", "-q"])
         for side, profile in zip("ab", pair, strict=True):
+            if side not in sides:
+                continue
             proc = lab.popen("h" + side, [*labmod.SYNPROBE, "nat-check", "-6", "--server",
-                                          SERVER6, "--json"], stdout=subprocess.PIPE,
+                                          SERVER6, "--json", *extra], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             try:
                 stdout, stderr = proc.communicate(timeout=CHECK_TIMEOUT_S)
@@ -73,7 +76,7 @@ def _run_pair(pair: tuple[str, str]) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("pair", PAIRS, ids=["-".join(p) for p in PAIRS])
 def test_natcheck_v6_profile_keys(pair: tuple[str, str]) -> None:
     require_lab()
-    results = _run_pair(pair)
+    results = _run_pair(pair, lab_no=PAIRS.index(pair))
     problems = []
     for side, got in results.items():
         profile, report = got["profile"], got["json"]
@@ -88,3 +91,21 @@ def test_natcheck_v6_profile_keys(pair: tuple[str, str]) -> None:
         if not all(p.startswith(f"[{public_ip}]:") for p in report["public"]):
             problems.append(f"{profile} public {report['public']} not at {public_ip}")
     assert problems == []
+
+
+def test_natcheck_v6_timers_measure_the_firewalls_syn_sent_timeout() -> None:
+    """--timers over IPv6: side A's gateway keeps a SYN_SENT conntrack entry 5 s (the
+    v4 profile syn-sent-5s sets nf_conntrack_tcp_timeout_syn_sent in the gateway's
+    namespace, for both families); its RFC 6092 firewall then drops the late reply SYN.
+    The waits 1, 2, 4, 6, 8 s find the hole open after 4 s and closed after 6 s."""
+    require_lab()
+    got = _run_pair(("rfc6092", "nptv6"), v4=("syn-sent-5s", "home"),
+                    extra=("--timers", "--max-wait", "8"), sides="a", lab_no=7)["a"]
+    report = got["json"]
+    assert got["rc"] == 0 and report is not None, got["stderr"][-2000:]
+    assert report["syn_sent_lifetime_s"] == 4.0, report["syn_sent_lifetime_s"]
+    assert "open after 4 s, closed after 6 s" in report["reasons"]["syn_sent_lifetime_s"]
+    assert report["recommendation"]["timeout_s"]["value"] == 4.0, report["recommendation"]
+    for key, want in EXPECTED6["rfc6092"].items():  # the rest as without --timers
+        if key != "syn_sent_lifetime_s":
+            assert report[key] == want, (key, report[key])
