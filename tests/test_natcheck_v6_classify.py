@@ -12,7 +12,7 @@ from scapy.packet import Packet
 
 from simulsyn_core.endpoint import Endpoint
 from synprobe.natcheck import craft, hops, mapping, unsolicited
-from synprobe.natcheck.report import Behaviour, Outcome
+from synprobe.natcheck.report import Behaviour, Findings, Outcome
 from synprobe.packets.decode import LINKTYPE_RAW
 from synprobe.packets.seen import Seen, parse_frame
 
@@ -123,3 +123,15 @@ def test_hops_path_from_icmpv6_time_exceeded() -> None:
             _seen(IPv6(src=RT, dst=HOST_A) / ICMPv6TimeExceeded() / sent[1], 1.1)]
     assert seen[0].is_time_exceeded and not seen[0].is_unreachable
     assert hops.path(probe, seen) == ["2001:db8:a::1", RT]
+
+
+def test_hops_over_ipv6_speak_of_the_hop_limit() -> None:
+    probe = hops.HopsProbe(HOST_A, BROKER[0], 3490, (50001, 50002, 50003))
+    syn_to = [_seen(IPv6(src=BROKER[0], dst=HOST_A) / TCP(sport=3490, dport=p, flags="S"),
+                    2.0) for p in (50002, 50003)]
+    assert hops.classify(probe, syn_to) == (
+        1, "a SYN with hop limit 1 died before the last NAT, hop limit 2 opened the hole")
+    v4 = hops.HopsProbe("10.1.0.2", "192.0.2.10", 3490, (50001, 50002))
+    assert "TTL 1" in hops.classify(v4, [])[1]
+    assert Findings(public=("[2001:db8:a::2]:1",)).limited == "hop"
+    assert Findings(public=("10.1.0.2:1",)).limited == "TTL"

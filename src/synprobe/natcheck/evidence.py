@@ -186,7 +186,7 @@ def unsolicited_finding(raw: RawEvidence, server_ip: str, public_ip: str
     answer = raw.broker.unsolicited
     if answer is not None and answer in tuple(Outcome):
         answer = Outcome(answer)
-    target = f"the server's SYN to {public_ip}:{raw.unsolicited_port} (no mapping)"
+    target = f"the server's SYN to {Endpoint(public_ip, raw.unsolicited_port)} (no mapping)"
     why = UNSOLICITED_REASONS.get(answer, UNSOLICITED_ICMP_REASON)
     return answer, why.format(target=target, answer=answer)
 

@@ -48,16 +48,18 @@ def path(probe: HopsProbe, seen: Sequence[Seen]) -> list[str | None]:
 
 
 def classify(probe: HopsProbe, seen: Sequence[Seen]) -> tuple[int | None, str]:
+    limit = "hop limit" if ":" in probe.host_ip else "TTL"  # IPv6 names it so
     opened = [any(not s.outgoing and s.is_syn and s.src == probe.server_ip
                   and s.sport == probe.probe_port and s.dport == port for s in seen)
               for port in probe.local_ports]
     if not any(opened):
-        return None, (f"no SYN with TTL 1..{len(probe.local_ports)} opened a hole the "
+        return None, (f"no SYN with {limit} 1..{len(probe.local_ports)} opened a hole the "
                       "server's SYN could pass")
     first = opened.index(True) + 1
     if not all(opened[first - 1:]):
-        return None, f"holes opened by TTL {first} and up were not all passed: inconsistent"
+        return None, (f"holes opened by {limit} {first} and up were not all passed: "
+                      "inconsistent")
     if first == 1:
-        return None, "even a SYN with TTL 1 opened the hole (is the host its own NAT?)"
-    return first - 1, (f"a SYN with TTL {first - 1} died before the last NAT, TTL {first} "
-                       "opened the hole")
+        return None, f"even a SYN with {limit} 1 opened the hole (is the host its own NAT?)"
+    return first - 1, (f"a SYN with {limit} {first - 1} died before the last NAT, {limit} "
+                       f"{first} opened the hole")

@@ -94,7 +94,8 @@ def recommend(f: Findings) -> Recommendation:
         ttl_needed = Advice(True, "the NAT rejects unsolicited SYNs, but hops were not measured")
         ttl = Advice(None, "hops unknown")
     else:
-        ttl_needed = Advice(False, "a full-TTL SYN does no harm here: unsolicited SYNs are "
+        full = "full-TTL SYN" if f.limited == "TTL" else "SYN at the full hop limit"
+        ttl_needed = Advice(False, f"a {full} does no harm here: unsolicited SYNs are "
                                    "dropped silently" if f.unsolicited_syn == Outcome.DROP else
                                    "not needed on this side")
         ttl = (Advice(f.hops + 1, f"not needed; if one is used: {f.hops} router(s) up to and "
@@ -137,7 +138,8 @@ def verdict(f: Findings) -> str:
                 "peer this host's address.")
     if _rejects(f):
         return (f"Punchable NAT that rejects unsolicited SYNs ({what}): TCP simultaneous open "
-                "works if this side sends first (a TTL-limited SYN) or keeps retrying.")
+                f"works if this side sends first (a {f.limited}-limited SYN) or keeps "
+                "retrying.")
     if f.unsolicited_syn == Outcome.PASS or f.filtering == Behaviour.EI:
         return (f"Open NAT ({what}): unsolicited SYNs reach this host, so the peer can simply "
                 "connect to its public endpoint.")

@@ -131,6 +131,11 @@ class Findings:
     def reason(self, key: str) -> str:
         return "; ".join(r for k, r in self.reasons if k == key)
 
+    @property
+    def limited(self) -> str:
+        """What a SYN that dies on the way is limited by: "TTL", or over IPv6 "hop"."""
+        return "hop" if self.public and self.public[0].startswith("[") else "TTL"
+
 
 @dataclass(frozen=True)
 class NatCheckReport:
