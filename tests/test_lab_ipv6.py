@@ -111,3 +111,19 @@ def test_punch_pcap_captures_ipv6(make_lab, tmp_path) -> None:
         assert broker.endpoints[1] == BROKER6 and broker.kind == "three-way", broker
         assert punches and punches[-1].established, punches
         assert punches[-1].endpoints[1].startswith("[2001:db8:"), punches[-1]
+
+
+def test_relay_only_over_ipv6(make_lab) -> None:
+    """`--relay only` between two IPv6 hosts: PEER's relay_at is the broker's IPv6
+    address (the one the client reached), and the chat goes through it."""
+    lab = make_lab("home", "home", v6=("rfc6092", "nptv6"))
+    labmod.start_broker(lab, ["--relay"])
+    run_a, run_b = labmod.punch_pair(lab, "relay6", messages=MSGS, timeout_s=TIMEOUT_S,
+                                     broker=BROKER6, args=["-v", "--relay", "only"])
+    diag = _diag(lab, (run_a, run_b))
+    for run, theirs in ((run_a, MSGS[1]), (run_b, MSGS[0])):
+        assert run.returncode == 0 and run.report is not None, diag
+        assert run.report["path"] == "relay" and run.report["strategy"] == "relay", diag
+        assert run.chat_lines == [theirs.strip()], diag
+        assert (f"through the broker's relay [{labmod.BROKER_IPS6[0]}]:{labmod.BROKER_PORT}"
+                in run.stderr), diag
