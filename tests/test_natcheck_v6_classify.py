@@ -135,3 +135,17 @@ def test_hops_over_ipv6_speak_of_the_hop_limit() -> None:
     assert "TTL 1" in hops.classify(v4, [])[1]
     assert Findings(public=("[2001:db8:a::2]:1",)).limited == "hop"
     assert Findings(public=("10.1.0.2:1",)).limited == "TTL"
+
+
+def test_the_servers_port_unreachable_to_an_ipv6_host_is_icmpv6() -> None:
+    """REQ-10's error (the broker's, for the host's SYN) over IPv6: type 1 code 4,
+    quoting the SYN (it was crafted as IPv4 with IPv6 addresses: never sent)."""
+    quoted = craft.syn(HOST_A, BROKER[0], 41000, 3490, 7)
+    seen = _seen(IPv6(craft.icmp_port_unreachable(BROKER[0], HOST_A, quoted)), 1.0)
+    assert seen.proto == 58 and seen.is_unreachable
+    assert (seen.icmp_type, seen.icmp_code) == (1, 4)
+    assert (seen.src, seen.dst) == (BROKER[0], HOST_A)
+    assert (seen.inner_src, seen.inner_sport, seen.inner_dport) == (HOST_A, 41000, 3490)
+    v4 = IP(craft.icmp_port_unreachable("192.0.2.10", "10.1.0.2",
+                                        craft.syn("10.1.0.2", "192.0.2.10", 41000, 3490, 7)))
+    assert (v4.proto, bytes(v4.payload)[:2]) == (1, b"\x03\x03")

@@ -109,3 +109,28 @@ def test_natcheck_v6_timers_measure_the_firewalls_syn_sent_timeout() -> None:
     for key, want in EXPECTED6["rfc6092"].items():  # the rest as without --timers
         if key != "syn_sent_lifetime_s":
             assert report[key] == want, (key, report[key])
+
+
+P, F, N = "pass", "fail", "not measured"
+# nptv6 (side a) by its rules: NETMAP keeps the mapping endpoint-independent and the
+# ports, the RFC 6092 firewall filters address-and-port-dependent and drops unsolicited
+# SYNs, a SYN to the host's own mapped address is not mapped back (no hairpin), ICMPv6
+# errors are RELATED and translated back, and conntrack keeps the entry after one.
+RFC5382_NPTV6 = {"REQ-1": P, "REQ-2": P, "REQ-3": F, "REQ-4": P, "REQ-5 transitory": N,
+                 "REQ-5 established": N, "REQ-6": N, "REQ-7": P, "REQ-8": F, "REQ-8a": N,
+                 "REQ-9": P, "REQ-10": P}
+
+
+def test_natcheck_v6_rfc5382_on_nptv6() -> None:
+    """--rfc5382 over IPv6, requirement by requirement (REQ-10's ICMP error is ICMPv6
+    type 1 code 4: it was crafted as IPv4 and never sent, so REQ-10 read "fail")."""
+    require_lab()
+    got = _run_pair(("nptv6", "rfc6092"), extra=("--rfc5382",), sides="a", lab_no=8)["a"]
+    report = got["json"]
+    assert got["rc"] == 0 and report is not None, got["stderr"][-2000:]
+    statuses = {r["req"]: r["status"] for r in report["rfc5382"]["requirements"]}
+    assert statuses == RFC5382_NPTV6, report["rfc5382"]
+    req10 = next(r for r in report["rfc5382"]["requirements"] if r["req"] == "REQ-10")
+    assert any("ICMPv6 1/4" in e for e in req10["evidence"]), req10
+    assert report["verdict"].endswith("RFC 5382: fails REQ-3, REQ-8 (4 of 12 requirements "
+                                      "not measured)."), report["verdict"]

@@ -17,9 +17,10 @@ def load_scapy() -> dict[str, Any]:
     with _lock:
         if not _scapy:
             from scapy.layers.inet import ICMP, IP, TCP
-            from scapy.layers.inet6 import IPv6
+            from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 
-            _scapy.update(IP=IP, TCP=TCP, ICMP=ICMP, IPv6=IPv6)
+            _scapy.update(IP=IP, TCP=TCP, ICMP=ICMP, IPv6=IPv6,
+                          ICMPv6DestUnreach=ICMPv6DestUnreach)
     return _scapy
 
 
@@ -53,9 +54,13 @@ def syn(src: str, dst: str, sport: int, dport: int, seq: int, ttl: int = 64) -> 
 
 
 def icmp_port_unreachable(src: str, dst: str, quoted: bytes) -> bytes:
-    """An ICMP destination unreachable, port unreachable (type 3, code 3), quoting the IP
-    header and first 8 bytes of ``quoted`` (RFC 792), as a host would send it."""
+    """A destination unreachable, port unreachable, as a host would send it: ICMP type 3
+    code 3 quoting the IP header and first 8 bytes of ``quoted`` (RFC 792), or to an IPv6
+    ``dst`` ICMPv6 type 1 code 4 quoting the whole (small) packet (RFC 4443 3.1)."""
     s = load_scapy()
+    if ":" in dst:
+        return bytes(s["IPv6"](src=src, dst=dst) / s["ICMPv6DestUnreach"](code=4)
+                     / quoted[:1232])
     header_len = (quoted[0] & 0x0F) * 4
     pkt = s["IP"](src=src, dst=dst) / s["ICMP"](type=3, code=3) / quoted[:header_len + 8]
     return bytes(pkt)

@@ -43,7 +43,7 @@ def classify(probe: HairpinProbe, seen: Sequence[Seen]) -> tuple[bool | None, st
     back = came_back(probe, seen)
     if back is not None:
         return True, (f"a SYN to {probe.target} came back in to the host, from "
-                      f"{back.src}:{back.sport}")
+                      f"{Endpoint(back.src, back.sport)}")
     rst = any(not s.outgoing and s.is_rst and s.src == probe.target.ip
               and s.dport == probe.local_port for s in seen)
     return False, (f"a SYN to {probe.target} " + ("was answered with RST by the NAT itself"

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from simulsyn_core.endpoint import Endpoint
+
 from ..packets.seen import Seen
 from . import hairpin, timers
 from . import protocol as P
@@ -76,9 +78,11 @@ def _packet(s: Seen, t0: float) -> str:
     if s.is_icmp_error:
         icmp = "ICMPv6" if s.proto == 58 else "ICMP"
         return (f"{when} {way} {icmp} {s.icmp_type}/{s.icmp_code} {s.src} > {s.dst} "
-                f"quoting {s.inner_src}:{s.inner_sport} > {s.inner_dst}:{s.inner_dport}")
+                f"quoting {Endpoint(s.inner_src, s.inner_sport)} > "
+                f"{Endpoint(s.inner_dst, s.inner_dport)}")
     flags = "RST" if s.is_rst else "SYN" if s.is_syn else f"flags 0x{s.flags:02x}"
-    return f"{when} {way} {flags} {s.src}:{s.sport} > {s.dst}:{s.dport} seq 0x{s.seq:08x}"
+    return (f"{when} {way} {flags} {Endpoint(s.src, s.sport)} > {Endpoint(s.dst, s.dport)} "
+            f"seq 0x{s.seq:08x}")
 
 
 def _raw_reason(ev: Evidence) -> str:
@@ -301,7 +305,7 @@ def _req8(ev: Evidence, f: Findings) -> list[Requirement]:
     back = hairpin.came_back(probe, raw.seen)
     assert back is not None
     public_ip = ev.info.public.ip
-    source = f"{back.src}:{back.sport}"
+    source = str(Endpoint(back.src, back.sport))
     if back.src != public_ip:
         verdict_8a = req8a(FAIL, f"the hairpinned SYN came from {source}, not from this "
                                  f"host's external address {public_ip}", evidence)
