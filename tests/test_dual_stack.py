@@ -109,3 +109,43 @@ def test_the_list_protocol_stays_ipv4(broker) -> None:
     with client(broker, True) as s:
         s.shutdown(socket.SHUT_WR)
         assert s.recv(64) == b""  # closed without a list
+
+
+def test_a_name_with_both_families_resolves_as_minus_4_or_minus_6_say(monkeypatch) -> None:
+    """A broker's name: its IPv4 address unless -6; -4/-6 refuse an address of the other
+    family, and a name without one, with a usage error (exit 2)."""
+    import click
+
+    from synprobe.cliutil import parse_server
+
+    def fake(host, port, family=0, *args, **kwargs):
+        if host != "dual.test":
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        ip = "2001:db8:c::10" if family == socket.AF_INET6 else "192.0.2.10"
+        return [(family, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    assert parse_server("dual.test:8086") == Endpoint("192.0.2.10", 8086)
+    assert parse_server("dual.test:8086", v6=False) == Endpoint("192.0.2.10", 8086)
+    assert parse_server("dual.test:8086", v6=True) == Endpoint("2001:db8:c::10", 8086)
+    with pytest.raises(click.BadParameter, match="has no IPv6 address"):
+        parse_server("other.test:8086", v6=True)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-6", "--broker", "127.0.0.1:9"], "is not an IPv6 address"),
+    (["--broker", "[::1]:9", "-4"], "is not an IPv4 address"),  # -4 after: eager all the same
+])
+def test_punch_minus_4_and_minus_6_refuse_the_other_family(args: list[str], said: str) -> None:
+    proc = subprocess.run([*SYNPROBE, "punch", *args, "--session", "x"], capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_punch_minus_6_reaches_an_ipv6_broker() -> None:
+    """-6 with an IPv6 broker address goes there (nobody listens: exit 3, named)."""
+    proc = subprocess.run([*SYNPROBE, "punch", "-6", "--broker", "[::1]:9", "--session", "x",
+                           "--timeout", "2"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 3 and "broker [::1]:9" in proc.stderr, proc.stderr

@@ -203,6 +203,12 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
 
 
 @cli.command(epilog=EPILOG)
+@click.option("-4", "v6", flag_value=False, default=None, is_eager=True,
+              help="Reach the broker over IPv4 (its name resolves to its IPv4 address, the "
+                   "default for a name that has one): the peer is an IPv4 peer.")
+@click.option("-6", "v6", flag_value=True, is_eager=True,
+              help="Reach the broker over IPv6 (its name resolves to its IPv6 address): the "
+                   "broker pairs us with a peer that came over IPv6 too.")
 @click.option("--broker", "broker_ep", type=EndpointType(server=True), metavar="HOST:PORT",
               help="A synprobe broker. Without --session or --code it hands out a short "
                    "code (printed on stderr) for the peer's --code.")
@@ -301,7 +307,7 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
               help="Write the run's packets (its port's TCP, ICMP errors about it) to this "
                    "pcapng, each with a comment naming its role. Needs CAP_NET_RAW; "
                    "without it the capture is skipped with a note.")
-def punch(broker_ep: Endpoint | None, code: str | None, session: str | None,
+def punch(v6: bool | None, broker_ep: Endpoint | None, code: str | None, session: str | None,
           secret: str | None, plain: bool, seed_ep: Endpoint | None,
           peer_ep: Endpoint | None, local_port: int, retries: int, timeout_s: float,
           retry_interval_s: float, attempt_timeout_s: float, strategy: str, ttl: int | None,

@@ -78,6 +78,9 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
             continue
         ip, resolved_port = infos[0][4][:2]
         return Endpoint.from_sockaddr((str(ip), int(resolved_port)))
+    if v6 is not None:
+        raise click.BadParameter(f"{text!r}: {host!r} has no IPv{'6' if v6 else '4'} "
+                                 f"address (-{'6' if v6 else '4'} asks for one)")
     raise click.BadParameter(f"{text!r}: expected HOST:PORT (an IPv4 address, [an IPv6 "
                              "address], or a name that resolves)")
 
@@ -99,8 +102,9 @@ class EndpointType(click.ParamType):
 
         if isinstance(value, Endpoint):
             return value
-        if self.server:
-            return parse_server(str(value), self.default_port or DEFAULT_BROKER_PORT)
+        if self.server:  # a command's -4/-6 (eager: known before this) picks the family
+            v6 = ctx.params.get("v6") if ctx is not None else None
+            return parse_server(str(value), self.default_port or DEFAULT_BROKER_PORT, v6)
         try:
             return Endpoint.parse(str(value), default_port=self.default_port,
                                   allow_zero_port=self.allow_zero_port)
