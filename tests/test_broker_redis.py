@@ -424,6 +424,37 @@ def _drain(sel: selectors.BaseSelector, socks: dict[socket.socket, tuple[str, st
                 sel.unregister(s)
 
 
+def test_ipv6_codes_are_shared_and_numbered_apart(tmp_path: Path, redis_server) -> None:
+    """Two brokers on Redis, each also on [::1]: an IPv6 client's new code is joined over
+    IPv6 at the other broker; IPv4 numbers its codes on its own (the same number 1 is
+    handed out to both families at once, and each pairs within its family)."""
+    with brokers(tmp_path, redis_server.url, 2, "--bind", "[::1]:0") as (b1, b2):
+        ports6 = []
+        for b in (b1, b2):
+            m = re.search(r"listening on \[::1\]:(\d+)", b.text())
+            assert m is not None, b.text()
+            ports6.append(int(m.group(1)))
+        a6 = socket.create_connection(("::1", ports6[0]), timeout=READ_TIMEOUT_S)
+        a6.sendall(b"SSYN1 REGISTER nameplate=new\n")
+        registered = fields(read_line(a6))
+        assert registered["public"].startswith("[::1]:"), registered
+        a4 = socket.create_connection(("127.0.0.1", b1.port), timeout=READ_TIMEOUT_S)
+        a4.sendall(b"SSYN1 REGISTER nameplate=new\n")
+        number = fields(read_line(a4))["nameplate"]
+        assert number == registered["nameplate"] == "1"  # numbered apart
+        b6 = socket.create_connection(("::1", ports6[1]), timeout=READ_TIMEOUT_S)
+        b6.sendall(f"SSYN1 REGISTER nameplate={number}\n".encode())
+        pb, pa = fields(read_line(b6)), fields(read_line(a6))
+        assert pa["peer"] == pb["public"] and pb["peer"] == pa["public"], (pa, pb)
+        assert pa["peer"].startswith("[::1]:") and pb["peer"].startswith("[::1]:")
+        b4 = socket.create_connection(("127.0.0.1", b2.port), timeout=READ_TIMEOUT_S)
+        b4.sendall(f"SSYN1 REGISTER nameplate={number}\n".encode())
+        pb4, pa4 = fields(read_line(b4)), fields(read_line(a4))
+        assert pa4["peer"] == pb4["public"] and pa4["peer"].startswith("127.0.0.1:")
+        for s in (a6, b6, a4, b4):
+            s.close()
+
+
 def test_codes_are_shared_and_bad_bus_messages_are_ignored(tmp_path: Path,
                                                            redis_server) -> None:
     """A code handed out at one broker is joined at another; messages on a broker's

@@ -855,12 +855,6 @@ class Broker:
         # A new code's number is chosen right before registering (after the probe's
         # wait): two new codes can never be given one number.
         if self.shared is not None:
-            if session == table_key("#new", True):
-                # The shared code numbers are IPv4's; an IPv6 client names a session.
-                self._carry_out([Reply(c.conn, encode_message(
-                    "ERROR", code="bad-request", message="codes over IPv6 need a broker "
-                    "without --redis: use --session NAME --secret WORDS"), close=True)])
-                return None
             return self._register_shared(c, msg, session, local, offered, unsolicited)
         if session.removesuffix(V6_KEY) == "#new":
             session = self.sessions.new_nameplate(c.public.is_v6)
@@ -999,7 +993,7 @@ class Broker:
         """What the pure table would refuse before looking at the session (a bad name, a
         second REGISTER), and this broker's own cap on waiting clients per address."""
         assert self.shared is not None
-        if session != "#new":
+        if session.removesuffix(V6_KEY) != "#new":
             refused = self.sessions.check(conn, session)
             if refused is not None:
                 return refused

@@ -23,7 +23,7 @@ from typing import Any
 from .birthday import Offer
 from .endpoint import Endpoint
 from .limits import LogThrottle
-from .rendezvous import SESSION_WAIT_MAX_S, Facts
+from .rendezvous import SESSION_WAIT_MAX_S, V6_KEY, Facts
 
 KEY_PREFIX = "ssyn:"
 ALIVE_TTL_S = 3  # a broker's alive key lives this long; it renews it every ALIVE_EVERY_S
@@ -56,9 +56,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {'waiting', ''}
 """
 # The smallest code number no live entry holds: claimed by storing our entry under it.
+# ARGV[4]: the key's family suffix ("" or "@6": IPv6 clients' numbers are their own).
 NEW_NAMEPLATE = """
 for n = 1, tonumber(ARGV[3]) do
-  local k = 'ssyn:s:#' .. n
+  local k = 'ssyn:s:#' .. n .. ARGV[4]
   local v = redis.call('GET', k)
   local owner = v and string.match(v, '^(%S+) ')
   if not v or redis.call('EXISTS', 'ssyn:alive:' .. owner) == 0 then
@@ -269,13 +270,14 @@ class RedisHub:
         or ("replaced", theirs); for a new code ("#new"): ("waiting", None) under the
         number claimed, or ("full", None). Unavailable if Redis is."""
         try:
-            if entry.session == "#new":
+            if entry.session.removesuffix(V6_KEY) == "#new":
+                family = entry.session.removeprefix("#new")  # "" or V6_KEY
                 n = await self._new(keys=[], args=[entry.encode(), int(self.wait_max_s),
-                                                   NAMEPLATE_MAX])
+                                                   NAMEPLATE_MAX, family])
                 if not n:
                     return "full", None
-                entry = Entry(entry.broker, entry.conn, f"#{n}", entry.public, entry.local,
-                              entry.facts)
+                entry = Entry(entry.broker, entry.conn, f"#{n}{family}", entry.public,
+                              entry.local, entry.facts)
                 self._hold(entry)  # (its number: self.waiting[conn].session)
                 self._back()
                 return "waiting", None
