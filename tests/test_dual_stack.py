@@ -149,3 +149,19 @@ def test_punch_minus_6_reaches_an_ipv6_broker() -> None:
                            "--timeout", "2"], capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 3 and "broker [::1]:9" in proc.stderr, proc.stderr
+
+
+def test_an_ipv6_natcheck_names_its_public_address_without_brackets() -> None:
+    """The punch uses a nat-check's facts when the broker sees it at the same address:
+    the address of "[2001:db8:1a::2]:4000" is 2001:db8:1a::2 (it was "[2001:db8:1a::2]",
+    never equal to what the broker saw, so an IPv6 nat-check was never used)."""
+    from simulsyn_core.client import facts_from_natcheck
+
+    facts = facts_from_natcheck({"public": ["[2001:db8:1a::2]:4000"], "unsolicited_syn": "rst",
+                                 "reply_syn": "pass", "recommendation": {"ttl": {"value": 2}}})
+    assert facts is not None and facts.public_ip == "2001:db8:1a::2"
+    assert (facts.unsolicited, facts.reply_syn, facts.ttl) == ("reject", "pass", 2)
+    v4 = facts_from_natcheck({"public": ["10.1.0.2:4000"]})
+    assert v4 is not None and v4.public_ip == "10.1.0.2"
+    assert facts_from_natcheck({"public": [], "error": None}) is None
+    assert facts_from_natcheck({"public": ["x"], "error": "failed"}) is None

@@ -12,7 +12,7 @@ import re
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -89,6 +89,58 @@ class NatFacts:
                  if v is not None]
         return (f"nat-check of {self.public_ip}, {self.age_s / 3600:.1f} h old: "
                 + (", ".join(known) or "nothing usable"))
+
+
+def facts_from_natcheck(result: Mapping[str, Any], age_s: float = 0.0) -> NatFacts | None:
+    """What the punch may use of a nat-check result (``synprobe nat-check --json``): what
+    the NAT does to an unsolicited SYN and to a reply SYN, the TTL it recommends for a
+    hole-opening SYN, and the public port range of a port-randomising NAT with its hot
+    band (only when the samples showed the allocation is not uniform). None if the check
+    failed or names no public endpoint."""
+    try:
+        if result.get("error"):
+            return None
+        public = Endpoint.parse(str(result["public"][0])).ip  # [v6]:port too
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    unsolicited = result.get("unsolicited_syn")
+    reply = result.get("reply_syn")
+    try:
+        ttl = result["recommendation"]["ttl"]["value"]
+    except (KeyError, TypeError):
+        ttl = None
+    port_range, port_hot = _port_range_facts(result.get("port_range"))
+    return NatFacts(
+        public_ip=public,
+        # Anything but a silent drop answers a peer's early SYN (the NAT, or the host
+        # behind it with "pass"): an RST or ICMP that hurts the peer's hole.
+        unsolicited=None if not isinstance(unsolicited, str) else
+        "drop" if unsolicited == "drop" else "reject",
+        reply_syn=reply if reply in ("pass", "blocked") else None,
+        ttl=ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= 64
+        else None,
+        age_s=age_s, port_range=port_range, port_hot=port_hot)
+
+
+def _ports(value: Any) -> tuple[int, int] | None:
+    """[lo, hi] of ports as saved, or None if it is not one."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+            and 1 <= value[0] <= value[1] <= 65535):
+        return value[0], value[1]
+    return None
+
+
+def _port_range_facts(saved: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(port_range, port_hot) of nat-check's port_range: the hot band only when the
+    samples said the allocation is not uniform, and only inside the range."""
+    if not isinstance(saved, dict):
+        return None, None
+    span = _ports(saved.get("range"))
+    hot = _ports(saved.get("hot_band")) if saved.get("uniform") is False else None
+    if span is None or (hot is not None and not span[0] <= hot[0] <= hot[1] <= span[1]):
+        hot = None
+    return span, hot
 
 
 class Control:

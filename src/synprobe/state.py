@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulsyn_core.client import NatFacts
+from simulsyn_core.client import NatFacts, facts_from_natcheck
 
 NATCHECK_FILE = "natcheck-last.json"
 PCAP_INDEX_FILE = "pcaps.jsonl"
@@ -88,61 +88,21 @@ NATCHECK_FACTS_MAX_AGE_S = 24 * 3600.0  # an older nat-check is not used by the 
 
 
 def last_natcheck_facts(now: float | None = None) -> NatFacts | None:
-    """What the punch may use of the last nat-check (its --json result): what the NAT
-    does to an unsolicited SYN and to a reply SYN, the TTL it recommends for a
-    hole-opening SYN, and the public port range of a port-randomising NAT with its hot
-    band (only when the samples showed the allocation is not uniform). None if there is
-    none, it failed, or it is over a day old. The punch uses it only when the broker
-    sees it at the same public address."""
+    """What the punch may use of the last nat-check (its --json result; the rules:
+    simulsyn_core.client.facts_from_natcheck). None if there is none, it failed, or it
+    is over a day old. The punch uses it only when the broker sees it at the same public
+    address."""
     record = load_last_natcheck()
     if record is None:
         return None
-    result = record.get("result")
     try:
         age = (time.time() if now is None else now) - float(record.get("time", 0))
-        assert isinstance(result, dict) and not result.get("error")
-        public = str(result["public"][0]).rsplit(":", 1)[0]
-    except (AssertionError, KeyError, IndexError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
     if not 0 <= age <= NATCHECK_FACTS_MAX_AGE_S:
         return None
-    unsolicited = result.get("unsolicited_syn")
-    reply = result.get("reply_syn")
-    try:
-        ttl = result["recommendation"]["ttl"]["value"]
-    except (KeyError, TypeError):
-        ttl = None
-    port_range, port_hot = _port_range_facts(result.get("port_range"))
-    return NatFacts(
-        public_ip=public,
-        # Anything but a silent drop answers a peer's early SYN (the NAT, or the host
-        # behind it with "pass"): an RST or ICMP that hurts the peer's hole.
-        unsolicited=None if not isinstance(unsolicited, str) else
-        "drop" if unsolicited == "drop" else "reject",
-        reply_syn=reply if reply in ("pass", "blocked") else None,
-        ttl=ttl if isinstance(ttl, int) and 1 <= ttl <= 64 else None,
-        age_s=age, port_range=port_range, port_hot=port_hot)
-
-
-def _ports(value: Any) -> tuple[int, int] | None:
-    """[lo, hi] of ports as saved, or None if it is not one."""
-    if (isinstance(value, list) and len(value) == 2
-            and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
-            and 1 <= value[0] <= value[1] <= 65535):
-        return value[0], value[1]
-    return None
-
-
-def _port_range_facts(saved: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """(port_range, port_hot) of nat-check's port_range: the hot band only when the
-    samples said the allocation is not uniform, and only inside the range."""
-    if not isinstance(saved, dict):
-        return None, None
-    span = _ports(saved.get("range"))
-    hot = _ports(saved.get("hot_band")) if saved.get("uniform") is False else None
-    if span is None or (hot is not None and not span[0] <= hot[0] <= hot[1] <= span[1]):
-        hot = None
-    return span, hot
+    result = record.get("result")
+    return facts_from_natcheck(result, age) if isinstance(result, dict) else None
 
 
 def record_pcap(path: str | os.PathLike[str], argv: Sequence[str] | None = None) -> None:
