@@ -361,3 +361,51 @@ def test_the_docs_examples_run_as_written(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         assert want in run.stdout, run.stdout
     assert "alice got b'hello from bob'" in run.stdout
+
+
+def test_the_commands_arguments_are_the_apis() -> None:
+    """connect() takes what `synprobe punch` takes, under the same rules, named its way."""
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "give exactly one of broker=, seed_broker= or peer="),
+        ({"peer": "127.0.0.1:9"}, "peer= needs local_port="),
+        ({"peer": "127.0.0.1:9", "local_port": 5, "role": "third"}, "role=: one of first"),
+        ({"broker": "127.0.0.1:9", "session": "s", "role": "first"},
+         "role= goes with peer= or seed_broker="),
+        ({"seed_broker": "127.0.0.1:9", "secret": "x"}, "secret= goes with session= or peer="),
+        ({"peer": "127.0.0.1:9", "local_port": 5, "natcheck": {"public": ["1.2.3.4:5"]}},
+         "natcheck= goes with broker="),
+        ({"peer": "127.0.0.1:9", "local_port": 5,
+          "tuning": simulsyn_core.Tuning(retries=0)}, "retries=: a number from 1 to 100000"),
+        ({"peer": "127.0.0.1:9", "local_port": 5,
+          "tuning": simulsyn_core.Tuning(birthday_rate=float("nan"))}, "birthday_rate="),
+        ({"peer": "127.0.0.1:9", "local_port": 70000}, "local_port=: a port"),
+        ({"peer": "1.2.3:4", "local_port": 5}, "peer=: "),
+        ({"broker": "127.0.0.1:9", "session": "a b"}, "session=: 1-64 of"),
+        ({"broker": "127.0.0.1:9", "session": "s", "timeout": float("inf")}, "timeout="),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as info:
+            simulsyn_core.connect(**kwargs)
+        assert message in str(info.value), (kwargs, str(info.value))
+
+
+def test_a_natcheck_result_is_told_to_the_broker(broker: LoopBroker) -> None:
+    """natcheck= takes `synprobe nat-check --json`'s object: used when the broker sees us
+    at its public address (here 127.0.0.1), as the command uses its last nat-check."""
+    result = {"public": ["127.0.0.1:4000"], "unsolicited_syn": "drop", "reply_syn": "pass",
+              "recommendation": {"ttl": {"value": 3}}}
+    events: list[str] = []
+
+    def first() -> Any:
+        with simulsyn_core.connect(broker.address, "facts", natcheck=result, timeout=20,
+                                   on_event=events.append, relay="never") as c:
+            return c.report
+
+    def second() -> Any:
+        time.sleep(0.3)
+        with simulsyn_core.connect(broker.address, "facts", timeout=20, relay="never") as c:
+            return c.report
+
+    a, b = both(first, second)
+    said = "\n".join(events)
+    assert "nat-check of 127.0.0.1" in said, said

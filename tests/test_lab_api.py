@@ -185,3 +185,53 @@ def test_cancelling_aio_connect_mid_punch_leaves_no_socket(make_lab) -> None:
     assert result["after"] == [], result
     assert result["workers"] == [], result
     assert result["took_s"] < 6.0, result
+
+
+_PEER_SIDE = r"""
+import json, sys
+import simulsyn_core
+peer, port = sys.argv[1], int(sys.argv[2])
+seen = []
+try:
+    with simulsyn_core.connect(peer=peer, local_port=port, secret="shared words",
+                               timeout=20, on_local_port=seen.append,
+                               tuning=simulsyn_core.Tuning(retry_interval=0.2)) as c:
+        c.sendall(f"from {port}".encode())
+        c.shutdown_write()
+        got = b""
+        while chunk := c.recv():
+            got += chunk
+        print(json.dumps({"got": got.decode(), "mode": c.report.mode, "path": c.path,
+                          "verifier": c.verifier, "seen": seen,
+                          "authenticated": c.report.security["authenticated"]}))
+except simulsyn_core.SimulsynError as exc:
+    print(json.dumps({"error": exc.message}))
+"""
+
+
+@pytest.mark.lab
+def test_peer_mode_connects_two_known_endpoints_without_a_broker(make_lab) -> None:
+    """connect(peer=, local_port=): endpoints learnt some other way (home NATs keep the
+    port: the public endpoint is the NAT's address and our port), a shared secret, no
+    broker: the same as `synprobe punch --peer --local-port --secret`."""
+    lab = make_lab("home", "home")
+    ports = {"a": 41001, "b": 42002}
+    procs = {side: lab.popen("h" + side, [sys.executable, "-c", _PEER_SIDE,
+                                          f"{lab.side(other).public}:{ports[other]}",
+                                          str(ports[side])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for side, other in (("a", "b"), ("b", "a"))}
+    out = {}
+    for side, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
+        out[side] = json.loads(stdout)
+    assert out["a"].get("got") == "from 42002" and out["b"].get("got") == "from 41001", out
+    for side in "ab":
+        assert out[side]["mode"] == "direct" and out[side]["path"] == "direct", out
+        assert out[side]["seen"] == [ports[side]] and out[side]["authenticated"], out
+    assert out["a"]["verifier"] == out["b"]["verifier"] is not None

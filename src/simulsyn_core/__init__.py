@@ -28,6 +28,7 @@ __all__ = [
     "PunchReport",
     "SimulsynError",
     "Tampered",
+    "Tuning",
     "__version__",
     "connect",
     "serve_broker",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
         connect,
         serve_broker,
     )
+    from .options import Tuning
     from .session import PunchReport
 
 
@@ -56,6 +58,10 @@ def __getattr__(name: str) -> Any:
         from .session import PunchReport
 
         return PunchReport
+    if name == "Tuning":
+        from .options import Tuning
+
+        return Tuning
     if name in __all__:
         from . import _api
 

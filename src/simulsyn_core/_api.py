@@ -11,17 +11,18 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
+from .endpoint import Endpoint
 from .exitcodes import ExitStatus, ToolError
-from .session import Established, PunchConfig, PunchReport, establish
+from .options import Tuning, build_config
+from .session import Established, PunchReport, establish
 from .sockets import SocketTracker, abort, enable_keepalive, tracking
 
 RECV_CHUNK = 65536
 LINGER_S = 2.0  # close(): how long to wait for the peer's end after ours, at most
-STRATEGIES = ("auto", "plain", "prime", "order", "sync", "birthday")
-RELAYS = ("auto", "never", "only")
 EventCallback = Callable[[str], None]
 
 
@@ -258,51 +259,26 @@ class Connection:
                 f"{'sealed' if self.encrypted else 'plain'}>")
 
 
-def _config(broker: str, session: str | None, code: str | None, timeout: float,
-            strategy: str, relay: str, local_port: int | None, secret: str | None,
-            plain: bool) -> PunchConfig:
-    """The PunchConfig of a connect() call; raises ValueError for bad arguments."""
-    from .codes import make_words, parse_code
-    from .endpoint import Endpoint
-    from .wire import SESSION_RE
-
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: one of {', '.join(STRATEGIES)}")
-    if relay not in RELAYS:
-        raise ValueError(f"relay: one of {', '.join(RELAYS)}")
-    if timeout <= 0:
-        raise ValueError("timeout: a positive number of seconds")
-    if session is not None and code is not None:
-        raise ValueError("give session= or code=, not both")
-    if plain and session is None:
-        raise ValueError("plain=True needs session= (a code's words serve only the PAKE)")
-    if plain and secret is not None:
-        raise ValueError("plain=True turns authentication off: not with secret=")
-    if secret is not None and session is None:
-        raise ValueError("secret= goes with session= (a code carries its own words)")
-    if session is not None and not SESSION_RE.fullmatch(session):
-        raise ValueError("session: 1-64 of A-Z a-z 0-9 . _ -")
-    nameplate = words = None
-    if session is None:
-        nameplate, words = ("new", make_words()) if code is None else parse_code(code)
-    return PunchConfig(local_port=local_port or 0, broker=Endpoint.parse(broker),
-                       session=session, timeout_s=timeout, strategy=strategy,
-                       nameplate=nameplate, words=words, secret=secret, plain=plain,
-                       relay=relay)
-
-
-def establish_connection(broker: str, session: str | None = None, *, code: str | None = None,
+def establish_connection(broker: str | None = None, session: str | None = None, *,
+                         code: str | None = None, peer: str | None = None,
+                         seed_broker: str | None = None, role: str | None = None,
                          timeout: float = 30.0, strategy: str = "auto", relay: str = "auto",
-                         local_port: int | None = None, on_event: EventCallback | None = None,
+                         local_port: int | None = None, secret: str | None = None,
+                         plain: bool = False, tuning: Tuning | None = None,
+                         natcheck: Mapping[str, Any] | None = None,
+                         on_event: EventCallback | None = None,
                          on_code: Callable[[str], None] | None = None,
-                         secret: str | None = None, plain: bool = False,
+                         on_local_port: Callable[[int], None] | None = None,
+                         on_broker_address: Callable[[str], None] | None = None,
                          cancel: threading.Event | None = None,
                          tracker: SocketTracker | None = None) -> Connection:
     """``connect``, with what aio.connect needs: a ``cancel`` flag (the establish unwinds
     at its next step once set) and a ``tracker`` of every socket it makes."""
-    if session is None and code is None and on_code is None:
-        raise ValueError("give session=, code=, or on_code= (to be told a new code)")
-    cfg = _config(broker, session, code, timeout, strategy, relay, local_port, secret, plain)
+    cfg = build_config(broker=broker, session=session, code=code, peer=peer,
+                       seed_broker=seed_broker, role=role, local_port=local_port,
+                       timeout=timeout, strategy=strategy, relay=relay, secret=secret,
+                       plain=plain, tuning=tuning, natcheck=natcheck,
+                       new_code=on_code is not None)
     report = PunchReport(mode=cfg.mode, session=cfg.session)
 
     def event(text: str) -> None:
@@ -317,9 +293,14 @@ def establish_connection(broker: str, session: str | None = None, *, code: str |
         if on_code is not None:
             on_code(make_code(number, cfg.words or ""))
 
+    def broker_address(address: Endpoint) -> None:
+        if on_broker_address is not None:
+            on_broker_address(str(address))
+
     try:
         with tracking(tracker or SocketTracker()):
-            est = establish(cfg, report, event,
+            est = establish(cfg, report, event, on_local_port=on_local_port,
+                            on_broker_address=broker_address,
                             on_nameplate=told if cfg.nameplate == "new" else None)
     except ToolError as exc:
         report.error, report.exit_code = exc.message, int(exc.status)
@@ -331,11 +312,15 @@ def establish_connection(broker: str, session: str | None = None, *, code: str |
         raise
 
 
-def connect(broker: str, session: str | None = None, *, code: str | None = None,
-            timeout: float = 30.0, strategy: str = "auto", relay: str = "auto",
-            local_port: int | None = None, on_event: EventCallback | None = None,
-            on_code: Callable[[str], None] | None = None, secret: str | None = None,
-            plain: bool = False) -> Connection:
+def connect(broker: str | None = None, session: str | None = None, *,
+            code: str | None = None, peer: str | None = None, seed_broker: str | None = None,
+            role: str | None = None, timeout: float = 30.0, strategy: str = "auto",
+            relay: str = "auto", local_port: int | None = None, secret: str | None = None,
+            plain: bool = False, tuning: Tuning | None = None,
+            natcheck: Mapping[str, Any] | None = None, on_event: EventCallback | None = None,
+            on_code: Callable[[str], None] | None = None,
+            on_local_port: Callable[[int], None] | None = None,
+            on_broker_address: Callable[[str], None] | None = None) -> Connection:
     """Meet the peer at ``broker`` (``"ip:port"``) and connect to it: punched directly,
     else through the broker's relay (``relay``). Blocks until connected, at most
     ``timeout`` seconds (the relay may take a few more to join).
@@ -343,15 +328,27 @@ def connect(broker: str, session: str | None = None, *, code: str | None = None,
     The peer: ``session=NAME`` (both use the same name; add ``secret=`` to authenticate),
     ``code="7-word-word"`` (the code the other side was told), or neither with ``on_code``:
     the broker hands out a new code, given to ``on_code`` to pass on to the peer.
+    Without a synprobe broker: ``peer="ip:port"`` (its public endpoint, learnt your own
+    way; needs ``local_port``, the port the peer aims at; ``secret=`` to authenticate) or
+    ``seed_broker=`` (the original example's list broker); ``role="first"|"second"``
+    orders the two SYNs there.
+
+    ``tuning``: the punch's knobs (Tuning); ``natcheck``: a ``synprobe nat-check --json``
+    result of this network, told to the broker. ``on_local_port(port)`` before the first
+    packet, ``on_broker_address("ip:port")`` before each other broker address is reached
+    (to start a capture there, as ``synprobe punch --pcap`` does).
 
     Returns a Connection that is up and, unless ``plain``, authenticated and encrypted.
     Raises BrokerUnreachable, NoPeer, PunchFailed, AddressInUse, AuthFailed, Tampered
     (all SimulsynError); ValueError for bad arguments. ``on_event`` gets each step as a
     line of text (what ``synprobe punch -v`` prints)."""
-    return establish_connection(broker, session, code=code, timeout=timeout,
+    return establish_connection(broker, session, code=code, peer=peer,
+                                seed_broker=seed_broker, role=role, timeout=timeout,
                                 strategy=strategy, relay=relay, local_port=local_port,
-                                on_event=on_event, on_code=on_code, secret=secret,
-                                plain=plain)
+                                secret=secret, plain=plain, tuning=tuning, natcheck=natcheck,
+                                on_event=on_event, on_code=on_code,
+                                on_local_port=on_local_port,
+                                on_broker_address=on_broker_address)
 
 
 def _endpoints(binds: Sequence[str]) -> list[object]:

@@ -18,10 +18,11 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from ._api import RECV_CHUNK, Connection, EventCallback, SimulsynError, establish_connection
+from .options import Tuning
 from .session import PunchReport
 from .sockets import SocketTracker, abort
 
@@ -54,13 +55,21 @@ class Streams(NamedTuple):
     report: PunchReport
 
 
-async def connect(broker: str, session: str | None = None, *, code: str | None = None,
+async def connect(broker: str | None = None, session: str | None = None, *,
+                  code: str | None = None, peer: str | None = None,
+                  seed_broker: str | None = None, role: str | None = None,
                   timeout: float = 30.0, strategy: str = "auto", relay: str = "auto",
-                  local_port: int | None = None, on_event: EventCallback | None = None,
-                  on_code: Callable[[str], None] | None = None, secret: str | None = None,
-                  plain: bool = False) -> Streams:
+                  local_port: int | None = None, secret: str | None = None,
+                  plain: bool = False, tuning: Tuning | None = None,
+                  natcheck: Mapping[str, Any] | None = None,
+                  on_event: EventCallback | None = None,
+                  on_code: Callable[[str], None] | None = None,
+                  on_local_port: Callable[[int], None] | None = None,
+                  on_broker_address: Callable[[str], None] | None = None) -> Streams:
     """``simulsyn_core.connect`` for asyncio, with the same arguments and exceptions;
-    ``on_event`` and ``on_code`` are called in the event loop. The writer's ``close()``
+    ``on_event`` and ``on_code`` are called in the event loop, ``on_local_port`` and
+    ``on_broker_address`` in the connecting thread (before the packets they announce
+    leave, as they must for a capture to see them). The writer's ``close()``
     ends our side (the END record, then a FIN); the reader sees EOF at the peer's END.
     A sealed stream the peer's side altered or cut off surfaces as ConnectionResetError
     on the reader."""
@@ -78,11 +87,14 @@ async def connect(broker: str, session: str | None = None, *, code: str | None =
 
         return call
 
-    work = functools.partial(establish_connection, broker, session, code=code,
-                             timeout=timeout, strategy=strategy, relay=relay,
-                             local_port=local_port, on_event=in_loop(on_event),
-                             on_code=in_loop(on_code), secret=secret, plain=plain,
-                             cancel=cancel, tracker=tracker)
+    work = functools.partial(establish_connection, broker, session, code=code, peer=peer,
+                             seed_broker=seed_broker, role=role, timeout=timeout,
+                             strategy=strategy, relay=relay, local_port=local_port,
+                             secret=secret, plain=plain, tuning=tuning, natcheck=natcheck,
+                             on_event=in_loop(on_event), on_code=in_loop(on_code),
+                             on_local_port=on_local_port,
+                             on_broker_address=on_broker_address, cancel=cancel,
+                             tracker=tracker)
     done = loop.create_future()
 
     def run() -> None:

@@ -347,60 +347,28 @@ def punch(v6: bool | None, broker_ep: Endpoint | None, code: str | None, session
     where the chat ended), upgraded_after_s (relay to direct: seconds after the relay
     came up).
     """
-    from simulsyn_core.session import PunchConfig, PunchReport, run_punch
+    from simulsyn_core.options import Tuning, build_config
+    from simulsyn_core.session import PunchReport, run_punch
 
-    chosen = [name for name, v in (("--broker", broker_ep), ("--seed-broker", seed_ep),
-                                   ("--peer", peer_ep)) if v is not None]
-    if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --broker, --seed-broker or --peer")
-    nameplate = words = None
-    if session is not None and broker_ep is None:
-        raise click.UsageError("--session goes with --broker")
-    if code is not None and (broker_ep is None or session is not None):
-        raise click.UsageError("--code goes with --broker, without --session")
-    if secret is not None and session is None and peer_ep is None:
-        raise click.UsageError("--secret goes with --session or --peer (a code carries its "
-                               "own words)")
-    if plain and (code is not None or secret is not None):
-        raise click.UsageError("--plain turns authentication off: not with --code or --secret")
-    if plain and broker_ep is not None and session is None:
-        raise click.UsageError("--plain with --broker needs --session NAME (a code's words "
-                               "serve only the authentication)")
-    if session is not None:
-        from simulsyn_core.wire import SESSION_RE
-
-        if not SESSION_RE.fullmatch(session):
-            raise click.BadParameter("1-64 of A-Z a-z 0-9 . _ -", param_hint="--session")
-    if secret is not None and not secret.strip():
-        raise click.BadParameter("an empty secret authenticates nothing", param_hint="--secret")
-    if broker_ep is not None and session is None:
-        from simulsyn_core.codes import CodeError, make_words, parse_code
-
-        if code is None:
-            nameplate, words = "new", make_words()
-        else:
-            try:
-                nameplate, words = parse_code(code)
-            except CodeError as exc:
-                raise click.BadParameter(str(exc), param_hint="--code") from None
-    if peer_ep is not None and not local_port:
-        raise click.UsageError("--peer needs --local-port (the peer must know where to aim)")
-    if role is not None and broker_ep is not None:
-        raise click.UsageError(f"--{role} goes with --peer or --seed-broker (a synprobe broker "
-                               "sets the order itself)")
     reporter = Reporter(verbose)
     facts = None
     if use_natcheck and broker_ep is not None:
         from .state import last_natcheck_facts
 
         facts = last_natcheck_facts()
-    cfg = PunchConfig(local_port=local_port, broker=broker_ep, session=session,
-                      seed_broker=seed_ep, peer=peer_ep, retries=retries, timeout_s=timeout_s,
-                      retry_interval_s=retry_interval_s, attempt_timeout_s=attempt_timeout_s,
-                      strategy=strategy, ttl=ttl, role=role, facts=facts,
-                      birthday_sockets=birthday_sockets, birthday_guesses=birthday_guesses,
-                      birthday_rate=birthday_rate, nameplate=nameplate, words=words,
-                      secret=secret, plain=plain, relay=relay)
+    # The API's own rules (connect() takes the same arguments): nothing here it lacks.
+    try:
+        cfg = build_config(
+            broker=broker_ep, session=session, code=code, peer=peer_ep, seed_broker=seed_ep,
+            role=role, local_port=local_port, timeout=timeout_s, strategy=strategy,
+            relay=relay, secret=secret, plain=plain, natcheck=facts, cli=True,
+            tuning=Tuning(retries=retries, retry_interval=retry_interval_s,
+                          attempt_timeout=attempt_timeout_s, ttl=ttl,
+                          birthday_sockets=birthday_sockets,
+                          birthday_guesses=birthday_guesses, birthday_rate=birthday_rate))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    words = cfg.words
 
     def on_nameplate(number: str) -> None:
         from simulsyn_core.codes import make_code
