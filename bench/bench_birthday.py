@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from simulsyn_core import birthday as bday  # noqa: E402
-from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
+from simulsyn_core._internal import birthday as bday  # noqa: E402
+from simulsyn_core._internal.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
 
 SETTINGS = "100x100,200x200,300x300,450x450,700x700"

@@ -70,8 +70,8 @@ OURS = [sys.executable, "-m", "synprobe", "broker", "--bind", "127.0.0.1:0"]
 # 128), every other limit as shipped.
 RAISED_CAPS = """
 import sys
-from simulsyn_core.broker import run_broker
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.broker import run_broker
+from simulsyn_core._internal.endpoint import Endpoint
 sys.exit(run_broker([Endpoint("127.0.0.1", 0)], max_connections=40000))
 """
 TARGET_PAIRS_S = 5000.0

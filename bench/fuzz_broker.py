@@ -111,7 +111,7 @@ def exchange(port: int, src: str, data: bytes, timeout_s: float) -> bytes:
 
 def judge(data: bytes, out: bytes) -> str:
     """The kind of answer, or 'BAD: ...' when it breaks the protocol."""
-    from simulsyn_core.wire import ProtocolError, decode_seed_list, parse_line
+    from simulsyn_core._internal.wire import ProtocolError, decode_seed_list, parse_line
 
     if not data:
         try:
@@ -136,7 +136,7 @@ def judge(data: bytes, out: bytes) -> str:
 
 
 def clean_pair(port: int) -> float:
-    from simulsyn_core.wire import parse_line
+    from simulsyn_core._internal.wire import parse_line
 
     start = time.monotonic()
     a = socket.create_connection(("127.0.0.1", port), timeout=5,

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from simulsyn_core.signals import sigterm_as_interrupt  # noqa: E402
+from simulsyn_core._internal.signals import sigterm_as_interrupt  # noqa: E402
 from synprobe import lab as labmod  # noqa: E402
 from test_lab_punch import ENDING_S, REFUSED_WITHIN_S, TIMEOUT_S, expectation  # noqa: E402
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulsyn_core.signals import sigterm_as_interrupt
+from simulsyn_core._internal.signals import sigterm_as_interrupt
 from synprobe import lab as labmod
 
 TCPDUMP_READY_S = 5.0

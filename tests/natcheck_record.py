@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 from synprobe import lab as labmod
 from tests.natcheck_expected import EXTRA, SERVER, mismatches
 

@@ -20,10 +20,10 @@ import pytest
 
 import simulsyn_core
 from simulsyn_core import aio
-from simulsyn_core.codes import make_words
-from simulsyn_core.exitcodes import ExitStatus
-from simulsyn_core.secure import DATA, END, Channel
-from simulsyn_core.session import Established, PunchReport
+from simulsyn_core._internal.codes import make_words
+from simulsyn_core._internal.exitcodes import ExitStatus
+from simulsyn_core._internal.secure import DATA, END, Channel
+from simulsyn_core._internal.session import Established, PunchReport
 from tests.helpers import scapy_modules_after
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from simulsyn_core import birthday as bday
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import Facts, SessionTable, plan_pair
-from simulsyn_core.spray import Pool
-from simulsyn_core.wire import parse_line
+from simulsyn_core._internal import birthday as bday
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import Facts, SessionTable, plan_pair
+from simulsyn_core._internal.spray import Pool
+from simulsyn_core._internal.wire import parse_line
 
 ALL = frozenset({"prime", "order", "sync", "birthday"})
 A = Endpoint("198.51.100.2", 40000)
@@ -162,7 +162,7 @@ def test_the_broker_probes_a_birthday_pair() -> None:
 
 def test_nofile_is_raised_within_the_hard_limit() -> None:
     # In a child: a hard limit once lowered cannot be raised again.
-    code = ("import resource; from simulsyn_core.spray import raise_nofile; "
+    code = ("import resource; from simulsyn_core._internal.spray import raise_nofile; "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2000)); "
             "print(raise_nofile(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0]); "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512)); "

@@ -30,12 +30,12 @@ from .helpers import SYNPROBE, read_line
 
 # Runs the broker with some limits scaled down (so that CI fills them in seconds): keyword
 # arguments of run_broker (Broker's fields), "table" those of SessionTable, and "consts"
-# module constants to set first (simulsyn_core.broker's).
+# module constants to set first (simulsyn_core._internal.broker's).
 _LAUNCHER = """
 import json, sys
-import simulsyn_core.broker as B
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import SessionTable
+import simulsyn_core._internal.broker as B
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import SessionTable
 cfg = json.loads(sys.argv[1])
 for name, value in cfg.pop("consts", {}).items():
     setattr(B, name, value)
@@ -138,7 +138,7 @@ def figures(name: str, **values: object) -> None:
 def test_name_guessing_is_rate_limited_per_address_and_per_network() -> None:
     """Attack 1 (measured before: one address made 2,048 REGISTER-and-close a second,
     nothing limited it)."""
-    from simulsyn_core.broker import RATE_PER_IP, RATE_PER_PREFIX
+    from simulsyn_core._internal.broker import RATE_PER_IP, RATE_PER_PREFIX
 
     with broker() as br:
         rss0 = br.rss_kb()
@@ -353,7 +353,7 @@ def test_connection_slots_go_to_newcomers_not_to_idle_hogs() -> None:
 
 
 def test_one_network_holds_at_most_its_share_of_connections() -> None:
-    from simulsyn_core.broker import MAX_CONNECTIONS_PER_PREFIX
+    from simulsyn_core._internal.broker import MAX_CONNECTIONS_PER_PREFIX
 
     with broker() as br:
         socks = []
@@ -446,7 +446,7 @@ def test_loop_errors_are_one_line_per_kind_and_interval() -> None:
     becomes one log line per 10 s, never a traceback per connection."""
     import errno
 
-    from simulsyn_core.broker import Broker
+    from simulsyn_core._internal.broker import Broker
 
     lines: list[str] = []
     br = Broker([], log=lines.append)

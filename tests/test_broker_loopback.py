@@ -6,7 +6,7 @@ import socket
 import subprocess
 import time
 
-from simulsyn_core.wire import decode_seed_list
+from simulsyn_core._internal.wire import decode_seed_list
 from tests import schemas
 from tests.helpers import free_port
 
@@ -147,7 +147,7 @@ def test_no_chat_with_a_peer_that_is_not_synprobe_exchanges_one_hello() -> None:
 
 
 def test_one_host_cannot_take_every_connection() -> None:
-    from simulsyn_core.broker import MAX_CONNECTIONS_PER_IP
+    from simulsyn_core._internal.broker import MAX_CONNECTIONS_PER_IP
 
     with loopback_broker() as (proc, port):
         hogs = [_line_client(port, b"S") for _ in range(MAX_CONNECTIONS_PER_IP)]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from simulsyn_core.birthday import Offer
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import Facts
-from simulsyn_core.shared import Entry
+from simulsyn_core._internal.birthday import Offer
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import Facts
+from simulsyn_core._internal.shared import Entry
 
 from .helpers import SYNPROBE, RedisServer, read_line, wait_for_stderr
 from .helpers import stop_process as stop
@@ -326,7 +326,7 @@ def test_bad_redis_url_is_a_clear_error() -> None:
 
 
 def test_a_broker_without_redis_does_not_import_it() -> None:
-    code = ("import sys, simulsyn_core.broker, synprobe.cli; "
+    code = ("import sys, simulsyn_core._internal.broker, synprobe.cli; "
             "sys.exit('redis' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=20).returncode == 0
 

@@ -8,8 +8,8 @@ import socket
 import threading
 from pathlib import Path
 
-from simulsyn_core.chat import chat
-from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core._internal.chat import chat
+from simulsyn_core._internal.exitcodes import ExitStatus
 
 
 def _run_pair(stdin_a: int, stdin_b: int) -> tuple[list[object], io.StringIO, io.StringIO]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core._internal.exitcodes import ExitStatus
 from synprobe.cli import cli, main
 from tests import schemas
 
@@ -88,7 +88,8 @@ def test_punch_path_never_imports_scapy() -> None:
             "rc = [main(a) for a in (['--help'], ['punch', '--help'], ['broker', '--help'], "
             f"['punch', '--peer', '127.0.0.1:{port}', '--local-port', '{_closed_port()}', "
             "'--no-chat', '--json', '--retries', '2'])]; "
-            "import simulsyn_core.broker, simulsyn_core.session, simulsyn_core.client; "
+            "import simulsyn_core._internal.broker, simulsyn_core._internal.session, "
+            "simulsyn_core._internal.client; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'tabulate')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from simulsyn_core.birthday import Offer, parse_range
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.numbers import (
+from simulsyn_core._internal.birthday import Offer, parse_range
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.numbers import (
     ascii_int,
     parse_finite_float,
     parse_int,

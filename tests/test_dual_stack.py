@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 from tests.helpers import SYNPROBE, read_line, wait_for_stderr
 
 TIMEOUT_S = 5.0
@@ -155,7 +155,7 @@ def test_an_ipv6_natcheck_names_its_public_address_without_brackets() -> None:
     """The punch uses a nat-check's facts when the broker sees it at the same address:
     the address of "[2001:db8:1a::2]:4000" is 2001:db8:1a::2 (it was "[2001:db8:1a::2]",
     never equal to what the broker saw, so an IPv6 nat-check was never used)."""
-    from simulsyn_core.client import facts_from_natcheck
+    from simulsyn_core._internal.client import facts_from_natcheck
 
     facts = facts_from_natcheck({"public": ["[2001:db8:1a::2]:4000"], "unsolicited_syn": "rst",
                                  "reply_syn": "pass", "recommendation": {"ttl": {"value": 2}}})

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import (
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import (
     SEED_MAX_ENTRIES,
     LineDecoder,
     ProtocolError,
@@ -153,8 +153,8 @@ class ThreadBroker:
     """A Broker on 127.0.0.1 in its own event loop thread; its log lines kept."""
 
     def __init__(self) -> None:
-        from simulsyn_core.broker import Broker
-        from simulsyn_core.relay import RelayLimits, RelayTable
+        from simulsyn_core._internal.broker import Broker
+        from simulsyn_core._internal.relay import RelayLimits, RelayTable
 
         self.lines: list[str] = []
         self.broker = Broker([Endpoint("127.0.0.1", 0)], log=self.lines.append,

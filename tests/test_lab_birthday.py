@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from simulsyn_core import birthday as bday
+from simulsyn_core._internal import birthday as bday
 from synprobe import lab as labmod
 from tests import schemas
 

@@ -1,10 +1,10 @@
-"""The broker's abuse defences as pure code (simulsyn_core.limits)."""
+"""The broker's abuse defences as pure code (simulsyn_core._internal.limits)."""
 
 from __future__ import annotations
 
 import random
 
-from simulsyn_core.limits import LogThrottle, MaxCounter, TokenBuckets, prefix_of
+from simulsyn_core._internal.limits import LogThrottle, MaxCounter, TokenBuckets, prefix_of
 
 
 def test_prefix_is_the_slash_24_or_the_slash_64() -> None:

@@ -10,9 +10,9 @@ import subprocess
 import threading
 from collections.abc import Callable
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import SessionTable
-from simulsyn_core.wire import encode_message, parse_line
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import SessionTable
+from simulsyn_core._internal.wire import encode_message, parse_line
 from tests import schemas
 
 from .helpers import SYNPROBE, loopback_broker, read_line

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from simulsyn_core.exitcodes import ExitStatus
-from simulsyn_core.moving import MovingChat, Upgrade, Upgrades
-from simulsyn_core.secure import MOVE, NUMBER, NUMBERED, Channel
+from simulsyn_core._internal.exitcodes import ExitStatus
+from simulsyn_core._internal.moving import MovingChat, Upgrade, Upgrades
+from simulsyn_core._internal.secure import MOVE, NUMBER, NUMBERED, Channel
 
 KEY = bytes(range(32))
 
@@ -171,7 +171,7 @@ def test_a_repeated_message_is_dropped_and_said() -> None:
 def test_a_move_to_a_direct_connection_that_never_comes_here_is_bounded(monkeypatch) -> None:
     """A moved (it has the direct connection), B's end never comes up: B gives up after
     DIRECT_WAIT_S with PEER_LOST, it does not hang."""
-    monkeypatch.setattr("simulsyn_core.moving.DIRECT_WAIT_S", 1.0)
+    monkeypatch.setattr("simulsyn_core._internal.moving.DIRECT_WAIT_S", 1.0)
     a, b, (direct_a, direct_b), (da, _) = started_sides()
     feeder = threading.Thread(target=a.feed, args=(3, 0.01, 1, Upgrade(direct_a, da, [], "d")))
     feeder.start()

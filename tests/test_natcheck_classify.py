@@ -13,7 +13,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
 from scapy.layers.l2 import Ether
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 from synprobe import lab as labmod
 from synprobe.natcheck import (
     filtering,

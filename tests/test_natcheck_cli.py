@@ -9,8 +9,8 @@ import subprocess
 
 from click.testing import CliRunner
 
-from simulsyn_core.broker import Broker
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.broker import Broker
+from simulsyn_core._internal.endpoint import Endpoint
 from synprobe.cli import cli
 from synprobe.natcheck import firewall as fw
 from synprobe.natcheck.server import ProbeServer

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import LineDecoder, ProtocolError, parse_line
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import LineDecoder, ProtocolError, parse_line
 from synprobe.natcheck import protocol as P
 
 PUBLIC = Endpoint("198.51.100.2", 40000)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import ProtocolError
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import ProtocolError
 from synprobe import lab as labmod
 from synprobe.natcheck import protocol as P
 from synprobe.natcheck.server import Check, ProbeServer

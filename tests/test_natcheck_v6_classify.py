@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6TimeExceeded, IPv6
 from scapy.packet import Packet
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 from synprobe.natcheck import craft, hops, mapping, unsolicited
 from synprobe.natcheck.report import Behaviour, Findings, Outcome
 from synprobe.packets.decode import LINKTYPE_RAW

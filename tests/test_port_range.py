@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from simulsyn_core.broker import Broker
-from simulsyn_core.client import NatFacts
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.broker import Broker
+from simulsyn_core._internal.client import NatFacts
+from simulsyn_core._internal.endpoint import Endpoint
 from synprobe import state
 from synprobe.natcheck import port_range as pr
 from synprobe.natcheck import port_samples

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.prime import (
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.prime import (
     ICMP_DEST_UNREACH,
     ICMP_TIME_EXCEEDED,
     HopAnswer,
     choose_ttl,
     past_our_nats,
 )
-from simulsyn_core.rendezvous import PRIME_WAIT_MAX_S, SessionTable
-from simulsyn_core.wire import parse_line
+from simulsyn_core._internal.rendezvous import PRIME_WAIT_MAX_S, SessionTable
+from simulsyn_core._internal.wire import parse_line
 
 A = Endpoint("198.51.100.2", 40001)
 B = Endpoint("203.0.113.2", 40002)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from simulsyn_core.exitcodes import ExitStatus
+from simulsyn_core._internal.exitcodes import ExitStatus
 from tests import schemas
 from tests.helpers import free_port
 
@@ -115,7 +115,7 @@ def _dropping_port() -> Iterator[int]:
 
 # --- exit 1: one line, or the stack with --traceback ----------------------------------
 
-_BOOM = ("import sys\nimport simulsyn_core.session as session\n"
+_BOOM = ("import sys\nimport simulsyn_core._internal.session as session\n"
          "def boom(*a, **k):\n    raise RuntimeError('boom')\n"
          "session.run_punch = boom\nfrom synprobe.cli import main\nsys.exit(main(sys.argv[1:]))")
 
@@ -367,8 +367,8 @@ def _in_process_broker(services: dict[str, Any] | None = None, **options: Any
                        ) -> contextlib.AbstractContextManager[tuple[Any, int]]:
     """The real Broker on 127.0.0.1, run by an event loop in a thread of this process, so
     that a test can shrink its module constants."""
-    from simulsyn_core.broker import Broker
-    from simulsyn_core.endpoint import Endpoint
+    from simulsyn_core._internal.broker import Broker
+    from simulsyn_core._internal.endpoint import Endpoint
 
     @contextlib.contextmanager
     def run() -> Iterator[tuple[Any, int]]:
@@ -407,7 +407,7 @@ def _in_process_broker(services: dict[str, Any] | None = None, **options: Any
 def test_connection_cap_closes_the_next_at_accept() -> None:
     """At the cap, a newcomer from the network that holds them all is closed at accept
     (eviction only makes room for another network: tests/test_broker_abuse.py)."""
-    from simulsyn_core import broker as broker_mod
+    from simulsyn_core._internal import broker as broker_mod
 
     assert broker_mod.MAX_CONNECTIONS == 20480  # the README's figure
     with _in_process_broker(max_connections=6) as (_, port):  # shrunk: same code path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from simulsyn_core.punch import Attempt, GiveUp, Go, Pause, PunchSchedule
+from simulsyn_core._internal.punch import Attempt, GiveUp, Go, Pause, PunchSchedule
 
 
 def test_first_step_is_an_attempt_bounded_by_the_remaining_time() -> None:

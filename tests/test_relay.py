@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from simulsyn_core.relay import (
+from simulsyn_core._internal.relay import (
     TOKEN_RE,
     Pair,
     Refuse,

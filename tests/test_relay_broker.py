@@ -26,9 +26,9 @@ from .test_broker_abuse import BrokerProc, broker
 # run_broker with RelayLimits built from cfg["relay"] (None: a broker without --relay).
 _LAUNCHER = """
 import json, sys
-import simulsyn_core.broker as B
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.relay import RelayLimits
+import simulsyn_core._internal.broker as B
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.relay import RelayLimits
 cfg = json.loads(sys.argv[1])
 relay = cfg.pop("relay", None)
 sys.exit(B.run_broker([Endpoint("127.0.0.1", 0)],

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from simulsyn_core.client import relay_connect, relay_status
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.client import relay_connect, relay_status
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

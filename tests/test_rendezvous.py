@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import SeedList, SessionTable
-from simulsyn_core.wire import parse_line
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import SeedList, SessionTable
+from simulsyn_core._internal.wire import parse_line
 
 A = Endpoint("198.51.100.2", 4000)
 B = Endpoint("203.0.113.2", 5000)
@@ -188,7 +188,7 @@ def test_registration_cost_does_not_grow_with_the_table() -> None:
 
 
 def test_seed_list_answer_is_the_encoded_list_and_encoded_once_per_change() -> None:
-    from simulsyn_core.wire import encode_seed_list
+    from simulsyn_core._internal.wire import encode_seed_list
 
     seeds = SeedList()
     seeds.answer(A, 0.0)
@@ -205,7 +205,7 @@ def test_seed_list_answers_as_the_rule_says_whatever_the_visits() -> None:
     2570 make an entry's bytes also appear across two neighbours."""
     import random
 
-    from simulsyn_core.wire import encode_seed_list
+    from simulsyn_core._internal.wire import encode_seed_list
 
     rng = random.Random(11)
     for _ in range(20):
@@ -272,8 +272,8 @@ def test_one_side_varies_each_side_gets_its_own_reason() -> None:
 
 
 def test_longest_birthday_peer_with_a_relay_token_fits_a_line() -> None:
-    from simulsyn_core import birthday as bday
-    from simulsyn_core.wire import LINE_MAX
+    from simulsyn_core._internal import birthday as bday
+    from simulsyn_core._internal.wire import LINE_MAX
 
     table = _relaying_table()
     top = Endpoint("255.255.255.255", 65535)

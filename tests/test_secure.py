@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-from simulsyn_core import codes
-from simulsyn_core.chat import SealedCodec, chat, secure
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import ExitStatus
-from simulsyn_core.rendezvous import SessionTable
-from simulsyn_core.secure import (
+from simulsyn_core._internal import codes
+from simulsyn_core._internal.chat import SealedCodec, chat, secure
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.exitcodes import ExitStatus
+from simulsyn_core._internal.rendezvous import SessionTable
+from simulsyn_core._internal.secure import (
     CONFIRM,
     DATA,
     END,
@@ -25,7 +25,7 @@ from simulsyn_core.secure import (
     Handshake,
     Tampered,
 )
-from simulsyn_core.wire import encode_chat, parse_line
+from simulsyn_core._internal.wire import encode_chat, parse_line
 
 
 def pair(password_a: bytes, password_b: bytes, timeout_s: float = 5.0

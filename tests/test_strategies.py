@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from simulsyn_core.broker import probe_unsolicited, sync_delays
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.rendezvous import Facts, SessionTable, plan_pair
-from simulsyn_core.wire import parse_line
+from simulsyn_core._internal.broker import probe_unsolicited, sync_delays
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.rendezvous import Facts, SessionTable, plan_pair
+from simulsyn_core._internal.wire import parse_line
 from synprobe import state
 
 ALL = frozenset({"prime", "order", "sync"})

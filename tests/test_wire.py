@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import (
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import (
     Confirmation,
     FrameDecoder,
     LineDecoder,

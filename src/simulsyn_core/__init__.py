@@ -2,8 +2,8 @@
 
 The public API is what ``__all__`` names (documented in docs/api.md), plus the
 ``simulsyn_core.aio`` module; it follows semantic versioning from 1.0 on (before 1.0, a
-minor version may change it, said in the changelog of the README). Every other module of
-this package is internal: it may change in any release.
+minor version may change it, said in the changelog of the README). Everything else is
+private (the package ``_internal``, the module ``_api``): it may change in any release.
 
 Nothing in this package imports scapy: the broker and the punch must start fast
 and run as an ordinary user. The names are imported lazily (``import simulsyn_core``
@@ -49,17 +49,17 @@ if TYPE_CHECKING:
         connect,
         serve_broker,
     )
-    from .options import Tuning
-    from .session import PunchReport
+    from ._internal.options import Tuning
+    from ._internal.session import PunchReport
 
 
 def __getattr__(name: str) -> Any:
     if name == "PunchReport":
-        from .session import PunchReport
+        from ._internal.session import PunchReport
 
         return PunchReport
     if name == "Tuning":
-        from .options import Tuning
+        from ._internal.options import Tuning
 
         return Tuning
     if name in __all__:

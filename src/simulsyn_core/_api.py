@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from .endpoint import Endpoint
-from .exitcodes import ExitStatus, ToolError
-from .options import Tuning, build_config
-from .session import Established, PunchReport, establish
-from .sockets import SocketTracker, abort, enable_keepalive, tracking
+from ._internal.endpoint import Endpoint
+from ._internal.exitcodes import ExitStatus, ToolError
+from ._internal.options import Tuning, build_config
+from ._internal.session import Established, PunchReport, establish
+from ._internal.sockets import SocketTracker, abort, enable_keepalive, tracking
 
 RECV_CHUNK = 65536
 LINGER_S = 2.0  # close(): how long to wait for the peer's end after ours, at most
@@ -157,7 +157,7 @@ class Connection:
         self.socket.settimeout(timeout_s)
 
     def _take(self, kind: int, payload: bytes) -> None:
-        from .secure import DATA, END
+        from ._internal.secure import DATA, END
 
         if kind == DATA:
             self._buffer += payload
@@ -166,7 +166,7 @@ class Connection:
 
     def sendall(self, data: bytes) -> None:
         """Send all of ``data``. Raises PeerLost when the connection broke."""
-        from .secure import DATA, RECORD_MAX
+        from ._internal.secure import DATA, RECORD_MAX
 
         if self._write_shut:
             raise ValueError("sendall after shutdown_write/close")
@@ -187,7 +187,7 @@ class Connection:
         """Up to ``bufsize`` bytes from the peer; ``b""`` once the peer has finished
         sending. Raises Tampered (a sealed stream altered or cut off: the connection is
         reset), PeerLost."""
-        from .secure import Tampered as _SealTampered
+        from ._internal.secure import Tampered as _SealTampered
 
         while not self._buffer and not self._ended:
             try:
@@ -217,7 +217,7 @@ class Connection:
 
     def shutdown_write(self) -> None:
         """We send nothing more: the END record (sealed), then a FIN. ``recv`` goes on."""
-        from .secure import END
+        from ._internal.secure import END
 
         if self._write_shut:
             return
@@ -288,7 +288,7 @@ def establish_connection(broker: str | None = None, session: str | None = None, 
             on_event(text)
 
     def told(number: str) -> None:
-        from .codes import make_code
+        from ._internal.codes import make_code
 
         if on_code is not None:
             on_code(make_code(number, cfg.words or ""))
@@ -352,7 +352,7 @@ def connect(broker: str | None = None, session: str | None = None, *,
 
 
 def _endpoints(binds: Sequence[str]) -> list[object]:
-    from .endpoint import Endpoint
+    from ._internal.endpoint import Endpoint
 
     if not binds:
         raise ValueError("give at least one address to listen on (\"ip:port\")")
@@ -371,8 +371,8 @@ class Broker:
 
     def __init__(self, binds: Sequence[str], *, relay: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
-        from .broker import Broker as _Broker
-        from .relay import RelayLimits, RelayTable
+        from ._internal.broker import Broker as _Broker
+        from ._internal.relay import RelayLimits, RelayTable
 
         self._broker = _Broker(_endpoints(binds),  # type: ignore[arg-type]
                                log=log or (lambda line: None),
@@ -415,8 +415,8 @@ def serve_broker(binds: Sequence[str], *, relay: bool = False,
     """Run a broker in this thread until SIGINT (returns 130) or SIGTERM (returns 0), as
     ``synprobe broker`` does. ``log``: each log line (default: stderr). Raises OSError
     when an address cannot be bound."""
-    from .broker import run_broker, stderr_log
-    from .relay import RelayLimits
+    from ._internal.broker import run_broker, stderr_log
+    from ._internal.relay import RelayLimits
 
     return run_broker(_endpoints(binds), log=log or stderr_log,  # type: ignore[arg-type]
                       relay=RelayLimits() if relay else None)

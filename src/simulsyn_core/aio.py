@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ._api import RECV_CHUNK, Connection, EventCallback, SimulsynError, establish_connection
-from .options import Tuning
-from .session import PunchReport
-from .sockets import SocketTracker, abort
+from ._internal.options import Tuning
+from ._internal.session import PunchReport
+from ._internal.sockets import SocketTracker, abort
 
 __all__ = ["Streams", "connect"]
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from simulsyn_core import __version__
-from simulsyn_core.birthday import (
+from simulsyn_core._internal.birthday import (
     DEFAULT_GUESSES,
     DEFAULT_RATE,
     DEFAULT_SOCKETS,
@@ -19,21 +19,21 @@ from simulsyn_core.birthday import (
     MAX_RATE,
     MAX_SOCKETS,
 )
-from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.punch import (
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.punch import (
     ATTEMPT_TIMEOUT_S,
     DEFAULT_RETRIES,
     PUNCH_TIMEOUT_S,
     RETRY_INTERVAL_S,
     STRATEGIES,
 )
-from simulsyn_core.relay import RelayLimits
-from simulsyn_core.wire import DEFAULT_BROKER_PORT
+from simulsyn_core._internal.relay import RelayLimits
+from simulsyn_core._internal.wire import DEFAULT_BROKER_PORT
 
 from .cliutil import EPILOG, AsciiIntRange, EndpointType, FiniteFloatRange, Reporter
 
 if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
-    from simulsyn_core.endpoint import Endpoint
+    from simulsyn_core._internal.endpoint import Endpoint
 
 # Subcommands that live in their own modules, imported only when named (or for --help),
 # so that `synprobe punch` never pays for them. Each module must keep scapy out of its
@@ -171,7 +171,7 @@ def broker(binds: tuple[Endpoint, ...], quiet: bool, probe: bool, syn_probe: boo
     PEER lines carry a token; --relay-* set the limits; a session over its bytes
     or idle is cut with a reset of both connections).
     """
-    from simulsyn_core.broker import run_broker, stderr_log
+    from simulsyn_core._internal.broker import run_broker, stderr_log
 
     def log(line: str) -> None:
         if not quiet:
@@ -347,8 +347,8 @@ def punch(v6: bool | None, broker_ep: Endpoint | None, code: str | None, session
     where the chat ended), upgraded_after_s (relay to direct: seconds after the relay
     came up).
     """
-    from simulsyn_core.options import Tuning, build_config
-    from simulsyn_core.session import PunchReport, run_punch
+    from simulsyn_core._internal.options import Tuning, build_config
+    from simulsyn_core._internal.session import PunchReport, run_punch
 
     reporter = Reporter(verbose)
     facts = None
@@ -371,7 +371,7 @@ def punch(v6: bool | None, broker_ep: Endpoint | None, code: str | None, session
     words = cfg.words
 
     def on_nameplate(number: str) -> None:
-        from simulsyn_core.codes import make_code
+        from simulsyn_core._internal.codes import make_code
 
         given = make_code(number, words or "")
         click.echo(f"synprobe: your code is {given}\n"
@@ -392,7 +392,7 @@ def punch(v6: bool | None, broker_ep: Endpoint | None, code: str | None, session
         from .punch_pcap import PunchCapture
 
         capture = PunchCapture(pcap_path, [e for e in (broker_ep, seed_ep) if e], reporter.say)
-    from simulsyn_core.signals import sigterm_as_interrupt
+    from simulsyn_core._internal.signals import sigterm_as_interrupt
 
     # SIGTERM unwinds like Ctrl-C: the capture is closed, the JSON says "interrupted",
     # and the exit code is 130.

@@ -10,25 +10,25 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from simulsyn_core.exitcodes import EXIT_CODES_HELP
-from simulsyn_core.numbers import (
+from simulsyn_core._internal.exitcodes import EXIT_CODES_HELP
+from simulsyn_core._internal.numbers import (
     finite,
     has_foreign_digits,
     parse_finite_float,
     parse_int,
     parse_port,
 )
-from simulsyn_core.wire import DEFAULT_BROKER_PORT
+from simulsyn_core._internal.wire import DEFAULT_BROKER_PORT
 
 if TYPE_CHECKING:  # imported where used: `synprobe --help` must start fast
-    from simulsyn_core.endpoint import Endpoint
+    from simulsyn_core._internal.endpoint import Endpoint
 
 EPILOG = "\b\nExit codes:\n" + EXIT_CODES_HELP
 
 
 def server_syntax(text: str, default_port: int = DEFAULT_BROKER_PORT) -> tuple[str, int]:
     """(host, port) of HOST[:PORT], checked but not resolved. Raises click.BadParameter."""
-    from simulsyn_core.endpoint import split_host_port
+    from simulsyn_core._internal.endpoint import split_host_port
 
     try:
         host, port_text = split_host_port(text, default_port)
@@ -58,7 +58,7 @@ def parse_server(text: str, default_port: int = DEFAULT_BROKER_PORT,
     which, and then an address of the other family is an error)."""
     import socket
 
-    from simulsyn_core.endpoint import Endpoint
+    from simulsyn_core._internal.endpoint import Endpoint
 
     host, port = server_syntax(text, default_port)
     wanted = {None: (socket.AF_INET, socket.AF_INET6), False: (socket.AF_INET,),
@@ -98,7 +98,7 @@ class EndpointType(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Endpoint:
-        from simulsyn_core.endpoint import Endpoint
+        from simulsyn_core._internal.endpoint import Endpoint
 
         if isinstance(value, Endpoint):
             return value

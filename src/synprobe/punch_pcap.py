@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 from . import state
 from .packets.decode import (

@@ -9,7 +9,7 @@ import ipaddress
 import socket
 import struct
 
-from simulsyn_core import sockets
+from simulsyn_core._internal import sockets
 
 CAP_NET_ADMIN = 12  # linux/capability.h
 CAP_NET_RAW = 13

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from simulsyn_core import __version__
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 from . import state
 from .cliutil import EPILOG

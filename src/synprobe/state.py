@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulsyn_core.client import NatFacts, facts_from_natcheck
+from simulsyn_core._internal.client import NatFacts, facts_from_natcheck
 
 NATCHECK_FILE = "natcheck-last.json"
 PCAP_INDEX_FILE = "pcaps.jsonl"
@@ -89,7 +89,7 @@ NATCHECK_FACTS_MAX_AGE_S = 24 * 3600.0  # an older nat-check is not used by the 
 
 def last_natcheck_facts(now: float | None = None) -> NatFacts | None:
     """What the punch may use of the last nat-check (its --json result; the rules:
-    simulsyn_core.client.facts_from_natcheck). None if there is none, it failed, or it
+    simulsyn_core._internal.client.facts_from_natcheck). None if there is none, it failed, or it
     is over a day old. The punch uses it only when the broker sees it at the same public
     address."""
     record = load_last_natcheck()

@@ -13,7 +13,7 @@ from typing import Any, overload
 
 import click
 
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 from ..cliutil import EPILOG
 from ..packets.reader import CaptureContents, Source, read_capture

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import click
 
-from simulsyn_core.exitcodes import ExitStatus
-from simulsyn_core.signals import sigterm_as_interrupt
+from simulsyn_core._internal.exitcodes import ExitStatus
+from simulsyn_core._internal.signals import sigterm_as_interrupt
 
 from .. import lab as labmod
 from ..cliutil import EPILOG, FiniteFloatRange

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from simulsyn_core.numbers import parse_finite_float
+from simulsyn_core._internal.numbers import parse_finite_float
 
 from ..packets.live import ETH_P_ALL, PACKET_OUTGOING  # our own sends come back as OUTGOING
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 from .netns import Lab
 from .profiles import BROKER_IPS, BROKER_IPS6, BROKER_PORT
@@ -93,7 +93,7 @@ class PeerRun:
 # A peer of punch_pair imports everything first, says so on fd W, and runs only once a
 # byte comes on fd R: --timeout covers waiting for the peer, and an interpreter that
 # starts slowly on a loaded machine must not eat into it.
-_GATED = ("import os, sys\nfrom synprobe.cli import main\nimport simulsyn_core.session\n"
+_GATED = ("import os, sys\nfrom synprobe.cli import main\nimport simulsyn_core._internal.session\n"
           "r, w = int(sys.argv[1]), int(sys.argv[2])\nos.write(w, b'r')\nos.close(w)\n"
           "os.read(r, 1)\nsys.exit(main(sys.argv[3:]))")
 GATE_TIMEOUT_S = 30.0

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from simulsyn_core.numbers import parse_finite_float
+from simulsyn_core._internal.numbers import parse_finite_float
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3

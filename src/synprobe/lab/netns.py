@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from simulsyn_core.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
 
 from .profiles import (
     BROKER_IPS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulsyn_core.wire import DEFAULT_BROKER_PORT
+from simulsyn_core._internal.wire import DEFAULT_BROKER_PORT
 
 NODES = ("ha", "ga", "rt", "gb", "hb", "br")
 BROKER_IPS = ("192.0.2.10", "192.0.2.11")

@@ -10,10 +10,10 @@ import signal
 import sys
 from collections.abc import Iterator
 
-from simulsyn_core.broker import Log, run_broker
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.relay import RelayLimits
+from simulsyn_core._internal.broker import Log, run_broker
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.relay import RelayLimits
 
 from . import protocol as P
 from .firewall import Firewall, FirewallError

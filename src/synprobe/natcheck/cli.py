@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from simulsyn_core.signals import sigterm_as_interrupt
+from simulsyn_core._internal.signals import sigterm_as_interrupt
 
 from .. import state
 from ..cliutil import (

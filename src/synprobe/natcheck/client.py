@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.exitcodes import ExitStatus, ToolError
-from simulsyn_core.wire import LineDecoder, ProtocolError
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.exitcodes import ExitStatus, ToolError
+from simulsyn_core._internal.wire import LineDecoder, ProtocolError
 
 from .. import rawnet
 from ..packets.live import Capture

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import parse_line
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import parse_line
 
 from ..packets.seen import Seen
 from . import filtering, hairpin, hops, host_stack, mapping, port_range, reply_syn, timers

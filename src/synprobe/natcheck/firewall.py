@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from simulsyn_core.numbers import ascii_int
+from simulsyn_core._internal.numbers import ascii_int
 
 from .. import rawnet
 

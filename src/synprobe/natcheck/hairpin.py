@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 
 from ..packets.seen import Seen
 from . import craft

@@ -20,8 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.sockets import connect_nonblocking, errno_name
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.sockets import connect_nonblocking, errno_name
 
 from ..packets.seen import Seen
 from .report import ConnectState, StackKind, StackReaction

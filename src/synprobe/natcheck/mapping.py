@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.sockets import bound_socket, connect_nonblocking, describe_errno
-from simulsyn_core.wire import LineDecoder, ProtocolError
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.sockets import bound_socket, connect_nonblocking, describe_errno
+from simulsyn_core._internal.wire import LineDecoder, ProtocolError
 
 from . import protocol as P
 from .report import Behaviour, PortAllocation

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.sockets import abort, describe_errno
-from simulsyn_core.wire import LineDecoder, ProtocolError
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.sockets import abort, describe_errno
+from simulsyn_core._internal.wire import LineDecoder, ProtocolError
 
 from . import protocol as P
 

@@ -1,7 +1,7 @@
 """nat-check's messages on the rendezvous line protocol: one codec, as aioice's stun.py.
 
 Each message is a frozen dataclass; ``bytes(msg)`` encodes it and ``parse_message``
-decodes any of them (the line framing is ``simulsyn_core.wire``'s). Bad input raises
+decodes any of them (the line framing is ``simulsyn_core._internal.wire``'s). Bad input raises
 ``ProtocolError`` (a ``ValueError``) with an exact message, which the broker sends back
 in its ERROR line. Client -> broker (docs/protocol.md, "nat-check"):
 
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.numbers import ascii_int, parse_finite_float, parse_port
-from simulsyn_core.wire import Message, ProtocolError, encode_message
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.numbers import ascii_int, parse_finite_float, parse_port
+from simulsyn_core._internal.wire import Message, ProtocolError, encode_message
 
 # Port offsets from the port the client reached, on every broker address.
 ALT_PORT_OFFSET = 1  # listens too: a second server port for the mapping probe

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from simulsyn_core.endpoint import Endpoint
+from simulsyn_core._internal.endpoint import Endpoint
 
 from ..packets.seen import Seen
 from . import hairpin, timers

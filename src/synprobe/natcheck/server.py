@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from simulsyn_core.broker import Broker, Log, Service
-from simulsyn_core.endpoint import Endpoint
-from simulsyn_core.wire import Message, ProtocolError
+from simulsyn_core._internal.broker import Broker, Log, Service
+from simulsyn_core._internal.endpoint import Endpoint
+from simulsyn_core._internal.wire import Message, ProtocolError
 
 from .. import rawnet
 from ..packets.live import Capture

@@ -329,6 +329,14 @@ class RedisHub:
         if owner is not None:
             self.publish(owner, bus_from("gone", self.id, conn))
 
+    async def alive(self, broker: str) -> bool:
+        """Does ``broker``'s alive key exist (False if Redis fails)?"""
+        try:
+            return bool(await self.redis.exists(alive_key(broker)))
+        except self._errors as exc:
+            self.down(exc)
+            return False
+
     async def deliver(self, broker: str, messages: list[str]) -> bool:
         """Publish now (not through the outbox) on ``broker``'s channel: False if nobody
         listens there (that broker is gone) or Redis failed."""

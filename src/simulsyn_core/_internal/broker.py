@@ -117,6 +117,10 @@ READ_MAX = 65536
 # within one RTT; none within this long means the NAT dropped the SYN.
 SYN_PROBE_MIN_S = 0.1
 SYN_PROBE_MAX_S = 1.0
+# --redis: a pair whose peer's broker is alive but not subscribed (reconnecting after an
+# outage) is tried again this often, this many times (its alive key lives 3 s).
+RETRY_PAIR_S = 0.5
+PAIR_TRIES = 8
 SYN_PROBE_V6_S = 1.3  # IPv6: the SYN's retransmission (1 s) and its answer
 SYNC_MAX_DELAY_S = 1.0  # sync delivery holds the nearer peer's PEER back at most this long
 
@@ -878,10 +882,11 @@ class Broker:
 
     async def _register_shared(self, c: _Conn, msg: Message, session: str,
                                local: Endpoint | None, offered: frozenset[str],
-                               unsolicited: str | None) -> None:
+                               unsolicited: str | None, attempt: int = 0) -> None:
         """REGISTER with the waiting entries in Redis: store ours, or take the one
         waiting (atomically: shared.TAKE_OR_WAIT) and decide the pair here, with
-        SessionTable's own code; the peer's replies go to its broker's channel."""
+        SessionTable's own code; the peer's replies go to its broker's channel.
+        ``attempt``: how many pairs fell through for want of a listener there."""
         hub = self.shared
         assert hub is not None
         conn, public = c.conn, c.public
@@ -923,21 +928,27 @@ class Broker:
                 # Ours, and gone (its key's delete was still queued): register again.
                 await self._register_shared(c, msg, session, local, offered, unsolicited)
                 return
-            if not await self._pair_shared(Entry(hub.id, conn, session, public, local, facts),
-                                           theirs):
-                if c.phase == _LINES:  # the peer's broker is gone: ours waits instead
-                    await self._register_shared(c, msg, session, local, offered, unsolicited)
+            paired = await self._pair_shared(Entry(hub.id, conn, session, public, local,
+                                                   facts), theirs, put_back=attempt < PAIR_TRIES)
+            if paired != "paired":
+                if paired == "later":  # its broker is alive, not listening: in a moment
+                    await asyncio.sleep(RETRY_PAIR_S)
+                if c.phase == _LINES:  # (gone: ours waits instead)
+                    await self._register_shared(c, msg, session, local, offered, unsolicited,
+                                                attempt + 1)
             return
         self._carry_out(replies)
         self._log_replies(public, session, replies)
         if self._holds(conn):
             self._not_idle(conn)
 
-    async def _pair_shared(self, mine: Entry, theirs: Entry) -> bool:
+    async def _pair_shared(self, mine: Entry, theirs: Entry, put_back: bool = True) -> str:
         """Decide the pair of our client ``mine.conn`` with ``theirs`` (taken from Redis),
         with SessionTable's own code: our replies written, the peer's sent on its broker's
-        channel. False, and nothing told, if nobody listens there (that broker died; its
-        alive key has not expired yet)."""
+        channel: "paired". If nobody listens there, nothing is told: "gone" when that
+        broker died (its alive key is gone, or ``put_back`` is False: theirs is dropped),
+        else "later": it lives and is subscribing again (after a Redis outage), so theirs
+        is put back to wait, to be paired again in a moment."""
         hub = self.shared
         assert hub is not None
         conn, session, f = mine.conn, mine.session, mine.facts
@@ -952,9 +963,14 @@ class Broker:
                        for r in replies if is_remote(r.conn)]
         if theirs_told and not await hub.deliver(theirs.broker, theirs_told):
             self.sessions.disconnect(other)
+            if put_back and await hub.alive(theirs.broker):
+                hub.restore(theirs)
+                self.log(f"session {session}: the peer's broker {theirs.broker} is not "
+                         "listening yet (back from a Redis outage?): paired again in a moment")
+                return "later"
             self.log(f"session {session}: the peer's broker {theirs.broker} is gone: "
                      f"{mine.public} waits instead")
-            return False
+            return "gone"
         if not is_remote(other):
             hub.paired(other)  # our own waiting client: its entry was taken
         replies = [r for r in replies if not is_remote(r.conn)]
@@ -962,7 +978,7 @@ class Broker:
         self._log_replies(mine.public, session, replies)
         if self._holds(conn):
             self._not_idle(conn)
-        return True
+        return "paired"
 
     async def _restored(self, conn: int, verdict: str, theirs: Entry) -> None:
         """After a Redis outage our waiting client's entry, stored again, met ``theirs``:
@@ -984,7 +1000,7 @@ class Broker:
         mine = Entry.decode(held.value)
         other = self._conn_of(theirs)
         gone = not is_remote(other) and other not in self._clients  # ours, and left
-        if gone or not await self._pair_shared(mine, theirs):
+        if gone or await self._pair_shared(mine, theirs) != "paired":
             hub.hold_again(conn, held)  # ours is stored again on the next tick
             return
         self.log(f"session {mine.session}: paired after Redis came back")
