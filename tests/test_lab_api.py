@@ -235,3 +235,79 @@ def test_peer_mode_connects_two_known_endpoints_without_a_broker(make_lab) -> No
         assert out[side]["mode"] == "direct" and out[side]["path"] == "direct", out
         assert out[side]["seen"] == [ports[side]] and out[side]["authenticated"], out
     assert out["a"]["verifier"] == out["b"]["verifier"] is not None
+
+
+_MOVING_SIDE = r"""
+import hashlib, json, sys, threading, time
+import simulsyn_core
+broker, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+events = []
+with simulsyn_core.connect(broker, "moving-lib", secret="shared words", timeout=30,
+                           on_event=events.append) as c:
+    paths = [c.path]
+    sent = hashlib.sha256()
+    got = hashlib.sha256()
+    count = [0]
+
+    def reader():
+        while chunk := c.recv():
+            got.update(chunk)
+            count[0] += len(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        block = f"{name} {i:06d} ".encode() * 512  # 6 kB, 10 a second
+        c.sendall(block)
+        sent.update(block)
+        i += 1
+        if c.path != paths[-1]:
+            paths.append(c.path)
+        time.sleep(0.1)
+    c.shutdown_write()
+    t.join(30)
+    print(json.dumps({"sent": sent.hexdigest(), "got": got.hexdigest(), "bytes": count[0],
+                      "paths": paths, "path": c.path, "report": c.report.to_json(),
+                      "moved": [e for e in events if "moved to the direct" in e]}))
+"""
+BLOCK_S = 9.0  # A's SYNs towards B dropped at A's NAT this long: the first punch fails
+
+
+@pytest.mark.lab
+def test_a_relayed_connection_moves_to_direct_mid_stream(make_lab) -> None:
+    """connect() whose punch fails starts on the relay (path "relay") and, when a later
+    punch succeeds, the same Connection moves to direct (path "direct"): each side reads
+    exactly the bytes the other wrote (SHA-256), written before, during and after the
+    move (the CLI's chat does the same: tests/test_lab_relay.py)."""
+    lab = make_lab("home", "home")
+    labmod.start_broker(lab, ["--relay"])
+    rule = ["-p", "tcp", "--syn", "-s", lab.side("a").host, "-d", lab.side("b").public,
+            "-j", "DROP"]
+    added = lab.run("ga", ["iptables", "-I", "FORWARD", *rule])
+    assert added.returncode == 0, added.stderr
+    try:
+        procs = {side: lab.popen("h" + side, [sys.executable, "-c", _MOVING_SIDE, BROKER,
+                                              side.upper(), "16"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for side in "ab"}
+        time.sleep(BLOCK_S)
+    finally:
+        lab.run("ga", ["iptables", "-D", "FORWARD", *rule])
+    out = {}
+    for side, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
+        out[side] = json.loads(stdout)
+    diag = json.dumps(out, indent=1)[:6000]
+    assert out["a"]["got"] == out["b"]["sent"] and out["b"]["got"] == out["a"]["sent"], diag
+    for side in "ab":
+        assert out[side]["paths"] == ["relay", "direct"], diag
+        assert out[side]["path"] == "direct" and out[side]["moved"], diag
+        report = out[side]["report"]
+        assert report["path"] == "direct" and report["upgraded_after_s"] > 0, diag

@@ -186,3 +186,78 @@ def test_a_move_to_a_direct_connection_that_never_comes_here_is_bounded(monkeypa
     direct_b.close()
     for side in (a, b):
         os.close(side.stdin_r)
+
+
+def _app_engine(relay: socket.socket, channel: Channel, upgrades: Upgrades,
+                moved: list[float]) -> tuple[socket.socket, MovingChat, threading.Thread]:
+    """The library's moving session (app mode): our end of the app's socketpair, the
+    engine, its thread (running)."""
+    ours, theirs = socket.socketpair()
+    engine = MovingChat(relay, channel, [], 0, None, lambda text: None, upgrades,
+                        lambda: "relay gone", lambda at, up: moved.append(at), app=theirs)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    return ours, engine, thread
+
+
+@pytest.mark.parametrize("move_after", [0, 300_000, 2_000_000])
+def test_a_byte_stream_moves_without_loss_or_reorder(move_after: int) -> None:
+    """App mode (the library's relayed Connection): 3 MB each way as a byte stream, the
+    direct connection handed over after ``move_after`` bytes were written on each side:
+    both sides read exactly what the other wrote, and both moved."""
+    relay_a, relay_b = tcp_pair()
+    ra, rb = channels()
+    direct_a, direct_b = tcp_pair()
+    da, db = channels(bytes(32))
+    ups = (Upgrades(), Upgrades())
+    moved: tuple[list[float], list[float]] = ([], [])
+    app_a, eng_a, th_a = _app_engine(relay_a, ra, ups[0], moved[0])
+    app_b, eng_b, th_b = _app_engine(relay_b, rb, ups[1], moved[1])
+    size = 3_000_000
+    data = {"a": os.urandom(size), "b": os.urandom(size)}
+    got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
+
+    def write(app: socket.socket, blob: bytes, upgrades: Upgrades, up: Upgrade) -> None:
+        app.sendall(blob[:move_after])
+        assert upgrades.offer(up)
+        app.sendall(blob[move_after:])
+        app.shutdown(socket.SHUT_WR)
+
+    def read(app: socket.socket, into: bytearray) -> None:
+        while chunk := app.recv(65536):
+            into += chunk
+
+    threads = [threading.Thread(target=write, args=(app_a, data["a"], ups[0],
+                                                    Upgrade(direct_a, da, [], "a"))),
+               threading.Thread(target=write, args=(app_b, data["b"], ups[1],
+                                                    Upgrade(direct_b, db, [], "b"))),
+               threading.Thread(target=read, args=(app_a, got["a"])),
+               threading.Thread(target=read, args=(app_b, got["b"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    for t in (th_a, th_b):
+        t.join(30)
+        assert not t.is_alive()
+    assert bytes(got["a"]) == data["b"] and bytes(got["b"]) == data["a"]
+    assert (eng_a.status, eng_b.status) == (None, None), (eng_a.failure, eng_b.failure)
+    assert moved[0] and moved[1]
+    app_a.close()
+    app_b.close()
+
+
+def test_an_abandoned_byte_stream_resets_the_relay() -> None:
+    relay_a, relay_b = tcp_pair()
+    ra, _ = channels()
+    app_a, eng_a, th_a = _app_engine(relay_a, ra, Upgrades(), [])
+    eng_a.abandon()
+    th_a.join(10)
+    assert not th_a.is_alive() and eng_a.status == ExitStatus.PEER_LOST
+    relay_b.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        while relay_b.recv(65536):
+            pass
+    relay_b.close()
+    app_a.close()

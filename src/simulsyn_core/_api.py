@@ -7,6 +7,7 @@ Everything here is re-exported by ``simulsyn_core``; this module's own name is p
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import socket
 import threading
@@ -17,11 +18,33 @@ from typing import Any
 
 from ._internal.endpoint import Endpoint
 from ._internal.exitcodes import ExitStatus, ToolError
+from ._internal.moving import END_LINGER_S, MovingChat
 from ._internal.options import Tuning, build_config
-from ._internal.session import Established, PunchReport, establish
+from ._internal.session import Established, PunchReport, establish, moving_session
 from ._internal.sockets import SocketTracker, abort, enable_keepalive, tracking
 
 RECV_CHUNK = 65536
+ENGINES_EXIT_S = 10.0  # at interpreter exit, the moving engines' last bytes: this long
+_engines: set[threading.Thread] = set()
+_engines_lock = threading.Lock()
+
+
+def _run_engine(engine: MovingChat) -> None:
+    try:
+        engine.run()
+    finally:
+        with _engines_lock:
+            _engines.discard(threading.current_thread())
+
+
+@atexit.register
+def _flush_engines() -> None:
+    """A program that ends right after close() still gets its last records out."""
+    end = time.monotonic() + ENGINES_EXIT_S
+    with _engines_lock:
+        live = list(_engines)
+    for thread in live:
+        thread.join(max(0.0, end - time.monotonic()))
 LINGER_S = 2.0  # close(): how long to wait for the peer's end after ours, at most
 EventCallback = Callable[[str], None]
 
@@ -113,33 +136,57 @@ class Connection:
     punch --json`` prints (PunchReport).
     """
 
-    def __init__(self, est: Established) -> None:
+    def __init__(self, est: Established, engine: MovingChat | None = None) -> None:
         self.socket: socket.socket = est.sock
         self.report: PunchReport = est.report
-        self.path: str = est.report.path or "direct"
-        self.peer: str = est.report.peer or ""
-        self._channel = est.channel
+        self._channel = est.channel if engine is None else None
+        self._verifier = est.channel.verifier if est.channel is not None else None
+        # A relayed session that may move (moving.py): ``socket`` is our end of a
+        # socketpair, the engine's thread seals, relays and moves the bytes.
+        self._engine = engine
+        self._engine_thread: threading.Thread | None = None
+        if engine is not None:
+            self._engine_thread = threading.Thread(target=_run_engine, args=(engine,),
+                                                   name="simulsyn-moving", daemon=True)
+            with _engines_lock:
+                _engines.add(self._engine_thread)
+            self._engine_thread.start()
         self._buffer = bytearray(est.leftover if est.channel is None else b"")
         self._ended = False  # the peer's END (or EOF, plain) was read
         self._write_shut = False
         self._closed = False
         for kind, payload in est.records:
             self._take(kind, payload)
-        enable_keepalive(self.socket)
+        if engine is None:  # (the engine's socketpair is no TCP socket)
+            enable_keepalive(self.socket)
         self.socket.setblocking(True)
 
     @property
+    def path(self) -> str:
+        """``"direct"``, or ``"relay"``: a relayed connection whose punch failed first
+        moves to ``"direct"`` when a later punch succeeds (nothing lost, repeated or
+        reordered)."""
+        return self.report.path or "direct"
+
+    @property
+    def peer(self) -> str:
+        """The peer's endpoint (through the relay: its public endpoint, as the broker
+        reported it)."""
+        return self.report.peer or ""
+
+    @property
     def encrypted(self) -> bool:
-        return self._channel is not None
+        return self._channel is not None or self._engine is not None
 
     @property
     def verifier(self) -> str | None:
         """A short string both sides see alike when the PAKE ran (to compare aloud)."""
-        return self._channel.verifier if self._channel is not None else None
+        return self._verifier
 
     def fileno(self) -> int:
-        """The socket's descriptor: only for a plain connection (a sealed one's bytes on
-        the socket are records, not the data). Raises ValueError otherwise."""
+        """The socket's descriptor: for a plain connection, or a relayed one that may move
+        (its socket carries the data; the engine seals it). Raises ValueError for a sealed
+        one (its bytes on the socket are records, not the data)."""
         if self._channel is not None:
             raise ValueError("a sealed connection has no descriptor of its data: use "
                              "recv/sendall (or aio.connect for streams)")
@@ -181,7 +228,18 @@ class Connection:
         except TimeoutError:
             raise
         except OSError as exc:
-            raise PeerLost(f"connection to the peer lost: {exc}", self.report) from None
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: OSError) -> SimulsynError:
+        """What a broken socket means: the engine's reason when it broke it."""
+        engine = self._engine
+        if engine is not None and self._engine_thread is not None:
+            self._engine_thread.join(LINGER_S)  # its reason is set before the reset
+            if engine.status == ExitStatus.TAMPERED:
+                return Tampered(engine.failure, self.report)
+            if engine.failure:
+                return PeerLost(engine.failure, self.report)
+        return PeerLost(f"connection to the peer lost: {exc}", self.report)
 
     def recv(self, bufsize: int = RECV_CHUNK) -> bytes:
         """Up to ``bufsize`` bytes from the peer; ``b""`` once the peer has finished
@@ -195,7 +253,7 @@ class Connection:
             except TimeoutError:
                 raise
             except OSError as exc:
-                raise PeerLost(f"connection to the peer lost: {exc}", self.report) from None
+                raise self._lost(exc) from None
             if self._channel is None:
                 if not data:
                     self._ended = True
@@ -242,6 +300,8 @@ class Connection:
                 if not self.socket.recv(RECV_CHUNK):
                     break
         self.socket.close()
+        if self._engine_thread is not None:  # its last records and FINs, bounded
+            self._engine_thread.join(LINGER_S + END_LINGER_S)
 
     def __enter__(self) -> Connection:
         return self
@@ -250,6 +310,8 @@ class Connection:
                  tb: TracebackType | None) -> None:
         if exc is not None and not self._closed:  # an error: no clean end to wait for
             self._closed = True
+            if self._engine is not None:  # the engine resets the peer's side too
+                self._engine.abandon()
             abort(self.socket)
             return
         self.close()
@@ -306,6 +368,19 @@ def establish_connection(broker: str | None = None, session: str | None = None, 
         report.error, report.exit_code = exc.message, int(exc.status)
         raise error_for(exc, report) from None
     try:
+        if est.report.path == "relay" and est.channel is not None and est.upgrade:
+            # The punch goes on; the session moves to a direct connection when one comes.
+            ours, theirs = socket.socketpair()
+            try:
+                engine = moving_session(cfg, est, on_event or (lambda text: None),
+                                        app=theirs)
+            except BaseException:
+                ours.close()
+                theirs.close()
+                raise
+            conn = Connection(Established(ours, est.report, est.deadline), engine)
+            conn._verifier = est.channel.verifier
+            return conn
         return Connection(est)
     except BaseException:
         est.sock.close()

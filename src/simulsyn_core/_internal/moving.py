@@ -84,6 +84,10 @@ class _Lost(Exception):
         self.leg = leg
 
 
+class _Abandoned(Exception):
+    """abandon() was called."""
+
+
 class Upgrades:
     """The background rounds' results, handed to the chat's loop through a pipe."""
 
@@ -126,12 +130,24 @@ class Upgrades:
 class MovingChat:
     """The chat loop of a relayed session (module docstring). ``relay_broke()`` says why
     the relay connection was reset (the broker's RELAY_STATUS); ``on_moved(t, upgrade)`` is
-    called with time.monotonic() when our sending side moved onto ``upgrade``."""
+    called with time.monotonic() when our sending side moved onto ``upgrade``.
+
+    ``app``: instead of stdin's lines and ``out``, a byte stream (the library's
+    Connection: one end of a socketpair, the app holds the other): what the app sends is
+    sealed as it comes, the peer's bytes are written back to it unchanged; its EOF is our
+    END, the peer's END shuts its reading side; on a failure it is reset."""
 
     def __init__(self, relay: socket.socket, channel: Channel, early: list[tuple[int, bytes]],
-                 stdin_fd: int, out: TextIO, event: Callable[[str], None],
+                 stdin_fd: int, out: TextIO | None, event: Callable[[str], None],
                  upgrades: Upgrades | None, relay_broke: Callable[[], str],
-                 on_moved: Callable[[float, Upgrade], None]) -> None:
+                 on_moved: Callable[[float, Upgrade], None],
+                 app: socket.socket | None = None) -> None:
+        self.app = app
+        self.app_out = bytearray()  # the peer's bytes, for the app
+        self.app_shut = False
+        if app is not None:
+            app.setblocking(False)
+            stdin_fd = app.fileno()
         self.relay = _Leg("relay", relay, channel)
         self.direct: _Leg | None = None
         self.out_leg = self.in_leg = self.relay
@@ -150,15 +166,26 @@ class MovingChat:
         # direct connection is not up yet
         self.duplicates = 0
         self.finished_at: float | None = None
+        self.status: ExitStatus | None = None  # set on a failure
+        self.failure = ""
+        self.abandoned = False
+        self._wake_r, self._wake_w = os.pipe()  # abandon() wakes the loop
+        os.set_blocking(self._wake_r, False)
 
     # --- sending ---------------------------------------------------------------------
 
     def _take_input(self, chunk: bytes) -> None:
         leg = self.out_leg
-        for line in self.lines.feed(chunk):
-            records, count = leg.channel.seal_numbered(self.next_out, line)
-            leg.outbuf += records
-            self.next_out += count
+        if self.app is not None:
+            if chunk:
+                records, count = leg.channel.seal_numbered_bytes(self.next_out, chunk)
+                leg.outbuf += records
+                self.next_out += count
+        else:
+            for line in self.lines.feed(chunk):
+                records, count = leg.channel.seal_numbered(self.next_out, line)
+                leg.outbuf += records
+                self.next_out += count
         if not chunk:
             leg.outbuf += leg.channel.seal(END)
             leg.shut_after = True
@@ -206,7 +233,11 @@ class MovingChat:
                                "was due (one was lost)")
             else:
                 self.next_in += 1
-                _print_frame(payload[NUMBER.size:], self.out, self.event)
+                if self.app is not None:
+                    self.app_out += payload[NUMBER.size:]
+                else:
+                    assert self.out is not None
+                    _print_frame(payload[NUMBER.size:], self.out, self.event)
         elif kind == MOVE:
             if leg is not self.relay:
                 raise Tampered("altered", "a move on the direct connection")
@@ -267,6 +298,15 @@ class MovingChat:
         for kind, payload in leg.channel.feed(data):
             self._record(leg, kind, payload)
 
+    def _to_app(self) -> None:
+        assert self.app is not None
+        try:
+            del self.app_out[: self.app.send(self.app_out)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the app closed its end: what it does not read is dropped
+            self.app_out.clear()
+
     def _write(self, leg: _Leg) -> None:
         try:
             del leg.outbuf[: leg.sock.send(leg.outbuf)]
@@ -282,7 +322,8 @@ class MovingChat:
 
     def _done(self) -> bool:
         legs = self._legs()
-        if self.stdin_open or not self.peer_done or any(leg.outbuf for leg in legs):
+        if self.stdin_open or not self.peer_done or any(leg.outbuf for leg in legs) or \
+                self.app_out:
             return False
         if all(leg.eof for leg in legs):
             return True
@@ -301,55 +342,97 @@ class MovingChat:
         except _Lost as exc:
             if exc.leg is self.relay and self.waiting_direct is None:
                 why = self.relay_broke()
-                self.event(f"connection to the peer lost: {why}")
+                self.failure = f"connection to the peer lost: {why}"
             else:
-                self.event(f"connection to the peer lost (the direct connection): {exc}")
+                self.failure = f"connection to the peer lost (the direct connection): {exc}"
+            self.event(self.failure)
             for leg in self._legs():
                 abort(leg.sock)
-            return ExitStatus.PEER_LOST
+            return self._failed(ExitStatus.PEER_LOST)
         except Tampered as exc:
             for leg in self._legs():
                 abort(leg.sock)
-            self.event(f"connection closed: a {exc} (not the peer's stream: tampered with on "
-                       "the way)")
-            return ExitStatus.TAMPERED
+            self.failure = (f"connection closed: a {exc} (not the peer's stream: tampered "
+                            "with on the way)")
+            self.event(self.failure)
+            return self._failed(ExitStatus.TAMPERED)
+        except _Abandoned:
+            for leg in self._legs():
+                abort(leg.sock)
+            self.failure = "the connection was reset here (the program left with an error)"
+            return self._failed(ExitStatus.PEER_LOST)
         finally:
             if self.upgrades is not None:
                 self.upgrades.close()
             for leg in self._legs():
                 leg.sock.close()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self.app is not None:
+            with contextlib.suppress(OSError):
+                self.app.shutdown(socket.SHUT_WR)
+            self.app.close()
         return ExitStatus.OK
 
+    def abandon(self) -> None:
+        """From another thread (the app left with an error): the loop resets every
+        connection at its next turn, as a direct Connection is reset."""
+        self.abandoned = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _failed(self, status: ExitStatus) -> ExitStatus:
+        """The app (if any) sees a reset; ``status`` is kept for it (``self.status``)."""
+        self.status = status
+        if self.app is not None:
+            abort(self.app)
+        return status
+
     def _turn(self) -> None:
+        if self.abandoned:
+            raise _Abandoned
         if self.waiting_direct is not None and \
                 time.monotonic() - self.waiting_direct > DIRECT_WAIT_S:
             raise _Lost(self.direct or self.relay, "the peer moved to a direct connection "
                         f"that did not come up here within {DIRECT_WAIT_S:.0f} s")
         poller = select.poll()
         fds: dict[int, _Leg] = {}
+        app_room = len(self.app_out) < OUTBUF_MAX  # the app reads slower: stop reading
         for leg in self._legs():
             mask = 0
-            if not leg.eof and (leg is self.in_leg or leg is self.relay
-                                or len(self.held) < HELD_MAX):
+            if not leg.eof and app_room and (leg is self.in_leg or leg is self.relay
+                                             or len(self.held) < HELD_MAX):
                 mask |= select.POLLIN
             if leg.outbuf:
                 mask |= select.POLLOUT
             if mask:
                 fds[leg.sock.fileno()] = leg
                 poller.register(leg.sock, mask)
+        app_mask = 0
         if self.stdin_open and len(self.out_leg.outbuf) < OUTBUF_MAX:
-            poller.register(self.stdin_fd, select.POLLIN)
+            app_mask |= select.POLLIN
+        if self.app is not None and self.app_out:
+            app_mask |= select.POLLOUT
+        if app_mask:
+            poller.register(self.stdin_fd, app_mask)
         if self.upgrades is not None and not self.upgrades.stop.is_set():
             poller.register(self.upgrades.wake_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         wait_ms = int(SELECT_SLICE_S * 1000) if self.finished_at is None else 100
         for fd, events in poller.poll(wait_ms):
             if fd == self.stdin_fd:
+                if events & select.POLLOUT and self.app_out:
+                    self._to_app()
+                if not (self.stdin_open and events & (select.POLLIN | select.POLLHUP
+                                                      | select.POLLERR)):
+                    continue
                 try:
                     chunk = os.read(self.stdin_fd, 65536)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError:
-                    chunk = b""  # stdin went away: its end
+                    chunk = b""  # stdin (the app) went away: its end
                 self._take_input(chunk)
             elif self.upgrades is not None and fd == self.upgrades.wake_r:
                 upgrade = self.upgrades.take()
@@ -364,6 +447,11 @@ class MovingChat:
                     self._write(leg)
                 if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not leg.eof:
                     self._read(leg)
+        if self.app is not None and self.peer_done and not self.app_out and \
+                not self.app_shut:
+            self.app_shut = True  # all of the peer's bytes are the app's: its EOF
+            with contextlib.suppress(OSError):
+                self.app.shutdown(socket.SHUT_WR)
         for leg in self._legs():
             if leg.shut_after and not leg.outbuf and not leg.write_shut:
                 leg.write_shut = True

@@ -112,6 +112,14 @@ class Channel:
         return b"".join(self.seal(NUMBERED, NUMBER.pack(first + i) + chunk)
                         for i, chunk in enumerate(chunks)), len(chunks)
 
+    def seal_numbered_bytes(self, first: int, data: bytes) -> tuple[bytes, int]:
+        """A stream's bytes as NUMBERED records (one number each, from ``first``; the
+        library's moving Connection): the records and how many."""
+        step = RECORD_MAX - NUMBER.size
+        chunks = [data[i:i + step] for i in range(0, len(data), step)]
+        return b"".join(self.seal(NUMBERED, NUMBER.pack(first + i) + chunk)
+                        for i, chunk in enumerate(chunks)), len(chunks)
+
     def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
         """The records in ``data`` (buffered across calls), opened: (type, payload).
         Raises Tampered."""

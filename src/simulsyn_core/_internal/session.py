@@ -398,33 +398,49 @@ def _relayed(cfg: PunchConfig, est: Established, event: Callable[[str], None],
     punch goes on in the background and the chat moves onto the first direct connection
     that comes up (moving.py)."""
     assert cfg.broker is not None and est.token is not None and est.rdv is not None
-    assert est.relayed_at is not None
-    sock, token, report, rdv = est.sock, est.token, est.report, est.rdv
-    relayed_at, deadline, channel, records = est.relayed_at, est.deadline, est.channel, \
-        est.records
-
-    relay_ep = rdv.relay_at or cfg.broker  # --redis: the deciding broker's relay
-
-    def broke() -> str:
-        return relay_status(relay_ep, token)
-
+    sock, token, report, channel = est.sock, est.token, est.report, est.channel
     if channel is None:
         on_report(report)
         with sock:
             if chat_mode == "hello":
-                return hello_exchange(sock, max(1.0, deadline - time.monotonic()), event)
+                return hello_exchange(sock, max(1.0, est.deadline - time.monotonic()), event)
             status = chat(sock, stdin_fd, out, event, initial=est.leftover)
-            if status == ExitStatus.PEER_LOST:
-                event(broke())
+            if status == ExitStatus.PEER_LOST:  # why: the broker's RELAY_STATUS
+                event(relay_status(est.rdv.relay_at or cfg.broker, token))
             return status
-    _, password = protection(cfg, rdv.nameplate)
-    assert password is not None
     if chat_mode == "hello":
         on_report(report)
         with sock:
             with contextlib.suppress(OSError):
                 sock.sendall(channel.seal(END))
             return close_cleanly(sock)
+    engine = moving_session(cfg, est, event, stdin_fd=stdin_fd, out=out)
+    # With a move possible, the JSON says where the chat ended: it comes at the end.
+    if engine.upgrades is None:
+        on_report(report)
+    try:
+        return engine.run()
+    finally:
+        on_report(report)
+
+
+def moving_session(cfg: PunchConfig, est: Established, event: Callable[[str], None],
+                   stdin_fd: int = 0, out: TextIO | None = None,
+                   app: socket.socket | None = None) -> MovingChat:
+    """The loop of a relayed, sealed session (moving.py): the chat's (stdin, ``out``) or
+    the library's (``app``, a byte stream). When the punch failed first (``est.upgrade``)
+    it goes on in the background, and the session moves onto the first direct connection
+    that comes up (the report then says path "direct", upgraded_after_s)."""
+    assert cfg.broker is not None and est.token is not None and est.rdv is not None
+    assert est.relayed_at is not None and est.channel is not None
+    token, report, rdv, relayed_at = est.token, est.report, est.rdv, est.relayed_at
+    relay_ep = rdv.relay_at or cfg.broker  # --redis: the deciding broker's relay
+
+    def broke() -> str:
+        return relay_status(relay_ep, token)
+
+    _, password = protection(cfg, rdv.nameplate)
+    assert password is not None
     upgrades = None
     if est.upgrade:
         upgrades = Upgrades()
@@ -439,14 +455,8 @@ def _relayed(cfg: PunchConfig, est: Established, event: Callable[[str], None],
         report.upgraded_after_s = round(at - relayed_at, 6)
         _phase(report, rdv.known_at, "upgraded")
 
-    # With a move possible, the JSON says where the chat ended: it comes at the end.
-    if upgrades is None:
-        on_report(report)
-    try:
-        return MovingChat(sock, channel, records, stdin_fd, out, event, upgrades, broke,
-                          moved).run()
-    finally:
-        on_report(report)
+    return MovingChat(est.sock, est.channel, est.records, stdin_fd, out, event, upgrades,
+                      broke, moved, app=app)
 
 
 def _upgrade_rounds(cfg: PunchConfig, token: str, port: int, password: bytes,
