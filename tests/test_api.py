@@ -294,6 +294,35 @@ def test_reset_connection_raises_peer_lost() -> None:
             conn.recv()
 
 
+def test_a_peer_that_leaves_with_an_error_raises_peer_lost(broker: LoopBroker) -> None:
+    """Through connect() (on loopback: relayed, the punch going on): B's program fails
+    inside its ``with`` block, its Connection resets; A's recv raises PeerLost, naming
+    the broker's reason."""
+    ready = threading.Event()
+
+    def a_side() -> Any:
+        with simulsyn_core.connect(broker.address, "leaves", timeout=15) as c:
+            c.settimeout(20)
+            ready.set()
+            return c.recv()
+
+    def b_side() -> Any:
+        class Boom(Exception):
+            pass
+
+        with contextlib.suppress(Boom), \
+                simulsyn_core.connect(broker.address, "leaves", timeout=15) as c:
+            ready.wait(15)
+            assert c.path in ("relay", "direct")
+            raise Boom
+        return "left"
+
+    a, b = both(a_side, b_side)
+    assert b == "left", b
+    assert isinstance(a, simulsyn_core.PeerLost), a
+    assert a.exit_code == 9 and a.report is not None
+
+
 def test_aio_connect_carries_bytes(broker: LoopBroker) -> None:
     async def side() -> tuple[bytes, str | None]:
         reader, writer, report = await aio.connect(broker.address, "aio-bytes", timeout=15)

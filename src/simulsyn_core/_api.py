@@ -255,6 +255,10 @@ class Connection:
             except OSError as exc:
                 raise self._lost(exc) from None
             if self._channel is None:
+                if not data and self._engine is not None and self._engine.status is not None:
+                    # The engine closed our socketpair on a failure (a Unix socket has no
+                    # reset to tell it by): its reason, not an end of stream.
+                    raise self._lost(ConnectionResetError("the engine failed"))
                 if not data:
                     self._ended = True
                 self._buffer += data
@@ -310,8 +314,9 @@ class Connection:
                  tb: TracebackType | None) -> None:
         if exc is not None and not self._closed:  # an error: no clean end to wait for
             self._closed = True
-            if self._engine is not None:  # the engine resets the peer's side too
-                self._engine.abandon()
+            if self._engine is not None and self._engine_thread is not None:
+                self._engine.abandon()  # it resets the connections (not an END)
+                self._engine_thread.join(LINGER_S)
             abort(self.socket)
             return
         self.close()
