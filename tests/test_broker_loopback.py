@@ -10,7 +10,7 @@ from simulsyn_core._internal.wire import decode_seed_list
 from tests import schemas
 from tests.helpers import free_port
 
-from .helpers import SYNPROBE, loopback_broker, read_line, wait_for_stderr
+from .helpers import SYNPROBE, loopback_broker, read_line, stop_process, wait_for_stderr
 
 
 def _list_request(port: int) -> bytes:
@@ -128,19 +128,29 @@ def test_no_chat_with_a_peer_that_is_not_synprobe_exchanges_one_hello() -> None:
     srv.listen(1)
     srv.settimeout(10)
     port = srv.getsockname()[1]
+    local_port = _closed_port()
     proc = subprocess.Popen([*SYNPROBE, "punch", "--peer", f"127.0.0.1:{port}", "--local-port",
-                             str(_closed_port()), "--no-chat", "-v", "--timeout", "10"],
+                             str(local_port), "--no-chat", "-v", "--timeout", "10"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    conn, _ = srv.accept()
-    with conn:
-        conn.settimeout(10)
-        conn.sendall(b"\x03hey")
-        received = b""
-        while chunk := conn.recv(4096):  # until synprobe half-closes
-            received += chunk
-    srv.close()
-    _, err = proc.communicate(timeout=30)
+    try:
+        # The accept's 10 s are for the connect, not for the interpreter's start-up on a
+        # loaded machine: first the run's first line (bounded, as the lonely punch's). A
+        # punch that ends before it (its --local-port taken meanwhile) fails here, with
+        # its stderr, instead of the accept waiting 10 s in vain.
+        seen = wait_for_stderr(proc, f"local port {local_port} (bound", 30)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(b"\x03hey")
+            received = b""
+            while chunk := conn.recv(4096):  # until synprobe half-closes
+                received += chunk
+        _, err = proc.communicate(timeout=30)
+    finally:
+        srv.close()
+        stop_process(proc)
+    err = seen + err
     assert proc.returncode == 0, err
     assert received == b"\x0esimulsyn hello"
     assert "peer said 'hey'" in err

@@ -5,6 +5,7 @@ loopback, all started and stopped here."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import selectors
 import shutil
@@ -318,6 +319,30 @@ def test_the_punch_registers_again_while_the_broker_is_unavailable(
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_stderr(proc, "registering again in 0.5 s", 10)
+            redis_server.start()
+            wait_for_stderr(proc, "waiting for the peer", 15)
+        finally:
+            stop(proc)
+
+
+def test_no_other_program_gets_the_punch_port_while_it_waits_to_register_again(
+        tmp_path: Path, redis_server) -> None:
+    """Between two registrations no connection of the punch is on its port: it stays
+    bound all the same, so that a parallel bind(0) or connect() is not handed it (the
+    next registration then ended the run with EADDRINUSE)."""
+    with brokers(tmp_path, redis_server.url, 1) as (b1,):
+        redis_server.stop()
+        proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{b1.port}",
+                                 "--session", "held", "--plain", "--no-nat-check",
+                                 "--timeout", "20", "-v"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            seen = wait_for_stderr(proc, "registering again in 0.5 s", 10)
+            m = re.search(r"local port (\d+) \(bound", seen)
+            assert m, seen
+            with socket.socket() as other, pytest.raises(OSError) as taken:
+                other.bind(("127.0.0.1", int(m.group(1))))
+            assert taken.value.errno == errno.EADDRINUSE
             redis_server.start()
             wait_for_stderr(proc, "waiting for the peer", 15)
         finally:

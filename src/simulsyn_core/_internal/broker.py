@@ -1436,7 +1436,6 @@ def run_broker(binds: list[Endpoint], log: Log = stderr_log,
         broker = Broker(binds, log=log, services=dict(services or {}), syn_probe=syn_probe,
                         relay=RelayTable(relay) if relay is not None else None,
                         shared=hub() if hub is not None else None, **options)
-        await broker.start()
         stop = asyncio.Event()
         got: list[int] = []
 
@@ -1444,9 +1443,14 @@ def run_broker(binds: list[Endpoint], log: Log = stderr_log,
             got.append(signum)
             stop.set()
 
+        # Before start(): its "listening on" line tells a supervisor (or a test) that the
+        # broker is up, and a SIGINT or SIGTERM sent on that line must find our handlers
+        # (the line is written by the log thread, which can come before the main thread
+        # got here: the signal then skipped "stopped", or killed the broker).
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        await broker.start()
         try:
             await broker.serve_forever(stop)
         finally:

@@ -6,13 +6,14 @@ broker observes is the one the punch will reuse.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import re
 import selectors
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -331,17 +332,40 @@ def rendezvous(broker: Endpoint, session: str, local_port: int, deadline: float,
                event: Event, *args: Any, **kwargs: Any) -> Rendezvous:
     """``register``, again with backoff (REGISTER_BACKOFF_S) while the broker says it is
     unavailable, within ``deadline``."""
-    for attempt in itertools.count():
-        try:
-            return register(broker, session, local_port, deadline, event, *args, **kwargs)
-        except _Unavailable as exc:
-            wait_s = REGISTER_BACKOFF_S[min(attempt, len(REGISTER_BACKOFF_S) - 1)]
-            if time.monotonic() + wait_s >= deadline:
-                raise ToolError(ExitStatus.BROKER_UNREACHABLE,
-                                f"{exc}; no time left to register again (--timeout)") from None
-            event(f"{exc}; registering again in {wait_s:g} s")
-            time.sleep(wait_s)
+    # Our port stays bound from the first registration to the last: between two, no
+    # connection of ours is on it, and for seconds another program's bind(0) or connect()
+    # could be handed it (the next registration then ended the run with EADDRINUSE).
+    with _port_held(local_port, broker.family):
+        for attempt in itertools.count():
+            try:
+                return register(broker, session, local_port, deadline, event, *args,
+                                **kwargs)
+            except _Unavailable as exc:
+                wait_s = REGISTER_BACKOFF_S[min(attempt, len(REGISTER_BACKOFF_S) - 1)]
+                if time.monotonic() + wait_s >= deadline:
+                    raise ToolError(ExitStatus.BROKER_UNREACHABLE,
+                                    f"{exc}; no time left to register again (--timeout)"
+                                    ) from None
+                event(f"{exc}; registering again in {wait_s:g} s")
+                time.sleep(wait_s)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _port_held(local_port: int, family: socket.AddressFamily) -> Iterator[None]:
+    """A socket bound to our port for as long as the block runs, so that no other
+    program is handed the port while no connection of ours is on it. Bound with
+    SO_REUSEADDR and never listening, it is no obstacle to our own sockets. Best effort:
+    a port taken already is told by our next bind."""
+    try:
+        holder = bound_socket(local_port, family=family) if local_port else None
+    except OSError:
+        holder = None
+    try:
+        yield
+    finally:
+        if holder is not None:
+            holder.close()
 
 
 def register(broker: Endpoint, session: str, local_port: int, deadline: float,
