@@ -259,11 +259,13 @@ def test_redis_stopped_and_started_again(tmp_path: Path, redis_server) -> None:
             assert b.proc.returncode == 0, b.text()
 
 
-def wait_in_log(b: BrokerProc, text: str, within_s: float = 5.0) -> None:
-    """Bounded: the log is written by a batching thread."""
+def wait_in_log(text: str, *logs: BrokerProc, within_s: float = 5.0) -> None:
+    """``text`` in the log of one of ``logs`` (bounded: each log is written by a batching
+    thread)."""
     end = time.monotonic() + within_s
-    while text not in b.text():
-        assert time.monotonic() < end, f"{text!r} not in the log: {b.text()}"
+    while not any(text in b.text() for b in logs):
+        assert time.monotonic() < end, f"{text!r} in no log: " + "\n".join(
+            b.text() for b in logs)
         time.sleep(0.05)
 
 
@@ -278,7 +280,7 @@ def test_a_client_that_registered_during_the_restore_is_paired(tmp_path: Path,
         waiting = register(b1.port, "meanwhile")
         assert read_line(waiting).startswith(b"SSYN1 REGISTERED")
         redis_server.stop()
-        wait_in_log(b1, "unreachable")  # b1 knows its entries went with Redis
+        wait_in_log("unreachable", b1)  # b1 knows its entries went with Redis
         b1.proc.send_signal(signal.SIGSTOP)
         try:
             redis_server.start()
@@ -300,23 +302,24 @@ def test_a_client_that_registered_during_the_restore_is_paired(tmp_path: Path,
         assert read_line(waiting).startswith(b"SSYN1 PEER")
         # Decided by a restore: b1's (its entry met the joiner's), or b2's (b2 had the
         # outage too, and stores its joiner again on its own next tick).
-        end = time.monotonic() + 5.0
-        said = "session meanwhile: paired after Redis came back"
-        while said not in b1.text() + b2.text():
-            assert time.monotonic() < end, f"{said!r} in neither log:\n{b1.text()}\n{b2.text()}"
-            time.sleep(0.05)
+        wait_in_log("session meanwhile: paired after Redis came back", b1, b2)
         joiner.close()
         waiting.close()
+
+
+def plain_punch(port: int, session: str) -> subprocess.Popen[bytes]:
+    """A verbose plain punch at the broker on ``port`` (its stderr piped)."""
+    return subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{port}",
+                             "--session", session, "--plain", "--no-nat-check",
+                             "--timeout", "20", "-v"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_the_punch_registers_again_while_the_broker_is_unavailable(
         tmp_path: Path, redis_server) -> None:
     with brokers(tmp_path, redis_server.url, 1) as (b1,):
         redis_server.stop()
-        proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{b1.port}",
-                                 "--session", "retry", "--plain", "--no-nat-check",
-                                 "--timeout", "20", "-v"], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = plain_punch(b1.port, "retry")
         try:
             wait_for_stderr(proc, "registering again in 0.5 s", 10)
             redis_server.start()
@@ -332,10 +335,7 @@ def test_no_other_program_gets_the_punch_port_while_it_waits_to_register_again(
     next registration then ended the run with EADDRINUSE)."""
     with brokers(tmp_path, redis_server.url, 1) as (b1,):
         redis_server.stop()
-        proc = subprocess.Popen([*SYNPROBE, "punch", "--broker", f"127.0.0.1:{b1.port}",
-                                 "--session", "held", "--plain", "--no-nat-check",
-                                 "--timeout", "20", "-v"], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = plain_punch(b1.port, "held")
         try:
             seen = wait_for_stderr(proc, "registering again in 0.5 s", 10)
             m = re.search(r"local port (\d+) \(bound", seen)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,20 @@ def _read_code(proc: subprocess.Popen[bytes]) -> str:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _results(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """Each side's program ended with exit 0 and printed one JSON object: those objects."""
+    out = {}
+    for side, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
+        out[side] = json.loads(stdout)
+    return out
 
 
 def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
@@ -221,15 +236,7 @@ def test_peer_mode_connects_two_known_endpoints_without_a_broker(make_lab) -> No
                                           str(ports[side])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for side, other in (("a", "b"), ("b", "a"))}
-    out = {}
-    for side, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate(timeout=10)
-        assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
-        out[side] = json.loads(stdout)
+    out = _results(procs)
     assert out["a"].get("got") == "from 42002" and out["b"].get("got") == "from 41001", out
     for side in "ab":
         assert out[side]["mode"] == "direct" and out[side]["path"] == "direct", out
@@ -295,15 +302,7 @@ def test_a_relayed_connection_moves_to_direct_mid_stream(make_lab) -> None:
         time.sleep(BLOCK_S)
     finally:
         lab.run("ga", ["iptables", "-D", "FORWARD", *rule])
-    out = {}
-    for side, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate(timeout=10)
-        assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
-        out[side] = json.loads(stdout)
+    out = _results(procs)
     diag = json.dumps(out, indent=1)[:6000]
     assert out["a"]["got"] == out["b"]["sent"] and out["b"]["got"] == out["a"]["sent"], diag
     for side in "ab":

@@ -140,7 +140,8 @@ class Connection:
         self.socket: socket.socket = est.sock
         self.report: PunchReport = est.report
         self._channel = est.channel if engine is None else None
-        self._verifier = est.channel.verifier if est.channel is not None else None
+        sealing = est.channel if engine is None else engine.relay.channel  # the PAKE's
+        self._verifier = sealing.verifier if sealing is not None else None
         # A relayed session that may move (moving.py): ``socket`` is our end of a
         # socketpair, the engine's thread seals, relays and moves the bytes.
         self._engine = engine
@@ -383,9 +384,7 @@ def establish_connection(broker: str | None = None, session: str | None = None, 
                 ours.close()
                 theirs.close()
                 raise
-            conn = Connection(Established(ours, est.report, est.deadline), engine)
-            conn._verifier = est.channel.verifier
-            return conn
+            return Connection(Established(ours, est.report, est.deadline), engine)
         return Connection(est)
     except BaseException:
         est.sock.close()

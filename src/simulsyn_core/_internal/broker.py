@@ -125,6 +125,12 @@ SYN_PROBE_V6_S = 1.3  # IPv6: the SYN's retransmission (1 s) and its answer
 SYNC_MAX_DELAY_S = 1.0  # sync delivery holds the nearer peer's PEER back at most this long
 
 Log = Callable[[str], None]
+
+
+def _replaced(conn: Any) -> Reply:
+    """--redis: an older registration of the same endpoint is told, and closed."""
+    return Reply(conn, encode_message("ERROR", code="replaced", message="a newer "
+                                      "registration from this endpoint"), close=True)
 # A service answers the verbs it registered for, on a rendezvous connection (nat-check's
 # probe side plugs in here). It gets the broker, the connection id, the client's
 # public endpoint and the message; it replies through ``broker.send(conn, data, close)``.
@@ -916,9 +922,7 @@ class Broker:
                 "no code number is free; try later")), close=True)]
         elif verdict != "paired" or theirs is None:
             if theirs is not None:  # the same endpoint registered again: ours replaces it
-                self._carry_out([Reply(self._conn_of(theirs), encode_message(
-                    "ERROR", code="replaced", message="a newer registration from this "
-                    "endpoint"), close=True)])
+                self._carry_out([_replaced(self._conn_of(theirs))])
             session = hub.waiting[conn].session
             replies = [Reply(conn, encode_message("REGISTERED", **key_fields(session),
                                                   public=public), close=False)]
@@ -993,9 +997,7 @@ class Broker:
                 hub.restore(theirs)  # ours left meanwhile: theirs waits again
             return
         if verdict == "superseded":
-            self._carry_out([Reply(conn, encode_message(
-                "ERROR", code="replaced", message="a newer registration from this "
-                "endpoint"), close=True)])
+            self._carry_out([_replaced(conn)])
             return
         mine = Entry.decode(held.value)
         other = self._conn_of(theirs)
