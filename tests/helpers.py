@@ -99,6 +99,17 @@ def wait_for_output(stream: Any, wanted: str | re.Pattern[str], timeout_s: float
     return data.decode(errors="replace")
 
 
+def communicate_within(proc: subprocess.Popen[bytes], timeout_s: float
+                       ) -> tuple[bytes, bytes]:
+    """``proc``'s stdout and stderr once it ended; killed (and reaped) when it takes over
+    ``timeout_s``."""
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=10)
+
+
 def read_line(s: socket.socket) -> bytes:
     """One line from a socket with a timeout set (bytes up to and with the newline)."""
     data = b""

@@ -19,6 +19,7 @@ import pytest
 
 from synprobe import lab as labmod
 from synprobe.lab.harness import BROKER_IPS, BROKER_PORT, SYNPROBE
+from tests.helpers import communicate_within
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "send_file.py"
@@ -55,22 +56,14 @@ def _results(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, Any]:
     """Each side's program ended with exit 0 and printed one JSON object: those objects."""
     out = {}
     for side, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate(timeout=10)
+        stdout, stderr = communicate_within(proc, RUN_LIMIT_S)
         assert proc.returncode == 0 and stdout.strip(), stderr.decode(errors="replace")
         out[side] = json.loads(stdout)
     return out
 
 
 def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=RUN_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
+    _, err = communicate_within(proc, RUN_LIMIT_S)
     return proc.returncode, err.decode(errors="replace")
 
 

@@ -19,6 +19,7 @@ import pytest
 from simulsyn_core._internal import birthday as bday
 from synprobe import lab as labmod
 from tests import schemas
+from tests.helpers import communicate_within
 
 pytestmark = pytest.mark.lab
 
@@ -69,11 +70,7 @@ def _finish(procs: list[subprocess.Popen[bytes]], messages: list[bytes]
         proc.stdin = None
     outs = []
     for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=READ_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate(timeout=5)
+        out, err = communicate_within(proc, READ_TIMEOUT_S)
         outs.append((proc.returncode, out.decode(), err.decode()))
     return outs
 

@@ -17,6 +17,7 @@ import pytest
 
 from synprobe import lab as labmod
 from tests import schemas
+from tests.helpers import communicate_within
 from tests.test_lab_punch import (
     ENDING_S,
     FAR_BROKER,
@@ -215,11 +216,7 @@ def test_order_without_a_broker(make_lab, profile_a: str, profile_b: str,
     first = _direct(lab, "hb", a_public, pb, MSGS[1], ["--first", *ttl])
     outs = []
     for proc in (second, first):
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate(timeout=5)
+        out, err = communicate_within(proc, 20)
         outs.append((proc.returncode, out.decode(), err.decode()))
     diag = f"{outs}\nconntrack A:\n{lab.conntrack('a')}\nconntrack B:\n{lab.conntrack('b')}"
     for (rc, out, _), peer_msg in zip(outs, (MSGS[1], MSGS[0]), strict=True):

@@ -18,6 +18,7 @@ import pytest
 from synprobe import lab as labmod
 from tests import schemas
 from tests.conftest import require_lab, take_down_and_check
+from tests.helpers import communicate_within
 from tests.natcheck_expected import ADVICE, DEFAULT_ADVICE, EXPECTED, EXTRA, SERVER, VERDICT
 
 # One worker runs this module: its fixture builds each pair's lab once for all the tests.
@@ -66,11 +67,7 @@ def natcheck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
                 # Each check its own state directory: the fixture outlives any one test's.
                 state_dir = str(tmp / f"state-{pair[i]}-{side}")
                 proc = _check(lab, side, str(tmp / f"{pair[i]}-{side}.pcap"), state_dir)
-                try:
-                    out, err = proc.communicate(timeout=CHECK_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    out, err = proc.communicate(timeout=5)
+                out, err = communicate_within(proc, CHECK_TIMEOUT_S)
                 results.setdefault(pair[i], {
                     "json": schemas.loads("nat-check", out) if out.strip() else None,
                     "rc": proc.returncode, "stderr": err.decode(errors="replace"),

@@ -20,6 +20,7 @@ from synprobe import lab as labmod
 from synprobe import state
 from synprobe.natcheck import port_range
 from tests import schemas
+from tests.helpers import communicate_within
 from tests.natcheck_expected import SERVER
 
 pytestmark = [pytest.mark.lab]
@@ -35,11 +36,7 @@ def _check(lab: labmod.Lab, side: str, extra: list[str]) -> dict[str, Any]:
     proc = lab.popen("h" + side, [*labmod.SYNPROBE, "nat-check", "--server", SERVER, "--json",
                                   *extra],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        out, err = proc.communicate(timeout=CHECK_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate(timeout=5)
+    out, err = communicate_within(proc, CHECK_TIMEOUT_S)
     assert proc.returncode == 0, err.decode(errors="replace")
     report: dict[str, Any] = schemas.loads("nat-check", out)
     return report

@@ -20,6 +20,7 @@ from synprobe import lab as labmod
 from synprobe.natcheck import protocol as P
 from synprobe.packets.seen import seen_from_pcap
 from tests import schemas
+from tests.helpers import communicate_within
 from tests.natcheck_expected import (
     ANSWERS_AT_ONCE,
     ANSWERS_LATE,
@@ -59,11 +60,7 @@ def _run_checks(lab: labmod.Lab, tmp: Path) -> dict[str, dict[str, Any]]:
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     runs = {}
     for side, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=CHECK_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate(timeout=5)
+        out, err = communicate_within(proc, CHECK_TIMEOUT_S)
         rules = lab.run("h" + side, ["iptables", "-S"], check=True).stdout
         runs[side] = {"rc": proc.returncode, "stderr": err.decode(errors="replace"),
                       "json": schemas.loads("nat-check", out) if out.strip() else None,

@@ -16,6 +16,7 @@ import pytest
 from synprobe import lab as labmod
 from tests import schemas
 from tests.conftest import require_lab, take_down_and_check
+from tests.helpers import communicate_within
 
 pytestmark = pytest.mark.lab
 
@@ -58,11 +59,7 @@ def _run_pair(pair: tuple[str, str], v4: tuple[str, str] = ("home", "home"),
             proc = lab.popen("h" + side, [*labmod.SYNPROBE, "nat-check", "-6", "--server",
                                           SERVER6, "--json", *extra], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            try:
-                stdout, stderr = proc.communicate(timeout=CHECK_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                stdout, stderr = proc.communicate(timeout=5)
+            stdout, stderr = communicate_within(proc, CHECK_TIMEOUT_S)
             out[side] = {"profile": profile, "rc": proc.returncode,
                          "stderr": stderr.decode(errors="replace"),
                          "json": schemas.loads("nat-check", stdout) if stdout.strip()
