@@ -22,7 +22,7 @@ import simulsyn_core
 from simulsyn_core import aio
 from simulsyn_core._internal.codes import make_words
 from simulsyn_core._internal.exitcodes import ExitStatus
-from simulsyn_core._internal.secure import DATA, END, Channel
+from simulsyn_core._internal.secure import DATA, END, Channel, Tampered
 from simulsyn_core._internal.session import Established, PunchReport
 from tests.helpers import scapy_modules_after
 
@@ -267,6 +267,32 @@ def test_tampered_record_raises_tampered() -> None:
         theirs.sendall(bytes(record))
         with pytest.raises(simulsyn_core.Tampered, match="altered"):
             conn.recv()
+
+
+def test_an_altered_record_is_reported_to_the_peer_before_the_reset() -> None:
+    with _sealed_pair() as (conn, peer, theirs):
+        record = bytearray(peer.seal(DATA, b"changed on the way"))
+        record[-1] ^= 1
+        theirs.sendall(bytes(record))
+        with pytest.raises(simulsyn_core.Tampered, match="record 0 fails its authentication"):
+            conn.recv()
+        theirs.settimeout(5)
+        alert = theirs.recv(4096)  # the ALERT came before the reset
+        with pytest.raises(Tampered, match="reported: record 0 fails its authentication"):
+            list(peer.feed(alert))
+
+
+def test_a_send_that_fails_on_the_peers_reset_says_what_its_alert_said() -> None:
+    with _sealed_pair() as (conn, peer, theirs):
+        theirs.sendall(peer.alert(Tampered("replayed", "record 4 again")))
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                          b"\x00\x00\x00\x00")
+        theirs.close()  # SO_LINGER 0: an RST behind the ALERT
+        time.sleep(0.2)
+        with pytest.raises(simulsyn_core.Tampered, match="the peer found our stream "
+                           r"tampered with on the way \(record 4 again \(replayed\)\)"):
+            for _ in range(100):  # the first send may still be taken before the RST counts
+                conn.sendall(b"x" * 65536)
 
 
 def test_stream_cut_without_its_end_raises_tampered() -> None:

@@ -125,3 +125,30 @@ def _netns_of(pid: str) -> str:
 @pytest.fixture
 def require_root_lab(make_lab: object) -> None:
     """make_lab's check: required as root (a missing tool fails), skipped otherwise."""
+
+
+def test_tamper_flips_one_payload_bit_and_keeps_the_checksum_right() -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from synprobe.lab.delay import tamper_frame
+
+    payload = bytes(range(256)) * 3
+    frame = bytes(Ether() / IP(src="203.0.113.5", dst="198.51.100.7") /
+                  TCP(sport=4000, dport=5000, flags="PA", options=[("NOP", None)] * 4) /
+                  payload)
+    altered = tamper_frame(frame, 600)
+    assert altered is not None and len(altered) == len(frame)
+    diff = [i for i, (x, y) in enumerate(zip(frame, altered, strict=True)) if x != y]
+    tcp = Ether(altered)[TCP]
+    assert bytes(tcp.payload) != payload
+    assert sum(bin(x ^ y).count("1") for x, y in zip(bytes(tcp.payload), payload, strict=True)) == 1
+    assert len(diff) <= 3  # the payload byte and the two of the checksum
+    ip = Ether(altered)[IP]
+    ip[TCP].chksum = None  # scapy computes it again over the altered segment
+    assert IP(bytes(ip))[TCP].chksum == tcp.chksum  # the checksum it wrote is the right one
+    # too short, not TCP, or not IPv4: left alone
+    assert tamper_frame(frame, 2000) is None
+    udp = bytes(Ether() / IP() / (b"\x00" * 700))
+    assert tamper_frame(udp, 600) is None
+    assert tamper_frame(b"\x00" * 10, 1) is None

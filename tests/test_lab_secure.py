@@ -31,16 +31,19 @@ RUN_LIMIT_S = 30.0
 class Peer:
     """One `synprobe punch --json` in a lab namespace, its stdin given at once."""
 
-    def __init__(self, lab: labmod.Lab, node: str, args: list[str], message: str,
+    def __init__(self, lab: labmod.Lab, node: str, args: list[str], message: str | None,
                  state: str) -> None:
+        """``message``: the whole stdin; None: stdin stays open (nothing typed) until the
+        run ends."""
         self.proc = lab.popen(node, [*SYNPROBE, "punch", "--broker", BROKER, "--json", "-v",
                                      *args],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
                               env={**os.environ, "SYNPROBE_STATE_DIR": state})
         assert self.proc.stdin is not None
-        self.proc.stdin.write(message.encode())
-        self.proc.stdin.close()
+        if message is not None:
+            self.proc.stdin.write(message.encode())
+            self.proc.stdin.close()
         self.err_seen = b""
         self.rc: int | None = None
         self.out = self.err = ""
@@ -68,6 +71,8 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.rc = self.proc.wait(5)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
         self.out = self.proc.stdout.read().decode(errors="replace")
         self.err = (self.err_seen + self.proc.stderr.read()).decode(errors="replace")
         self.proc.stdout.close()
@@ -210,3 +215,33 @@ def test_a_stranger_who_takes_the_session_first_reads_and_injects_nothing(
     assert "private" not in c.out and c.lines == [], diag
     assert "authentication failed" in a.err and "Traceback" not in a.err + c.err, diag
     assert b.rc == 4, diag  # nobody waits under the code any more: start again
+
+
+@pytest.mark.lab
+def test_a_bit_flipped_on_the_path_stops_the_chat_as_tampered(make_lab, state: str) -> None:
+    """A man in the middle on A's link (the lab's element, between A's NAT and the router)
+    flips one bit of A's long line in flight and writes the TCP checksum that fits: the
+    kernel at B takes the segment, the record's tag does not. B prints nothing of it,
+    sends a sealed ALERT, resets the connection and exits 12; A reads the ALERT ahead of
+    the reset and exits 12 too, saying why. (B's stdin stays open: B sends nothing else.)"""
+    lab = make_lab("home", "home", links=labmod.LinkDelays(tamper_a=600))
+    labmod.start_broker(lab)
+    long_line = "L" * 1000  # one record of ~1 kB: the only TCP payload of 600 bytes or more
+    auth = ["--session", "mitm", "--secret", "tulip garden", "--timeout", "15"]
+    a = Peer(lab, "ha", auth, long_line + "\n", state)
+    b = Peer(lab, "hb", auth, None, state)
+    try:
+        a.finish()
+        b.finish()
+    finally:
+        _kill(a, b)
+    diag = f"A {a}\nB {b}"
+    assert lab.tampered() == 1, diag
+    assert b.rc == 12 and b.lines == [], diag  # the altered line is never printed
+    assert "record 1 fails its authentication tag (altered): not the peer's stream, " \
+        "tampered with on the way" in b.err, diag
+    # A learns it from B's sealed ALERT, read before B's reset: not "connection lost"
+    assert a.rc == 12, diag
+    assert "the peer found our stream tampered with on the way (record 1 fails its " \
+        "authentication tag (altered))" in a.err, diag
+    assert "Traceback" not in a.err + b.err, diag

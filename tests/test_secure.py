@@ -15,6 +15,7 @@ from simulsyn_core._internal.endpoint import Endpoint
 from simulsyn_core._internal.exitcodes import ExitStatus
 from simulsyn_core._internal.rendezvous import SessionTable
 from simulsyn_core._internal.secure import (
+    ALERT,
     CONFIRM,
     DATA,
     END,
@@ -200,6 +201,63 @@ def test_chat_reports_truncation_and_accepts_a_proper_end() -> None:
     a, b = channels()
     status, seen = run_chat(a.seal(DATA, b"only") + a.seal(END), b)
     assert status == ExitStatus.OK and seen.startswith("only\n")
+
+
+def test_an_alert_is_the_peers_word_even_after_its_end_and_cannot_be_forged() -> None:
+    a, b = channels()
+    list(b.feed(a.seal(DATA, b"x") + a.seal(END)))
+    with pytest.raises(Tampered, match="reported: record 3 fails") as caught:
+        list(b.feed(a.alert(Tampered("altered", "record 3 fails its authentication tag"))))
+    assert caught.value.describe().startswith("the peer found our stream tampered with")
+    a, b = channels()
+    list(b.feed(a.seal(END)))
+    with pytest.raises(Tampered, match="altered: record 1 after the peer's end"):
+        list(b.feed(a.seal(DATA, b"late")))  # only an ALERT may follow the END
+    a, b = channels()
+    forged = bytearray(a.seal(ALERT, b"made up"))
+    forged[-1] ^= 1
+    with pytest.raises(Tampered, match="altered: record 0 fails"):
+        list(b.feed(bytes(forged)))
+
+
+def test_both_chats_say_tampered_when_one_finds_an_altered_record() -> None:
+    """B finds an altered record: it prints none of it, sends its ALERT, resets. A, whose
+    send fails on that reset, reads the ALERT queued ahead of it: TAMPERED too, with why."""
+    a, b = channels()
+    sa, sb = tcp_pair()
+    ra, wa = os.pipe()
+    rb, wb = os.pipe()  # B's stdin stays open: B sends nothing but its ALERT
+    results: dict[str, tuple[ExitStatus, list[str]]] = {}
+
+    def run(name: str, sock: socket.socket, fd: int, channel: Channel) -> None:
+        events: list[str] = []
+        results[name] = chat(sock, fd, io.StringIO(), events.append,
+                             codec=SealedCodec(channel)), events
+
+    tb = threading.Thread(target=run, args=("b", sb, rb, b))
+    tb.start()
+    good = a.seal_text("fine")
+    bad = bytearray(a.seal_text("changed on the way"))
+    bad[-1] ^= 1
+    sa.sendall(good + bytes(bad))  # what the path delivered to B
+    tb.join(10)
+    # A's chat starts with records still to send after B's reset: its send fails
+    os.write(wa, b"more\n" * 4000)  # within a pipe's 64 KiB: the write does not wait
+    os.close(wa)
+    ta = threading.Thread(target=run, args=("a", sa, ra, a))
+    ta.start()
+    ta.join(10)
+    for fd in (ra, rb, wb):
+        os.close(fd)
+    sa.close()
+    sb.close()
+    status_b, events_b = results["b"]
+    status_a, events_a = results["a"]
+    assert status_b == ExitStatus.TAMPERED, events_b
+    assert any("record 1 fails its authentication tag (altered)" in e for e in events_b)
+    assert status_a == ExitStatus.TAMPERED, events_a
+    assert any(e.startswith("connection closed: the peer found our stream tampered with")
+               for e in events_a), events_a
 
 
 def test_confirm_is_not_a_chat_message() -> None:

@@ -232,7 +232,18 @@ class Connection:
             raise self._lost(exc) from None
 
     def _lost(self, exc: OSError) -> SimulsynError:
-        """What a broken socket means: the engine's reason when it broke it."""
+        """What a broken socket means: the engine's reason when it broke it, or the
+        peer's, when it sent an ALERT before its reset."""
+        from ._internal.secure import Tampered as _SealTampered
+        from ._internal.sockets import queued_before_reset
+
+        if self._channel is not None:
+            try:
+                for data in queued_before_reset(self.socket):
+                    for kind, payload in self._channel.feed(data):
+                        self._take(kind, payload)
+            except _SealTampered as seal_exc:
+                return Tampered(f"connection closed: {seal_exc.describe()}", self.report)
         engine = self._engine
         if engine is not None and self._engine_thread is not None:
             self._engine_thread.join(LINGER_S)  # its reason is set before the reset
@@ -270,10 +281,12 @@ class Connection:
                 for kind, payload in self._channel.feed(data):
                     self._take(kind, payload)
             except _SealTampered as exc:
+                from ._internal.secure import tell_peer
+
+                tell_peer(self.socket, self._channel, exc)
                 abort(self.socket)
                 self._closed = self._write_shut = True
-                raise Tampered(f"connection closed: a {exc} (not the peer's stream: "
-                               "tampered with on the way)", self.report) from None
+                raise Tampered(f"connection closed: {exc.describe()}", self.report) from None
         out = bytes(self._buffer[:bufsize])
         del self._buffer[:bufsize]
         return out

@@ -16,8 +16,17 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .exitcodes import ExitStatus
-from .secure import DATA, END, PAKE_PREFIX, AuthFailed, Channel, Handshake, Tampered
-from .sockets import abort, enable_keepalive
+from .secure import (
+    DATA,
+    END,
+    PAKE_PREFIX,
+    AuthFailed,
+    Channel,
+    Handshake,
+    Tampered,
+    tell_peer,
+)
+from .sockets import abort, enable_keepalive, queued_before_reset
 from .wire import Confirmation, FrameDecoder, ProtocolError, encode_chat
 
 HELLO = "simulsyn hello"
@@ -193,7 +202,7 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
             received += 1
             _print_frame(payload, out, event)
     except (Tampered, AuthFailed) as exc:
-        return _broken(sock, exc, event)
+        return _broken(sock, exc, event, codec)
 
     def take_input(chunk: bytes) -> None:
         nonlocal sent, stdin_open
@@ -229,6 +238,10 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError as exc:
+                    for queued in queued_before_reset(sock):  # its ALERT raises Tampered
+                        for payload in codec.feed(queued):
+                            received += 1
+                            _print_frame(payload, out, event)
                     raise _PeerLost(str(exc)) from None
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and peer_open:
                 try:
@@ -255,18 +268,22 @@ def chat(sock: socket.socket, stdin_fd: int, out: TextIO,
         event(f"connection to the peer lost: {exc}")
         return ExitStatus.PEER_LOST
     except (Tampered, AuthFailed) as exc:
-        return _broken(sock, exc, event)
+        return _broken(sock, exc, event, codec, bytes(outbuf))
     return ExitStatus.OK
 
 
-def _broken(sock: socket.socket, exc: Exception, event: Callable[[str], None]) -> ExitStatus:
-    """A record that is not the peer's, or a plain peer of an encrypting one: reset the
-    connection (nothing more is read or sent) and say which."""
+def _broken(sock: socket.socket, exc: Exception, event: Callable[[str], None],
+            codec: Codec, pending: bytes = b"") -> ExitStatus:
+    """A record that is not the peer's, or a plain peer of an encrypting one: tell the peer
+    what we found (an ALERT after what we still had to send), reset the connection
+    (nothing more is read or sent) and say which."""
+    tell_peer(sock, codec.channel if isinstance(codec, SealedCodec) else None, exc, pending)
     abort(sock)
     if isinstance(exc, AuthFailed):
         event(f"authentication failed: {exc}")
         return ExitStatus.AUTH_FAILED
-    event(f"connection closed: a {exc} (not the peer's stream: tampered with on the way)")
+    assert isinstance(exc, Tampered)
+    event(f"connection closed: {exc.describe()}")
     return ExitStatus.TAMPERED
 
 

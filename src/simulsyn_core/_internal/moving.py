@@ -36,8 +36,8 @@ from typing import TextIO
 
 from .chat import OUTBUF_MAX, SELECT_SLICE_S, USER_TIMEOUT_MS, LineInput, _print_frame
 from .exitcodes import ExitStatus
-from .secure import END, MOVE, NUMBER, NUMBERED, Channel, Tampered
-from .sockets import abort, enable_keepalive
+from .secure import END, MOVE, NUMBER, NUMBERED, Channel, Tampered, tell_peer
+from .sockets import abort, enable_keepalive, queued_before_reset
 
 HELD_MAX = 4096  # direct records that came before the peer's MOVE, held at most
 END_LINGER_S = 2.0  # once both sides finished, for the connections' last FINs
@@ -313,6 +313,9 @@ class MovingChat:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
+            for data in queued_before_reset(leg.sock):  # the peer's ALERT raises Tampered
+                for kind, payload in leg.channel.feed(data):
+                    self._record(leg, kind, payload)
             raise _Lost(leg, str(exc)) from None
 
     # --- the loop --------------------------------------------------------------------
@@ -351,9 +354,9 @@ class MovingChat:
             return self._failed(ExitStatus.PEER_LOST)
         except Tampered as exc:
             for leg in self._legs():
+                tell_peer(leg.sock, leg.channel, exc, bytes(leg.outbuf))
                 abort(leg.sock)
-            self.failure = (f"connection closed: a {exc} (not the peer's stream: tampered "
-                            "with on the way)")
+            self.failure = f"connection closed: {exc.describe()}"
             self.event(self.failure)
             return self._failed(ExitStatus.TAMPERED)
         except _Abandoned:

@@ -22,6 +22,8 @@ one was dropped or moved); one that fails its tag as altered. Each closes the co
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,8 +38,13 @@ CONFIRM, DATA, END = 0, 1, 2
 # (moving.py): NUMBERED is ``number:u64 | text``, MOVE ``next number:u64`` (the sender's
 # messages from that number on come over the direct connection).
 NUMBERED, MOVE = 3, 4
+# The last record a side sends before it resets a connection whose records it found
+# tampered with: ``what it found`` (UTF-8), so that the sender of the altered stream says
+# "tampered" too, not "connection lost". Sealed, so nobody on the path can forge one.
+ALERT = 5
+ALERT_MAX = 512  # bytes of its text
 NUMBER = struct.Struct("!Q")
-KINDS = frozenset({CONFIRM, DATA, END, NUMBERED, MOVE})
+KINDS = frozenset({CONFIRM, DATA, END, NUMBERED, MOVE, ALERT})
 CONFIRM_TEXT = b"simulsyn e2e v1"
 CIPHER = "ChaCha20-Poly1305"
 PAKE = "SPAKE2 (Ed25519, symmetric)"
@@ -54,6 +61,14 @@ class Tampered(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+        self.message = message
+
+    def describe(self) -> str:
+        """For "connection closed: ..."."""
+        if self.kind == "reported":
+            return (f"the peer found our stream tampered with on the way ({self.message}) "
+                    "and reset the connection")
+        return f"{self.message} ({self.kind}): not the peer's stream, tampered with on the way"
 
 
 def _hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
@@ -101,6 +116,11 @@ class Channel:
         self.send_seq += 1
         return header + sealed
 
+    def alert(self, exc: Tampered) -> bytes:
+        """The ALERT record that tells the peer what we found (see ALERT)."""
+        text = f"{exc.message} ({exc.kind})".encode()[:ALERT_MAX]
+        return self.seal(ALERT, text)
+
     def seal_text(self, text: str) -> bytes:
         """A chat message as DATA records, cut on character boundaries."""
         return b"".join(self.seal(DATA, chunk) for chunk in cut_text(text, RECORD_MAX))
@@ -134,8 +154,6 @@ class Channel:
             sealed = bytes(self.buffer[HEADER.size : 2 + length])
             del self.buffer[: 2 + length]
             seq = HEADER.unpack(header)[1]
-            if self.ended:
-                raise Tampered("altered", f"record {seq} after the peer's end")
             if seq < self.recv_seq:
                 raise Tampered("replayed", f"record {seq} again (record {self.recv_seq} was due)")
             if seq > self.recv_seq:
@@ -150,8 +168,12 @@ class Channel:
                     from None
             self.recv_seq += 1
             kind, payload = plain[0], plain[1:]
+            if self.ended and kind != ALERT:  # after its END, the peer may only alert
+                raise Tampered("altered", f"record {seq} after the peer's end")
             if kind == END:
                 self.ended = True
+            elif kind == ALERT:
+                raise Tampered("reported", payload[:ALERT_MAX].decode(errors="replace"))
             elif kind not in KINDS or (kind in (NUMBERED, MOVE) and len(payload) < 8):
                 raise Tampered("altered", f"record {seq} of unknown type or size ({kind})")
             yield kind, payload
@@ -246,3 +268,14 @@ class Handshake:
         holds the rest."""
         rest = getattr(self, "_rest", None)
         return list(rest) if rest is not None else []
+
+
+def tell_peer(sock: socket.socket, channel: Channel | None, exc: Exception,
+              pending: bytes = b"") -> None:
+    """Before a reset for tampering: send (without waiting) whatever of ours is
+    ``pending``, then the ALERT that says what we found, so that the peer reads it before
+    the reset. Nothing for a peer's own alert, or with no channel."""
+    if channel is None or not isinstance(exc, Tampered) or exc.kind == "reported":
+        return
+    with contextlib.suppress(OSError):
+        sock.send(pending + channel.alert(exc), socket.MSG_DONTWAIT)

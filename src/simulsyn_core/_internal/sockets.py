@@ -206,3 +206,26 @@ def abort(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+QUEUED_READS = 16  # reads of 64 KiB: what a peer sent before its reset
+
+
+def queued_before_reset(sock: socket.socket) -> Iterator[bytes]:
+    """After a send failed on a reset: what the peer sent before it, still queued (the
+    kernel hands out received data ahead of the error), such as a sealed ALERT that says
+    why. No waiting; bounded; stops at the error or the end."""
+    saved = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        for _ in range(QUEUED_READS):
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            yield data
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(saved)

@@ -62,12 +62,17 @@ class LinkDelays:
     b: float = 0.0
     broker: float = 0.0
     jitter_s: float = 0.0
+    # A man in the middle on side A's link (delay.py's tamper=): one bit flipped in the
+    # first TCP segment, either way, that carries at least this many bytes; 0: none.
+    tamper_a: int = 0
 
     def __post_init__(self) -> None:
         for name, value in (("a", self.a), ("b", self.b), ("broker", self.broker),
                             ("jitter", self.jitter_s)):
             if not 0.0 <= value <= 10.0:
                 raise ValueError(f"link delay {name}: {value} s is not within 0-10 s")
+        if self.tamper_a < 0:
+            raise ValueError(f"tamper_a: {self.tamper_a} bytes is below 0")
 
     def of(self, link: str) -> tuple[float, float]:
         """(delay, jitter) of link "a", "b" or "broker"."""
@@ -76,6 +81,11 @@ class LinkDelays:
 
     def delayed(self) -> list[str]:
         return [link for link in ("a", "b", "broker") if self.of(link)[0] > 0]
+
+    def elements(self) -> list[str]:
+        """The links with an element between their veths: delayed, or tampered with."""
+        return [link for link in ("a", "b", "broker")
+                if self.of(link)[0] > 0 or (link == "a" and self.tamper_a)]
 
 
 LAB_ID_RE = re.compile(r"[a-z0-9]{1,20}")
@@ -183,6 +193,8 @@ class Lab:
     # None: an IPv4-only lab.
     v6: tuple[str, str] | None = None
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _tamperer: subprocess.Popen[bytes] | None = None
+    _tamper_said: bytes = b""
 
     def __post_init__(self) -> None:
         check_lab_id(self.lab_id)
@@ -204,7 +216,7 @@ class Lab:
         delayed link."""
         extra = tuple("c" + side for side, name in (("a", self.profile_a), ("b", self.profile_b))
                       if PROFILES[name].carrier)
-        return NODES + extra + tuple(DELAY_NODES[link] for link in self.links.delayed())
+        return NODES + extra + tuple(DELAY_NODES[link] for link in self.links.elements())
 
     @property
     def namespaces(self) -> list[str]:
@@ -242,7 +254,8 @@ class Lab:
         """node1's if1 and node2's if2 on one Ethernet segment: a veth pair, or, when the
         link is delayed, two veths and the user-space delay element (delay.py) between."""
         delay_s, jitter_s = self.links.of(link)
-        if not delay_s:
+        tamper = self.links.tamper_a if link == "a" else 0
+        if link not in self.links.elements():
             self._link(node1, if1, node2, if2)
             return
         middle = DELAY_NODES[link]
@@ -253,10 +266,14 @@ class Lab:
             # be in them, and no frame may be larger than the MTU.
             _run(["ip", "netns", "exec", self.ns(node), "ethtool", "-K", dev, "tx", "off",
                   "tso", "off", "gso", "off", "gro", "off"])
-        self._start_helper(middle, ["synprobe.lab.delay", "in", "out", repr(delay_s),
-                                    repr(jitter_s)], f"the delay element of link {link}")
+        proc = self._start_helper(
+            middle, ["synprobe.lab.delay", "in", "out", repr(delay_s), repr(jitter_s)]
+            + ([f"tamper={tamper}"] if tamper else []), f"the delay element of link {link}")
+        if tamper:
+            self._tamperer = proc
 
-    def _start_helper(self, node: str, module_argv: Sequence[str], what: str) -> None:
+    def _start_helper(self, node: str, module_argv: Sequence[str], what: str
+                      ) -> subprocess.Popen[bytes]:
         """A Python helper (``python -m ...``) in node's namespace, once it says "ready";
         it goes with the lab (down() kills it, and the namespace's processes)."""
         proc = self.popen(node, [sys.executable, "-m", *module_argv],
@@ -267,10 +284,20 @@ class Lab:
         if not ready or proc.stdout.readline().strip() != b"ready":
             raise ToolError(ExitStatus.ERROR, f"lab: {what} did not start within "
                                               f"{DELAY_READY_TIMEOUT_S:.0f} s")
+        return proc
+
+    def tampered(self) -> int:
+        """How many segments side A's link element has altered so far (``tamper_a``)."""
+        proc = self._tamperer
+        if proc is None or proc.stdout is None:
+            return 0
+        os.set_blocking(proc.stdout.fileno(), False)
+        self._tamper_said += proc.stdout.read() or b""
+        return self._tamper_said.count(b"tampered\n")
 
     def up(self) -> Lab:
         require_root()
-        tools = ["ip", "sysctl"] + (["ethtool"] if self.links.delayed() else []) + (
+        tools = ["ip", "sysctl"] + (["ethtool"] if self.links.elements() else []) + (
             ["ip6tables-restore"] if self.v6 else [])
         for name in (self.profile_a, self.profile_b):
             tools.append("nft" if PROFILES[name].nft else "iptables-restore")
