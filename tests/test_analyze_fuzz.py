@@ -197,8 +197,8 @@ def test_zeros_are_refused_after_the_first_bytes(tmp_path: Path,
     with sparse.open("wb") as f:
         f.truncate(1 << 40)  # 1 TiB of zeros, sparse: reading it all would never end
     for path in (str(sparse), "/dev/zero"):
-        start = time.monotonic()
+        start = time.process_time()  # CPU time: reading more than its head would show
         assert main(["analyze", path]) == 7
         assert capsys.readouterr().err == (f"synprobe: {path}: not a pcap or pcapng capture "
                                            "(it starts with bytes 00 00 00 00 00 00 00 00)\n")
-        assert time.monotonic() - start < 1.0
+        assert time.process_time() - start < 1.0

@@ -119,7 +119,7 @@ def test_lonely_punch_gives_up_with_no_peer() -> None:
     assert schemas.loads("punch", out)["error"] == "no peer joined session 'alone' in time"
     # bounded by --timeout 1 (measured from the run's first line, so the interpreter's
     # start-up on a loaded machine does not count), plus exiting
-    assert took < 1.5, f"{took:.2f} s for --timeout 1"
+    assert took < 3.0, f"{took:.2f} s for --timeout 1"
 
 
 def test_no_chat_with_a_peer_that_is_not_synprobe_exchanges_one_hello() -> None:

@@ -321,12 +321,12 @@ def test_path_check_unconfirmed_within_3s_is_aborted_with_rst() -> None:
                 proc.kill()
                 proc.wait(5)
     assert got, "the punch sent no HELLO"
-    assert 2.8 <= aborted_after <= 4.5, aborted_after
+    assert 2.8 <= aborted_after <= 6.0, aborted_after  # 3 s, on a loaded machine
     assert proc.returncode == ExitStatus.PUNCH_FAILED, err
     report = schemas.loads("punch", out.splitlines()[0])
     (attempt,) = report["attempt_log"]
     assert attempt["outcome"] == "unconfirmed"
-    assert 2.9 <= attempt["duration_s"] <= 4.5, attempt
+    assert 2.9 <= attempt["duration_s"] <= 6.0, attempt
     assert "data did not pass both ways within 3 s" in err
 
 
@@ -339,7 +339,7 @@ def test_list_answer_comes_after_1s_of_silence() -> None:
             data = s.recv(100)
             took = time.monotonic() - start
     assert data[:1] == b"\x01"  # the list: one entry, ours
-    assert 0.95 <= took <= 2.0, took
+    assert 0.95 <= took <= 3.0, took  # 1 s (not at once, not never)
 
 
 def test_a_first_line_that_never_ends_is_cut_after_5s() -> None:

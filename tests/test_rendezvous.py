@@ -169,14 +169,14 @@ def test_registration_cost_does_not_grow_with_the_table() -> None:
     import time
 
     table = SessionTable()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the other workers on the machine do not count
     n = 0
     for net in range(64):
         for host in range(16):
             for i in range(16):
                 table.register(n, f"s{n}", Endpoint(f"10.{net}.{host}.1", i + 1), None, 0.0)
                 n += 1
-    took = time.perf_counter() - start
+    took = time.process_time() - start
     assert len(table) == 16384
     newcomer = _msgs(table.register("new", "new", B, None, 1.0))
     assert [m.get("code") or m.verb for _, m, _ in newcomer] == ["evicted", "REGISTERED"]

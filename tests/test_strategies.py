@@ -181,7 +181,7 @@ def test_syn_probe_tells_an_answered_syn_from_a_dropped_one() -> None:
         try:
             started = time.monotonic()
             assert asyncio.run(probe_unsolicited(target, "127.0.0.1", 0.3)) == "drop"
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.5  # its 0.3 s, on a loaded machine
         finally:
             for s in fillers:
                 s.close()
