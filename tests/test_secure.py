@@ -371,6 +371,10 @@ def test_an_altered_record_behind_the_confirmation_is_tampering_not_a_wrong_code
     try:
         with pytest.raises(Tampered, match="altered"):
             secure(sa, b"1-apple-adroitness", b"", 2.0)
+        thread.join(5)
+        assert peer.channel is not None
+        with pytest.raises(Tampered, match="reported: record 1 fails"):  # we told the peer
+            list(peer.channel.feed(sb.recv(4096)))
     finally:
         thread.join(5)
         sa.close()

@@ -299,7 +299,9 @@ def secure(sock: socket.socket, password: bytes, initial: bytes, timeout_s: floa
 
 def secure_records(sock: socket.socket, password: bytes, initial: bytes, timeout_s: float
                    ) -> tuple[Channel, list[tuple[int, bytes]]]:
-    """``secure``, with every record that came with the peer's confirmation (opened)."""
+    """``secure``, with every record that came with the peer's confirmation (opened).
+    Raises AuthFailed, or Tampered (a record behind the peer's confirmation; the peer was
+    sent our ALERT: the caller resets the connection)."""
     hs = Handshake(password)
     try:
         _send_all(sock, hs.opening())
@@ -312,7 +314,11 @@ def secure_records(sock: socket.socket, password: bytes, initial: bytes, timeout
             hs.check()
             if hs.confirmed:
                 assert hs.channel is not None
-                return hs.channel, hs.leftover()
+                try:
+                    return hs.channel, hs.leftover()
+                except Tampered as exc:  # a record behind the confirmation: tell the peer
+                    tell_peer(sock, hs.channel, exc)
+                    raise
             got = next(chunks, None)
             if got is None:
                 raise AuthFailed(f"the peer did not authenticate within {timeout_s:.0f} s")

@@ -556,10 +556,10 @@ def _secure(cfg: PunchConfig, rdv: Rendezvous, sock: socket.socket, leftover: by
     report.security = info
     try:
         channel, records = secure_records(sock, password, leftover, AUTH_TIMEOUT_S)
-    except Tampered as exc:  # a record that came with the peer's confirmation
+    except Tampered as exc:  # a record behind the peer's confirmation (which passed)
         abort(sock)
-        raise ToolError(ExitStatus.TAMPERED, f"connection closed: a {exc} (not the peer's "
-                        "stream: tampered with on the way)") from None
+        info.update(encrypted=True, authenticated=mode != "session-name", cipher=CIPHER)
+        raise ToolError(ExitStatus.TAMPERED, f"connection closed: {exc.describe()}") from None
     except AuthFailed as exc:
         abort(sock)
         raise ToolError(ExitStatus.AUTH_FAILED, f"authentication failed: {exc}; nothing "
