@@ -17,7 +17,9 @@ records (the wire format is in docs/protocol.md, "End-to-end protection").
    END: a stream that stops without it was cut (truncated).
 
 A record out of sequence is reported as replayed (an old seq) or reordered (a later one:
-one was dropped or moved); one that fails its tag as altered. Each closes the connection.
+one was dropped or moved); one that fails its tag as altered. Each closes the connection
+with an RST, after an ALERT record that tells the peer what was found (``tell_peer``), so
+that both sides report the tampering (the peer reads the ALERT ahead of the reset).
 """
 
 from __future__ import annotations
