@@ -737,17 +737,22 @@ class Broker:
             self._close(c)
         self._release(c.conn)
 
-    def _close(self, c: _Conn) -> None:
-        """No more replies to ``c``; its transport closes once what was written has gone
-        (then ``_lost``)."""
-        if c.phase == _CLOSED:
-            return
-        c.phase = _CLOSED
+    def _leave_line_mode(self, c: _Conn, phase: int) -> None:
+        """No more lines from or replies to ``c``: its timer, its message queue and its
+        place among the line clients go."""
+        c.phase = phase
         if c.timer is not None:
             c.timer.cancel()
             c.timer = None
         c.messages = None
         self._clients.pop(c.conn, None)
+
+    def _close(self, c: _Conn) -> None:
+        """No more replies to ``c``; its transport closes once what was written has gone
+        (then ``_lost``)."""
+        if c.phase == _CLOSED:
+            return
+        self._leave_line_mode(c, _CLOSED)
         self._carry_out(self.sessions.disconnect(c.conn))
         if self.shared is not None:
             self.shared.forget(c.conn)
@@ -1101,12 +1106,7 @@ class Broker:
     def _relay_side(self, c: _Conn) -> Side:
         """Take ``c`` out of line mode: from here on its socket is read by the relay; the
         bytes after its RELAY line are the first it relays."""
-        c.phase = _RELAY
-        if c.timer is not None:
-            c.timer.cancel()
-            c.timer = None
-        c.messages = None
-        self._clients.pop(c.conn, None)
+        self._leave_line_mode(c, _RELAY)
         self._not_idle(c.conn)
         c.transport.pause_reading()
         early = bytes(c.decoder.buffer)

@@ -35,18 +35,17 @@ CLOSE_WAIT_S = 2.0  # on stop: each step of leaving Redis takes at most this lon
 OUTBOX_MAX = 65536  # bus messages queued for Redis at most; past it they are dropped (logged)
 NAMEPLATE_MAX = 999999
 
-# KEYS[1]: the session key. ARGV: our entry, its TTL (s), our public endpoint.
-# {"waiting"}: ours is stored; {"paired", theirs}: theirs was taken (gone from Redis);
-# {"replaced", theirs}: the same endpoint registered again (ours replaces theirs).
-# An entry whose broker's alive key is gone (the broker died) is stale: ours replaces it.
-TAKE_OR_WAIT = """
+# Both scripts that decide a pair: the session's entry, if its broker is alive, is taken
+# (a pair), else ours is stored. @FIRST runs after the GET; @SAME when the live entry has
+# our public endpoint (the same client again).
+_PAIR_OR_STORE = """
 local v = redis.call('GET', KEYS[1])
+@FIRST
 if v then
   local owner, pub = string.match(v, '^(%S+) (%S+) ')
   if owner and redis.call('EXISTS', 'ssyn:alive:' .. owner) == 1 then
     if pub == ARGV[3] then
-      redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-      return {'replaced', v}
+      @SAME
     end
     redis.call('DEL', KEYS[1])
     return {'paired', v}
@@ -55,6 +54,18 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {'waiting', ''}
 """
+
+
+def _pair_or_store(first: str, same: str) -> str:
+    return _PAIR_OR_STORE.replace("@FIRST", first).replace("@SAME", same)
+
+
+# KEYS[1]: the session key. ARGV: our entry, its TTL (s), our public endpoint.
+# {"waiting"}: ours is stored; {"paired", theirs}: theirs was taken (gone from Redis);
+# {"replaced", theirs}: the same endpoint registered again (ours replaces theirs).
+# An entry whose broker's alive key is gone (the broker died) is stale: ours replaces it.
+TAKE_OR_WAIT = _pair_or_store(
+    "", "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])\n      return {'replaced', v}")
 # The smallest code number no live entry holds: claimed by storing our entry under it.
 # ARGV[4]: the key's family suffix ("" or "@6": IPv6 clients' numbers are their own).
 NEW_NAMEPLATE = """
@@ -74,20 +85,8 @@ return 0
 # by the restoring broker, as by a second REGISTER). KEYS[1]: the session key; ARGV: our
 # entry, its TTL left (s), our public endpoint. {"kept"}: ours is there already;
 # {"superseded", theirs}: a newer registration of the same endpoint holds it (ours goes).
-RESTORE = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then return {'kept', ''} end
-if v then
-  local owner, pub = string.match(v, '^(%S+) (%S+) ')
-  if owner and redis.call('EXISTS', 'ssyn:alive:' .. owner) == 1 then
-    if pub == ARGV[3] then return {'superseded', v} end
-    redis.call('DEL', KEYS[1])
-    return {'paired', v}
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return {'waiting', ''}
-"""
+RESTORE = _pair_or_store("if v == ARGV[1] then return {'kept', ''} end",
+                         "return {'superseded', v}")
 # Delete a key only if it still holds our entry (a waiting client that left).
 DELETE_IF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
